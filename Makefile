@@ -1,0 +1,38 @@
+# `make demo`: install, then train on the embedded digits, sample, evaluate. `make test`: install, run the tests.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+RUN ?= runs/digits
+
+.PHONY: install demo test system-deps clean
+
+# Idempotent: re-runs only when pyproject.toml changes. torch first, from the pinned versions,
+# so nothing later can pull another build; deepspeed compiles against it (no build isolation).
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-build-isolation deepspeed
+	$(BIN)/python -c "import torch, deepspeed, ddpm_dist; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m ddpm_dist.train --config configs/digits.yaml run_dir=$(RUN)
+	$(BIN)/python -m ddpm_dist.sample --run $(RUN) --num-images 100 --classes 0,1,2,3,4,5,6,7,8,9 --guidance 2.0 --grid-rows 10 --out $(RUN)/samples/final
+	$(BIN)/python -m ddpm_dist.evaluate frechet --run $(RUN) --samples $(RUN)/samples/final
+	@echo "pictures: $(RUN)/samples/final/grid.png  $(RUN)/samples/final/trajectory.png  $(RUN)/samples/final/reverse.gif  $(RUN)/curves.png"
+
+# SLURM, munge and Prometheus for the system tests (Debian packages; needs root, as CI has).
+system-deps:
+	@if command -v slurmctld >/dev/null && command -v prometheus >/dev/null; then echo "system packages present"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  slurmctld slurmd slurm-client munge prometheus >/dev/null; fi
+
+test: install system-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,317 @@
+"""One typed config tree: YAML on disk, `section.key=value` overrides, validation, resolved copy.
+
+Every error is a ConfigError whose message is one line naming the file or key and what was expected;
+entry points turn it into `error: ...` and a non-zero exit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value (the message is one line)."""
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = "tiny"  # a name in models.PRESETS; the fields below override it when set
+    image_size: Optional[int] = None
+    in_channels: Optional[int] = None
+    base_channels: Optional[int] = None
+    channel_mults: Optional[list[int]] = None
+    num_res_blocks: Optional[int] = None
+    attn_resolutions: Optional[list[int]] = None
+    num_heads: Optional[int] = None
+    dropout: Optional[float] = None
+    time_conditioning: Optional[str] = None  # "scale_shift" (FiLM) or "add" (the DDPM paper)
+    norm_groups: Optional[int] = None
+    num_classes: Optional[int] = None  # 0 = unconditional
+    cond_channels: Optional[int] = None  # extra input channels (super-resolution conditioning)
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear | cosine | quadratic
+    num_steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "eps"  # eps | x0 | v
+    loss_weighting: str = "none"  # none | min_snr
+    min_snr_gamma: float = 5.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "shards/digits/manifest.json"  # a manifest URL or a brace pattern of tar URLs
+    image_size: Optional[int] = None  # None: the manifest's size
+    channels: Optional[int] = None
+    random_flip: bool = False
+    num_workers: int = 0
+    max_skip_fraction: float = 0.01  # corrupt samples tolerated before the run stops
+    verify_exists: bool = True
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 64
+    micro_batch: Optional[int] = None  # None: global_batch / world_size (no accumulation)
+    total_images: int = 64_000  # progress is counted in images (EDM); steps = total_images / global_batch
+    lr: float = 2e-4
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_images: int = 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0  # 0 disables
+    ema_halflife_images: float = 50_000.0
+    ema_warmup_ratio: float = 0.05  # half-life grows with images seen until it reaches the setting (EDM)
+    bf16: bool = False
+    label_dropout: float = 0.1  # classifier-free guidance: drop labels to the null class
+    log_every: int = 50  # steps
+    sample_every_images: int = 0  # 0: only at the end
+    sample_grid_classes: bool = True
+    overfit_batches: int = 0  # >0: train on that many fixed batches (pipeline check)
+    max_wall_seconds: float = 0.0  # 0: no budget; else save and exit "requeue" before it runs out
+    eval_every_images: int = 0  # optional in-training Fréchet distance
+    eval_num_images: int = 256
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"  # auto | single | ddp | fsdp | zero
+    zero_stage: int = 2
+    reshard_after_forward: bool = True
+    hybrid_shard: bool = False  # FSDP2: shard within a node, replicate across nodes
+    dist_timeout_s: int = 600
+
+
+@dataclass
+class CheckpointConfig:
+    every_images: int = 0  # 0: only at the end and on preemption
+    keep_last: int = 2
+    keep_every_images: int = 0  # also keep every checkpoint at this period (0: none)
+    async_save: bool = False
+    resume: bool = True  # resume from the newest committed checkpoint in the run directory
+
+
+@dataclass
+class MetricsConfig:
+    prometheus: bool = False
+    prometheus_port: int = 9400  # + local rank
+    prometheus_addr: str = "127.0.0.1"
+    jsonl: bool = True
+    job: str = ""  # label; defaults to SLURM_JOB_ID or "local"
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"  # ddpm | ddim
+    steps: int = 50
+    eta: float = 0.0
+    guidance: float = 1.0
+    spacing: str = "uniform"  # uniform | quadratic
+    var_type: str = "small"  # DDPM posterior variance: small | large
+    clip_x0: bool = True
+    num_images: int = 64
+    batch_size: int = 64
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    name: str = ""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+CHOICES = {
+    "diffusion.schedule": ("linear", "cosine", "quadratic"),
+    "diffusion.prediction": ("eps", "x0", "v"),
+    "diffusion.loss_weighting": ("none", "min_snr"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "parallel.backend": ("auto", "single", "ddp", "fsdp", "zero"),
+    "sample.sampler": ("ddpm", "ddim"),
+    "sample.spacing": ("uniform", "quadratic"),
+    "sample.var_type": ("small", "large"),
+    "model.time_conditioning": (None, "scale_shift", "add"),
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a dataclass field type; YAML scalars from the CLI arrive parsed."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _merge(obj: Any, data: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key '{dotted}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping of keys, got {value!r}")
+            _merge(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file <- `a.b=c` overrides, then validation."""
+    cfg = Config()
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}'{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+        _merge(cfg, data, "")
+    for text in overrides or []:
+        parts, value = _parse_override(text)
+        nested: dict = {}
+        cursor = nested
+        for p in parts[:-1]:
+            cursor = cursor.setdefault(p, {})
+        cursor[parts[-1]] = value
+        _merge(cfg, nested, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            shown = ", ".join(a for a in allowed if a is not None)
+            raise ConfigError(f"{dotted}: '{value}' is not one of {shown}")
+    positive = {
+        "diffusion.num_steps": cfg.diffusion.num_steps,
+        "train.global_batch": cfg.train.global_batch,
+        "train.total_images": cfg.train.total_images,
+        "train.log_every": cfg.train.log_every,
+        "sample.steps": cfg.sample.steps,
+        "sample.num_images": cfg.sample.num_images,
+        "sample.batch_size": cfg.sample.batch_size,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if cfg.train.micro_batch is not None and cfg.train.micro_batch <= 0:
+        raise ConfigError(f"train.micro_batch: must be positive, got {cfg.train.micro_batch}")
+    if not 0 < cfg.diffusion.beta_start < cfg.diffusion.beta_end < 1:
+        raise ConfigError("diffusion.beta_start/beta_end: need 0 < beta_start < beta_end < 1")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {cfg.train.lr}")
+    for key in ("label_dropout",):
+        if not 0.0 <= getattr(cfg.train, key) < 1.0:
+            raise ConfigError(f"train.{key}: must be in [0, 1), got {getattr(cfg.train, key)}")
+    if not 0.0 <= cfg.sample.eta <= 1.0:
+        raise ConfigError(f"sample.eta: must be in [0, 1], got {cfg.sample.eta}")
+    if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
+    if cfg.parallel.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError("train.betas: expected two numbers [beta1, beta2]")
+
+
+def check_batch(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(micro_batch, accumulation_steps) with global = micro x world x accumulation, or a ConfigError."""
+    g = cfg.train.global_batch
+    if g % world_size:
+        raise ConfigError(f"train.global_batch={g} is not divisible by the world size {world_size}")
+    per_rank = g // world_size
+    micro = cfg.train.micro_batch or per_rank
+    if per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch={micro} does not divide the per-rank batch {per_rank} (global {g} / world {world_size})"
+        )
+    return micro, per_rank // micro
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_resolved(cfg: Config, run_dir: str) -> str:
+    """Write the resolved config into the run directory atomically."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "config.yaml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(dump_yaml(cfg))
+    os.replace(tmp, path)
+    return path

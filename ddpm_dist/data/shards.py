@@ -1,0 +1,271 @@
+"""Build, inspect and verify WebDataset shards with a manifest (url, count, bytes, sha256 per shard)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from . import storage
+from .sources import Sample
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "ddpm_dist.shards/1"
+
+
+class ShardError(ValueError):
+    pass
+
+
+@dataclass
+class ShardInfo:
+    url: str  # relative to the manifest's folder unless absolute
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardInfo]
+    image_size: list[int]  # [H, W]
+    channels: int
+    num_classes: int
+    image_format: str = "png"
+    base: str = ""  # where the manifest was read from (not saved)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def shard_url(self, i: int) -> str:
+        return storage.join(self.base, self.shards[i].url)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format": FORMAT, "num_samples": self.num_samples, "image_size": self.image_size,
+            "channels": self.channels, "num_classes": self.num_classes, "image_format": self.image_format,
+            "shards": [vars(s) for s in self.shards], **self.extra,
+        }, indent=1)
+
+    def checksum(self) -> str:
+        return hashlib.sha256("".join(s.sha256 for s in self.shards).encode()).hexdigest()
+
+
+def load_manifest(url: str) -> Manifest:
+    if not storage.exists(url):
+        raise ShardError(f"manifest '{storage.redact(url)}' does not exist")
+    try:
+        data = json.loads(storage.read_bytes(url))
+        shards = [ShardInfo(**s) for s in data["shards"]]
+        extra = {k: v for k, v in data.items() if k not in ("format", "num_samples", "image_size", "channels",
+                                                              "num_classes", "image_format", "shards")}
+        return Manifest(shards, list(data["image_size"]), int(data["channels"]), int(data.get("num_classes", 0)),
+                        data.get("image_format", "png"), storage.dirname(url), extra)
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ShardError(f"manifest '{storage.redact(url)}' is not a ddpm_dist manifest ({e})") from None
+
+
+def manifest_from_pattern(pattern: str) -> Manifest:
+    """A manifest for a brace pattern of tar URLs (counts unknown until read: each shard is read once here)."""
+    import braceexpand
+
+    urls = list(braceexpand.braceexpand(pattern))
+    infos, shape = [], None
+    for url in urls:
+        if not storage.exists(url):
+            raise ShardError(f"shard '{storage.redact(url)}' does not exist")
+        data = storage.read_bytes(url)
+        samples = list(iter_tar_samples(data))
+        if shape is None and samples:
+            shape = decode_image(samples[0]).shape
+        infos.append(ShardInfo(url, len(samples), len(data), hashlib.sha256(data).hexdigest()))
+    if shape is None:
+        raise ShardError(f"pattern '{pattern}' has no samples")
+    return Manifest(infos, [shape[0], shape[1]], shape[2], 0, "png", "")
+
+
+def encode_image(img: np.ndarray, fmt: str) -> bytes:
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, img, allow_pickle=False)
+        return buf.getvalue()
+    buf = io.BytesIO()
+    Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def decode_image(sample: dict) -> np.ndarray:
+    """uint8 HWC from a sample's png/jpg/npy bytes (raises on anything undecodable)."""
+    if "npy" in sample:
+        img = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+    else:
+        key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
+        if key is None:
+            raise ShardError(f"sample {sample.get('__key__')} has no image (keys: {sorted(sample)})")
+        with Image.open(io.BytesIO(sample[key])) as im:
+            im.load()
+            img = np.asarray(im)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.dtype != np.uint8 or img.ndim != 3:
+        raise ShardError(f"sample {sample.get('__key__')}: expected uint8 HWC, got {img.dtype} {img.shape}")
+    return img
+
+
+def decode_label(sample: dict) -> int:
+    return int(sample["cls"]) if "cls" in sample else -1
+
+
+def iter_tar_samples(data: bytes, url: str = "") -> Iterator[dict]:
+    """Samples of one tar held in memory, through webdataset's tar reader and key grouping."""
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}], eof_value=None)
+    yield from wds.tariterators.group_by_keys(files)
+
+
+def _write_shard(url: str, samples: list[dict]) -> ShardInfo:
+    buf = io.BytesIO()
+    # A fixed integer mtime makes builds reproducible (same sha256) and avoids a PAX header per file.
+    with wds.TarWriter(buf, encoder=False, mtime=0, format=tarfile.USTAR_FORMAT) as w:
+        for s in samples:
+            w.write(s)
+    data = buf.getvalue()
+    storage.write_bytes_atomic(url, data)
+    return ShardInfo(url, len(samples), len(data), hashlib.sha256(data).hexdigest())
+
+
+def _shuffled(items: Iterable, seed: Optional[int], buffer: int) -> Iterator:
+    """Buffered shuffle: exact when the data set fits in `buffer`, bounded memory otherwise."""
+    if seed is None:
+        yield from items
+        return
+    rng = np.random.default_rng(seed)
+    pool: list = []
+    for item in items:
+        pool.append(item)
+        if len(pool) >= buffer:
+            j = int(rng.integers(len(pool)))
+            pool[j], pool[-1] = pool[-1], pool[j]
+            yield pool.pop()
+    for j in rng.permutation(len(pool)):
+        yield pool[j]
+
+
+def build_shards(source: Iterable[Sample], out: str, *, prefix: str = "shard", samples_per_shard: int = 1000,
+                 max_shard_bytes: int = 0, image_format: str = "png", shuffle_seed: Optional[int] = 0,
+                 shuffle_buffer: int = 200_000, overwrite: bool = False, total: Optional[int] = None,
+                 progress: bool = True) -> Manifest:
+    """Write shards and then the manifest (atomically, last) under `out`. Shuffling at build time (the
+    default) makes each shard an i.i.d. slice, which the stream's shard-level shuffling relies on."""
+    if image_format not in ("png", "npy"):
+        raise ShardError(f"image format '{image_format}' is not png or npy")
+    manifest_url = storage.join(out, MANIFEST_NAME)
+    if storage.list_prefix(out) and not overwrite:
+        raise ShardError(f"output '{storage.redact(out)}' is not empty (pass --overwrite to replace its shards)")
+    shape, labels = None, Counter()
+    infos: list[ShardInfo] = []
+    current: list[dict] = []
+    current_bytes = 0
+
+    def encoded():  # encode before buffering: PNG bytes are what the shuffle buffer holds
+        nonlocal shape
+        for key, img, label in source:
+            if shape is None:
+                shape = img.shape
+            if img.shape != shape:
+                raise ShardError(f"image {key} has shape {img.shape}, expected {shape} like the first one")
+            labels[label] += 1
+            rec = {"__key__": key, image_format: encode_image(img, image_format)}
+            if label is not None:
+                rec["cls"] = str(label).encode()
+            yield rec
+
+    def flush():
+        nonlocal current, current_bytes
+        name = f"{prefix}-{len(infos):06d}.tar"
+        info = _write_shard(storage.join(out, name), current)
+        info.url = name
+        infos.append(info)
+        current, current_bytes = [], 0
+
+    for rec in tqdm(_shuffled(encoded(), shuffle_seed, shuffle_buffer), total=total, desc="building shards",
+                    unit="img", disable=not progress):
+        size = sum(len(v) for k, v in rec.items() if k != "__key__") + 1024  # + tar headers
+        if current and (len(current) >= samples_per_shard or (max_shard_bytes and current_bytes + size > max_shard_bytes)):
+            flush()
+        current.append(rec)
+        current_bytes += size
+    if current:
+        flush()
+    if not infos:
+        raise ShardError("the source has no images")
+    if None in labels and len(labels) > 1:
+        raise ShardError("some images have labels and some do not")
+    num_classes = 0 if None in labels else max(labels) + 1
+    hist = {} if None in labels else {str(k): v for k, v in sorted(labels.items())}
+    manifest = Manifest(infos, [shape[0], shape[1]], shape[2], num_classes, image_format, out, {"label_histogram": hist})
+    storage.write_bytes_atomic(manifest_url, manifest.to_json().encode())
+    return manifest
+
+
+@dataclass
+class VerifyReport:
+    faults: list[str]
+    samples: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults
+
+
+def verify(manifest_url: str, progress: bool = True) -> VerifyReport:
+    """Re-read every shard: existence, sha256, sample count, that every sample decodes to the manifest's shape."""
+    m = load_manifest(manifest_url)
+    faults, seen = [], 0
+    want = (m.image_size[0], m.image_size[1], m.channels)
+    for i, info in enumerate(tqdm(m.shards, desc="verifying", unit="shard", disable=not progress)):
+        url = m.shard_url(i)
+        if not storage.exists(url):
+            faults.append(f"{info.url}: missing")
+            continue
+        data = storage.read_bytes(url)
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            faults.append(f"{info.url}: sha256 mismatch (manifest {info.sha256[:12]}..., file {hashlib.sha256(data).hexdigest()[:12]}...)")
+        count = 0
+        try:
+            for sample in iter_tar_samples(data):
+                count += 1
+                try:
+                    img = decode_image(sample)
+                    if img.shape != want:
+                        faults.append(f"{info.url}: sample {sample['__key__']} has shape {img.shape}, manifest says {want}")
+                except Exception as e:  # noqa: BLE001 - any decode failure is a fault to report
+                    faults.append(f"{info.url}: sample {sample.get('__key__')} does not decode ({type(e).__name__}: {e})")
+        except Exception as e:  # noqa: BLE001
+            faults.append(f"{info.url}: unreadable tar after {count} samples ({type(e).__name__}: {e})")
+        if count != info.num_samples:
+            faults.append(f"{info.url}: {count} samples, manifest says {info.num_samples}")
+        seen += count
+    return VerifyReport(faults, seen)
+
+
+def read_all(manifest_url: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """All (or the first `limit`) images and labels in manifest order: for inspection, tests and references."""
+    m = load_manifest(manifest_url)
+    images, labels = [], []
+    for i in range(len(m.shards)):
+        for sample in iter_tar_samples(storage.read_bytes(m.shard_url(i))):
+            images.append(decode_image(sample))
+            labels.append(decode_label(sample))
+            if limit and len(images) >= limit:
+                return np.stack(images), np.array(labels)
+    return np.stack(images), np.array(labels)

@@ -1,0 +1,181 @@
+"""Reverse-process samplers with one shared signature, classifier-free guidance and trajectories.
+
+Every sampler is `fn(model, schedule, x_T, *, timesteps, rng, prediction, eta, var_type, clip_x0,
+model_kwargs, callback) -> x_0` and runs over a descending sub-sequence of timesteps. `rng` draws the
+per-step noise; a StackedRandomGenerator makes each image's noise depend on its own seed only, so
+a batch's images do not depend on which other images share the batch (EDM generate.py).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .objective import eps_from_x0, to_x0_eps
+from .schedule import Schedule, gather, respace
+
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def image_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for image `index` of a run with base `seed` (stable across machines and versions)."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class StackedRandomGenerator:
+    """One torch.Generator per image; randn draws each row from its own generator."""
+
+    def __init__(self, device: torch.device | str, seeds: Sequence[int]):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
+        assert shape[0] == len(self.generators), "one generator per row"
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=self.device, dtype=dtype) for g in self.generators])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape, dtype=x.dtype)
+
+
+class _TorchRNG:
+    def __init__(self, generator: Optional[torch.Generator]):
+        self.generator = generator
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+
+
+def _as_rng(rng):
+    if rng is None or isinstance(rng, torch.Generator):
+        return _TorchRNG(rng)
+    return rng
+
+
+def make_timesteps(num_train_steps: int, steps: int, spacing: str = "uniform") -> list[int]:
+    """Ascending timesteps in [0, T) including T-1 (start from pure noise) and 0 (end at data)."""
+    T = num_train_steps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    if steps == 1:
+        return [T - 1]
+    if spacing == "uniform":
+        ts = np.linspace(0, T - 1, steps)
+    elif spacing == "quadratic":  # denser near t=0, as in DDIM's CIFAR-10 setup
+        ts = np.linspace(0, np.sqrt(T - 1), steps) ** 2
+    else:
+        raise ValueError(f"unknown spacing '{spacing}' (expected uniform or quadratic)")
+    ts = np.round(ts).astype(int)
+    for i in range(1, steps):  # keep strictly increasing and inside [0, T)
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    for i in range(steps - 1, -1, -1):
+        ts[i] = min(ts[i], T - steps + i)
+    return ts.tolist()
+
+
+def _predict(model, prediction, schedule, x, t_index, model_kwargs, clip_x0):
+    t = torch.full((x.shape[0],), t_index, device=x.device, dtype=torch.long)
+    out = model(x, t, **model_kwargs)
+    x0, eps = to_x0_eps(prediction, schedule, out.to(x.dtype), x, t)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = eps_from_x0(schedule, x0, x, t)
+    return t, x0, eps
+
+
+def ddpm(model, schedule: Schedule, x_T, *, timesteps, rng=None, prediction="eps", eta=1.0, var_type="small",
+         clip_x0=True, model_kwargs=None, callback: Optional[Callback] = None) -> torch.Tensor:
+    """Ancestral sampling from the posterior q(x_{t-1} | x_t, x0_hat); over a sub-sequence the schedule is
+    respaced (improved DDPM). var_type 'small' = beta_tilde_t, 'large' = beta_t (DDPM section 3.2)."""
+    rng, model_kwargs = _as_rng(rng), model_kwargs or {}
+    sub = respace(schedule, timesteps)
+    c1_all, c2_all = sub.posterior_mean_coefs
+    var_all = sub.posterior_variance if var_type == "small" else sub.betas
+    x = x_T
+    for i in reversed(range(len(timesteps))):
+        _, x0, _ = _predict(model, prediction, schedule, x, timesteps[i], model_kwargs, clip_x0)
+        if callback:
+            callback(i, timesteps[i], x, x0)
+        idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        mean = gather(c1_all, idx, x) * x0 + gather(c2_all, idx, x) * x
+        x = mean + gather(var_all, idx, x).sqrt() * rng.randn_like(x) if i > 0 else mean
+    return x
+
+
+def ddim(model, schedule: Schedule, x_T, *, timesteps, rng=None, prediction="eps", eta=0.0, var_type="small",
+         clip_x0=True, model_kwargs=None, callback: Optional[Callback] = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): eta=0 is deterministic, eta=1 over all steps is DDPM's posterior."""
+    rng, model_kwargs = _as_rng(rng), model_kwargs or {}
+    abar = schedule.alphas_cumprod
+    x = x_T
+    for i in reversed(range(len(timesteps))):
+        t, x0, eps = _predict(model, prediction, schedule, x, timesteps[i], model_kwargs, clip_x0)
+        if callback:
+            callback(i, timesteps[i], x, x0)
+        if i == 0:
+            x = x0
+            break
+        a = gather(abar, t, x)
+        a_prev = gather(abar, torch.full_like(t, timesteps[i - 1]), x)
+        sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * rng.randn_like(x)
+    return x
+
+
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim}
+
+
+def classifier_free_guidance(model, scale: float, null_class: int):
+    """model(x, t, y) -> uncond + scale * (cond - uncond), both halves in one batched forward."""
+    if scale == 1.0:
+        return model
+
+    def guided(x, t, y=None, **kw):
+        if y is None:
+            return model(x, t, **kw)
+        null = torch.full_like(y, null_class)
+        extra = {k: torch.cat([v, v]) for k, v in kw.items()}
+        out = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **extra)
+        cond, uncond = out.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return guided
+
+
+class TrajectoryRecorder:
+    """Callback that keeps x_t and the predicted x0 at chosen timesteps (all of them when None)."""
+
+    def __init__(self, record_at: Optional[Sequence[int]] = None):
+        self.record_at = set(record_at) if record_at is not None else None
+        self.steps: list[int] = []
+        self.x_t: list[torch.Tensor] = []
+        self.x0: list[torch.Tensor] = []
+
+    def __call__(self, i: int, t: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
+        if self.record_at is None or t in self.record_at:
+            self.steps.append(t)
+            self.x_t.append(x_t.detach().cpu())
+            self.x0.append(x0.detach().cpu())
+
+
+def sample(model, schedule: Schedule, x_T: torch.Tensor, *, sampler="ddim", steps=50, spacing="uniform", eta=None,
+           guidance=1.0, null_class: Optional[int] = None, y=None, rng=None, prediction="eps", var_type="small",
+           clip_x0=True, model_kwargs=None, callback: Optional[Callback] = None) -> torch.Tensor:
+    """Convenience front door: choose the sampler and timesteps, wrap guidance, run."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}' (expected one of {', '.join(SAMPLERS)})")
+    kwargs = dict(model_kwargs or {})
+    if y is not None:
+        kwargs["y"] = y
+    if guidance != 1.0:
+        if y is None or null_class is None:
+            raise ValueError("guidance needs class labels y and a model with a null class")
+        model = classifier_free_guidance(model, guidance, null_class)
+    timesteps = make_timesteps(schedule.num_steps, steps, spacing)
+    eta = (1.0 if sampler == "ddpm" else 0.0) if eta is None else eta
+    return SAMPLERS[sampler](model, schedule, x_T, timesteps=timesteps, rng=rng, prediction=prediction, eta=eta,
+                             var_type=var_type, clip_x0=clip_x0, model_kwargs=kwargs, callback=callback)

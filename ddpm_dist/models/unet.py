@@ -1,0 +1,207 @@
+"""The DDPM UNet (Ho et al. 2020) for one device: residual blocks conditioned on the timestep
+(FiLM scale-shift, or the paper's additive bias), self-attention at chosen resolutions, optional
+class embedding with a null class for classifier-free guidance, optional conditioning channels."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    num_heads: int = 1
+    dropout: float = 0.1
+    time_conditioning: str = "scale_shift"  # or "add"
+    norm_groups: int = 32
+    num_classes: int = 0  # 0 = unconditional; otherwise index num_classes is the null class
+    cond_channels: int = 0  # channels concatenated to the input (e.g. an upsampled low-res image)
+
+    def validate(self) -> None:
+        if self.image_size % (2 ** (len(self.channel_mults) - 1)):
+            raise ValueError(f"model.image_size={self.image_size} is not divisible by 2^{len(self.channel_mults) - 1} (one halving per extra level)")
+        for m in self.channel_mults:
+            if (self.base_channels * m) % self.norm_groups:
+                raise ValueError(f"model.norm_groups={self.norm_groups} does not divide {self.base_channels * m} channels")
+            if (self.base_channels * m) % self.num_heads:
+                raise ValueError(f"model.num_heads={self.num_heads} does not divide {self.base_channels * m} channels")
+        if self.time_conditioning not in ("scale_shift", "add"):
+            raise ValueError(f"model.time_conditioning: '{self.time_conditioning}' is not scale_shift or add")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Transformer sinusoidal embedding of integer timesteps (float32 whatever the autocast)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int, scale_shift: bool):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, out_ch * (2 if scale_shift else 1))
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        cond = self.temb(F.silu(temb))[:, :, None, None]
+        if self.scale_shift:  # FiLM: norm(h) * (1 + scale) + shift
+            scale, shift = cond.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + cond)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    def __init__(self, ch: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = _zero(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, c/heads)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, temb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, temb=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """The blocks of one resolution (res blocks, each optionally followed by attention) plus the resampler.
+    It is the unit FSDP shards; for the up path, it also pops the skip connections it consumes."""
+
+    def __init__(self, blocks: list[nn.Module], attns: list[Optional[nn.Module]], resample: Optional[nn.Module], up: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList([a if a is not None else nn.Identity() for a in attns])
+        self.resample = resample if resample is not None else nn.Identity()
+        self.up = up
+
+    def forward(self, h, temb, skips: list):
+        for block, attn in zip(self.blocks, self.attns):
+            if self.up:
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, temb)
+            h = attn(h) if not isinstance(attn, nn.Identity) else h
+            if not self.up:
+                skips.append(h)
+        if not isinstance(self.resample, nn.Identity):
+            h = self.resample(h)
+            if not self.up:
+                skips.append(h)
+        return h
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        ch, groups, ss = cfg.base_channels, cfg.norm_groups, cfg.time_conditioning == "scale_shift"
+        temb_dim = ch * 4
+        self.time_mlp = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.num_classes > 0 else None
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
+
+        def res(i, o):
+            return ResBlock(i, o, temb_dim, cfg.dropout, groups, ss)
+
+        def attn_at(res_, c):
+            return Attention(c, cfg.num_heads, groups) if res_ in cfg.attn_resolutions else None
+
+        skip_chs, cur, size = [ch], ch, cfg.image_size
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(cfg.channel_mults):
+            out = ch * mult
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(res(cur, out))
+                attns.append(attn_at(size, out))
+                cur = out
+                skip_chs.append(cur)
+            last = level == len(cfg.channel_mults) - 1
+            self.down.append(Level(blocks, attns, None if last else Downsample(cur), up=False))
+            if not last:
+                skip_chs.append(cur)
+                size //= 2
+        self.mid = nn.ModuleList([res(cur, cur), Attention(cur, cfg.num_heads, groups), res(cur, cur)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mults))):
+            out = ch * mult
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(res(cur + skip_chs.pop(), out))
+                attns.append(attn_at(size, out))
+                cur = out
+            self.up.append(Level(blocks, attns, Upsample(cur) if level > 0 else None, up=True))
+            if level > 0:
+                size *= 2
+        self.norm_out = nn.GroupNorm(groups, cur)
+        self.conv_out = _zero(nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
+                cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        temb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(self.conv_in.weight.dtype))
+        if self.class_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
+            temb = temb + self.class_emb(y)
+        if self.config.cond_channels:
+            if cond is None:
+                raise ValueError("this model needs `cond` (conditioning channels)")
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            h = level(h, temb, skips)
+        h = self.mid[0](h, temb)
+        h = self.mid[1](h)
+        h = self.mid[2](h, temb)
+        for level in self.up:
+            h = level(h, temb, skips)
+        return self.conv_out(F.silu(self.norm_out(h)))
