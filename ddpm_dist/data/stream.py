@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..rng import mix_seed
 from . import storage
 from .shards import Manifest, ShardError, decode_image, decode_label, iter_tar_samples, load_manifest, manifest_from_pattern
 
@@ -47,17 +48,6 @@ class Layout:
     @property
     def lanes(self) -> int:
         return max(1, self.num_workers)
-
-
-def _mix(*xs: int) -> int:
-    """splitmix64 of a tuple of ints: a cheap, platform-independent deterministic hash."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-        h = h * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h
 
 
 class EpochPlan:
@@ -90,7 +80,7 @@ class EpochPlan:
             j = i
             while j < len(seq) and shard[j] == shard[i]:
                 j += 1
-            rng = np.random.default_rng(_mix(self.seed, self.epoch, shard[i], seq[i], j - i))
+            rng = np.random.default_rng(mix_seed(self.seed, self.epoch, shard[i], seq[i], j - i))
             seq[i:j] = seq[i:j][rng.permutation(j - i)]
             i = j
         return seq
@@ -111,7 +101,7 @@ class EpochPlan:
 
 
 def _flip_bit(seed: int, epoch: int, pos: int) -> bool:
-    return bool(_mix(seed, epoch, pos, 0xF11B) & 1)
+    return bool(mix_seed(seed, epoch, pos, 0xF11B) & 1)
 
 
 class _LaneDataset(IterableDataset):
@@ -257,7 +247,7 @@ class TrainStream:
         while True:
             plan = self._plan()
             if self.batches_done == 0 and self.rank == 0:
-                log.info("epoch %d: %d samples due, %d ranks x %d batches x %d used, %d left for the next epoch's shuffle",
+                log.info("epoch %d: %d samples due, %d ranks x %d batches x %d used, %d unused this epoch (drop_last)",
                          self.epoch, len(plan.ordered), self.layout.world_size, plan.batches_per_rank,
                          self.layout.batch_size, plan.dropped)
             if self.batches_done < plan.batches_per_rank:

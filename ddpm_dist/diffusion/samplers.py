@@ -179,3 +179,18 @@ def sample(model, schedule: Schedule, x_T: torch.Tensor, *, sampler="ddim", step
     eta = (1.0 if sampler == "ddpm" else 0.0) if eta is None else eta
     return SAMPLERS[sampler](model, schedule, x_T, timesteps=timesteps, rng=rng, prediction=prediction, eta=eta,
                              var_type=var_type, clip_x0=clip_x0, model_kwargs=kwargs, callback=callback)
+
+
+def generate(model, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int], *, device, labels=None,
+             null_class: Optional[int] = None, sampler="ddim", steps=50, eta=None, spacing="uniform", guidance=1.0,
+             prediction="eps", var_type="small", clip_x0=True, model_kwargs=None,
+             callback: Optional[Callback] = None) -> torch.Tensor:
+    """Images in [-1, 1], one per seed; x_T and every step's noise come from that image's own generator,
+    so an image depends on its seed (and label), not on the batch it shares."""
+    rng = StackedRandomGenerator(device, seeds)
+    x_T = rng.randn((len(seeds), *shape))
+    y = None if labels is None else torch.as_tensor(labels, device=device, dtype=torch.long)
+    with torch.no_grad():
+        return sample(model, schedule, x_T, sampler=sampler, steps=steps, spacing=spacing, eta=eta, guidance=guidance,
+                      null_class=null_class, y=y, rng=rng, prediction=prediction, var_type=var_type, clip_x0=clip_x0,
+                      model_kwargs=model_kwargs, callback=callback)

@@ -1,0 +1,102 @@
+"""One metrics processor, several sinks: console (a log line every N steps), metrics.jsonl (rank 0),
+Prometheus (every rank, optional). The training loop reports raw facts; this module aggregates."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self, run_dir: str, *, rank: int, local_rank: int, world_size: int, log_every: int,
+                 jsonl: bool = True, prometheus: bool = False, prometheus_addr: str = "127.0.0.1",
+                 prometheus_port: int = 9400, job: str = "", run: str = ""):
+        self.rank, self.world_size, self.log_every = rank, world_size, log_every
+        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl") if (jsonl and rank == 0) else None
+        self.prom = None
+        if prometheus:
+            from .prometheus import PrometheusSink
+            self.prom = PrometheusSink(addr=prometheus_addr, port=prometheus_port + local_rank, rank=rank,
+                                       job=job or os.environ.get("SLURM_JOB_ID", "local"), run=run)
+            self.prom.world_size.set(world_size)
+            self.prom.update_process()
+        self._window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter(), wait=0.0)
+        self._last_skipped = 0
+
+    def write(self, row: dict) -> None:
+        if self.jsonl_path:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def train_step(self, *, step: int, images: int, loss: float, lr: float, grad_norm: float, step_seconds: float,
+                   data_wait: float, ema_seconds: float, rank_images: int, skipped_total: int, epoch: int,
+                   loss_mean_fn=None) -> Optional[dict]:
+        """Record one step; every log_every steps returns (and logs) the window's row."""
+        w = self._window
+        w["loss"] += loss
+        w["n"] += 1
+        w["images"] += rank_images
+        w["wait"] += data_wait
+        if self.prom:
+            p = self.prom
+            p.images.inc(rank_images)
+            p.steps.inc()
+            p.step_seconds.observe(step_seconds)
+            p.lr.set(lr)
+            p.grad_norm.set(grad_norm if math.isfinite(grad_norm) else float("nan"))
+            p.data_wait.inc(data_wait)
+            p.ema_seconds.inc(ema_seconds)
+            if skipped_total > self._last_skipped:
+                p.skipped.inc(skipped_total - self._last_skipped)
+        self._last_skipped = skipped_total
+        if step % self.log_every:
+            return None
+        elapsed = time.perf_counter() - w["t0"]
+        mean_loss = w["loss"] / max(w["n"], 1)
+        if loss_mean_fn is not None:  # collective: every rank reaches this at the same step
+            mean_loss = loss_mean_fn(mean_loss)
+        ips = w["images"] / max(elapsed, 1e-9)
+        row = {"event": "train", "step": step, "images": images, "epoch": epoch, "loss": mean_loss, "lr": lr,
+               "grad_norm": grad_norm, "images_per_s": ips * self.world_size, "data_wait_share": w["wait"] / max(elapsed, 1e-9),
+               "skipped": skipped_total, "time": time.time()}
+        if self.prom:
+            self.prom.images_per_second.set(ips)
+            self.prom.loss.set(mean_loss)
+            self.prom.update_process()
+        if self.rank == 0:
+            log.info("step %d  images %d  loss %.4f  lr %.2e  grad %.3f  %.0f img/s  data wait %.0f%%", step, images,
+                     mean_loss, lr, grad_norm, row["images_per_s"], 100 * row["data_wait_share"])
+            self.write(row)
+        self._window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter(), wait=0.0)
+        return row
+
+    def checkpoint(self, *, duration: float, stall: float, success_time: float) -> None:
+        if self.prom:
+            self.prom.ckpt_seconds.set(duration)
+            self.prom.ckpt_stall.set(stall)
+            if success_time:
+                self.prom.ckpt_success.set(success_time)
+        self.write({"event": "checkpoint", "duration_s": duration, "stall_s": stall, "time": time.time()})
+
+    def sampling(self, *, images: int, images_per_s: float) -> None:
+        if self.prom:
+            self.prom.sample_images.inc(images)
+            self.prom.sample_ips.set(images_per_s)
+
+    def frechet(self, value: float, extractor: str, images: int, n: int) -> None:
+        if self.prom:
+            self.prom.frechet.labels(**self.prom.labels, extractor=extractor).set(value)
+        self.write({"event": "eval", "frechet_distance": value, "extractor": extractor, "images": images, "n": n,
+                    "time": time.time()})
+
+    def event(self, kind: str, **fields) -> None:
+        self.write({"event": kind, **fields, "time": time.time()})
+
+    def close(self) -> None:
+        if self.prom:
+            self.prom.close()

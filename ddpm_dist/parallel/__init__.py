@@ -1,0 +1,56 @@
+"""Distribution: process environment, engines (single, DDP, FSDP2, DeepSpeed ZeRO), sharded EMA."""
+from __future__ import annotations
+
+import socket
+
+import torch.distributed as dist
+
+from .engine import Engine
+from .env import DistEnv, init_distributed, read_env
+
+BACKENDS = ("single", "ddp", "fsdp", "zero")
+
+
+def resolve_backend(name: str, env: DistEnv) -> str:
+    if name == "auto":
+        return "ddp" if env.distributed else "single"
+    return name
+
+
+def ensure_process_group(env: DistEnv) -> None:
+    """FSDP2 and DeepSpeed need a process group even for one process: a private one-rank gloo group."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(env.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def parallelize(module, backend: str, env: DistEnv, *, optimizer_args: dict, bf16: bool, micro_batch: int,
+                accum_steps: int, grad_clip: float, zero_stage: int = 2, reshard_after_forward: bool = True,
+                hybrid_shard: bool = False) -> Engine:
+    """Wrap a single-device module in the engine named by `backend`."""
+    backend = resolve_backend(backend, env)
+    if backend == "single":
+        if env.distributed:
+            raise ValueError(f"parallel.backend=single cannot run with {env.world_size} processes (use ddp, fsdp or zero)")
+        return Engine(module, env.device, optimizer_args, bf16)
+    ensure_process_group(env)
+    if backend == "ddp":
+        from .ddp import DDPEngine
+        return DDPEngine(module, env.device, optimizer_args, bf16)
+    if backend == "fsdp":
+        from .fsdp import FSDPEngine
+        return FSDPEngine(module, env.device, optimizer_args, bf16, world_size=env.world_size,
+                          local_world_size=env.local_world_size, reshard_after_forward=reshard_after_forward,
+                          hybrid=hybrid_shard)
+    if backend == "zero":
+        from .zero import ZeroEngine
+        return ZeroEngine(module, env.device, optimizer_args, bf16, stage=zero_stage, micro_batch=micro_batch,
+                          accum_steps=accum_steps, world_size=env.world_size, grad_clip=grad_clip)
+    raise ValueError(f"unknown parallel.backend '{backend}' (expected auto, {', '.join(BACKENDS)})")
+
+
+__all__ = ["BACKENDS", "DistEnv", "Engine", "ensure_process_group", "init_distributed", "parallelize", "read_env",
+           "resolve_backend"]

@@ -1,0 +1,52 @@
+"""EMA of the weights, kept on the same shards as the parameters: DTensor clones under FSDP2, the local
+fp32 partition under ZeRO-3, full tensors otherwise. One foreach lerp per step, no communication;
+gathering happens only for export and sampling. Length is a half-life in images (EDM)."""
+from __future__ import annotations
+
+import torch
+
+
+def ema_beta(batch_images: int, images_seen: int, halflife_images: float, warmup_ratio: float) -> float:
+    """Decay for one step of `batch_images`; the half-life ramps up as images_seen * warmup_ratio (EDM)."""
+    halflife = halflife_images
+    if warmup_ratio > 0:
+        halflife = min(halflife, images_seen * warmup_ratio)
+    return 0.5 ** (batch_images / max(halflife, 1e-8))
+
+
+class ShardedEMA:
+    def __init__(self, engine):
+        self.engine = engine
+        named = list(engine.ema_named_params())
+        self.names = [n for n, _ in named]
+        self.shadow = [t.detach().clone().float() for _, t in named]
+        self._local = [s.to_local() if hasattr(s, "to_local") else s for s in self.shadow]
+
+    @torch.no_grad()
+    def update(self, beta: float) -> None:
+        sources = self.engine.ema_sources()
+        if sources and sources[0].dtype != torch.float32:
+            sources = [s.float() for s in sources]
+        torch._foreach_lerp_(self._local, sources, 1.0 - beta)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.names) - set(state)
+        if missing:
+            raise KeyError(f"EMA state lacks {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, s in zip(self.names, self.shadow):
+                src = state[name]
+                if hasattr(s, "to_local") and hasattr(src, "to_local"):
+                    s.to_local().copy_(src.to_local())
+                else:
+                    s.copy_(src)
+
+    def local_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._local)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded fp32 EMA weights on CPU, keyed like the plain module's state_dict (collective)."""
+        return self.engine.gather_ema(self.names, self.shadow)

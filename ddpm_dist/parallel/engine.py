@@ -1,0 +1,110 @@
+"""The interface the training loop drives, and its single-process form. DDP, FSDP2 and DeepSpeed
+ZeRO (ddp.py, fsdp.py, zero.py) implement the same methods; the loop does not know which it has."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def make_optimizer(params, lr: float, betas, weight_decay: float) -> torch.optim.Optimizer:
+    # torch's AdamW resumes bitwise under every backend (DeepSpeed's fused CPU Adam does not).
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8,
+                             foreach=True)
+
+
+def _norm_value(norm) -> float:
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm) if norm is not None else math.nan
+
+
+class Engine:
+    """Single process: the module itself, autocast for bf16, torch AdamW, clip_grad_norm_."""
+
+    name = "single"
+    sharded_ema = False  # True when EMA tensors are local shards (FSDP2, ZeRO-3)
+
+    def __init__(self, module: nn.Module, device: torch.device, optimizer_args: dict, bf16: bool = False):
+        self.module = module.to(device)
+        self.device = device
+        self.bf16 = bf16
+        self.model = self.wrap(self.module)  # what forward calls
+        self.optimizer = make_optimizer(self.module.parameters(), **optimizer_args)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    # -- forward/backward ------------------------------------------------------------------------
+    def autocast(self):
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, x, t, **kw):
+        with self.autocast():
+            return self.model(x, t, **kw)
+
+    def sync_gradients(self, sync: bool):
+        """Context for one micro-step; sync=False skips gradient communication (inner accumulation steps)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, accum_steps: int, last: bool) -> None:
+        (loss / accum_steps).backward()
+
+    def step(self, lr: float, grad_clip: float) -> float:
+        """One optimizer step at learning rate `lr`; returns the global gradient norm (before clipping)."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip if grad_clip > 0 else float("inf"),
+                                              foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return _norm_value(norm)
+
+    # -- EMA ---------------------------------------------------------------------------------------
+    def ema_named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) the EMA copies at start: full tensors here, DTensor / partition for sharded engines."""
+        yield from ((n, p.detach()) for n, p in self.module.named_parameters())
+
+    def ema_sources(self) -> list[torch.Tensor]:
+        """The local fp32 tensors the EMA follows, in ema_named_params order."""
+        return [p.detach() for p in self.module.parameters()]
+
+    def gather_ema(self, names: list[str], shadow: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full fp32 EMA tensors on CPU (DTensors are gathered: a collective under FSDP2)."""
+        out = {}
+        for n, s in zip(names, shadow):
+            s = s.full_tensor() if hasattr(s, "full_tensor") else s
+            out[n] = s.detach().float().cpu().clone()
+        return out
+
+    # -- state -------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded fp32 weights on CPU (every rank must call it for sharded engines)."""
+        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def local_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients and optimizer state (for the memory test)."""
+        def nbytes(t):
+            t = t.to_local() if hasattr(t, "to_local") else t
+            return t.numel() * t.element_size()
+
+        params = list(self.module.parameters())
+        opt = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+        return {"params": sum(nbytes(p) for p in params),
+                "grads": sum(nbytes(p.grad) for p in params if p.grad is not None), "optimizer": opt}

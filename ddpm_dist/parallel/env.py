@@ -1,0 +1,137 @@
+"""Rank, world, local rank and device from torchrun or SLURM (or neither); process-group set-up;
+seeding. The only place that chooses the device and the backend: NCCL with one GPU per local rank
+when CUDA is present, gloo on the CPU."""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..rng import mix_seed  # noqa: F401 - re-exported for the trainer
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "none"  # torchrun | slurm | none
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+    @property
+    def device(self) -> torch.device:
+        return device_for(self.local_rank)
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003'."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM node list '{nodelist}'")
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def read_env(environ: Optional[dict] = None) -> DistEnv:
+    """torchrun's variables win; then SLURM's (srun with one task per GPU); else a single process."""
+    e = os.environ if environ is None else environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
+                       int(e.get("LOCAL_WORLD_SIZE", e["WORLD_SIZE"])), e.get("MASTER_ADDR", "127.0.0.1"),
+                       int(e.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
+        job = int(e.get("SLURM_JOB_ID", "0"))
+        ntasks = int(e["SLURM_NTASKS"])
+        nnodes = int(e.get("SLURM_JOB_NUM_NODES", e.get("SLURM_NNODES", "1")))
+        local_ws = int(e.get("SLURM_NTASKS_PER_NODE", str(ntasks // max(1, nnodes))).split("(")[0])
+        addr = e.get("MASTER_ADDR") or first_host(e.get("SLURM_JOB_NODELIST", e.get("SLURM_NODELIST", "127.0.0.1")))
+        port = int(e.get("MASTER_PORT") or 20000 + job % 20000)  # one port per job: jobs sharing a node do not collide
+        return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), local_ws, addr, port, "slurm")
+    return DistEnv()
+
+
+def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600) -> DistEnv:
+    """Join the process group (when there is more than one process) and bind this rank's device."""
+    env = env or read_env()
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    if env.distributed and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        dist.init_process_group(env.backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=env.device if env.device.type == "cuda" else None)
+    return env
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs (model init, dropout): the loop re-seeds them per step from (seed, step, rank)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,147 @@
+"""DeepSpeed ZeRO stage 1, 2 or 3 behind the Engine interface.
+
+Ours, not DeepSpeed's: the optimizer (torch AdamW: DeepSpeed's fused CPU Adam does not resume
+bitwise), the learning rate (set on the param groups each step) and the EMA, which follows the fp32
+master weights where DeepSpeed keeps them: the local partition of each parameter under ZeRO-3, the
+local fragment of the flat fp32 partition under ZeRO-1/2. DeepSpeed does gradient accumulation
+itself (ZeRO-2/3 reduce-scatter every micro-step by design; ZeRO-1 reduces at the boundary)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .engine import Engine, make_optimizer
+
+
+class ZeroEngine(Engine):
+    name = "zero"
+    sharded_ema = True
+
+    def __init__(self, module: nn.Module, device: torch.device, optimizer_args: dict, bf16: bool = False, *,
+                 stage: int, micro_batch: int, accum_steps: int, world_size: int, grad_clip: float):
+        import deepspeed
+
+        self.device, self.bf16, self.stage = device, bf16, stage
+        module = module.to(device)
+        optimizer = make_optimizer(module.parameters(), **optimizer_args)
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": accum_steps,
+            "train_batch_size": micro_batch * accum_steps * world_size,
+            "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": bf16},
+            "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
+                                                                dist_init_required=False)
+        self.module = self.model.module
+        self.input_dtype = torch.bfloat16 if bf16 else torch.float32
+        self._params = [(n, p) for n, p in self.module.named_parameters()]
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed holds bf16 weights itself
+
+    def forward(self, x, t, **kw):
+        kw = {k: v.to(self.input_dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+        return self.model(x.to(self.input_dtype), t, **kw)
+
+    def backward(self, loss, accum_steps, last):
+        self.model.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
+        if not last:
+            self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def step(self, lr, grad_clip):
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # -- EMA on the fp32 master shards ------------------------------------------------------------
+    def _local_fp32(self, p: torch.Tensor) -> torch.Tensor:
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+            return safe_get_local_fp32_param(p)
+        mapping = getattr(p, "_hp_mapping", None)
+        return mapping.hp_fragment if mapping is not None else torch.empty(0, device=self.device)
+
+    def ema_named_params(self):
+        yield from ((n, self._local_fp32(p).detach()) for n, p in self._params)
+
+    def ema_sources(self):
+        return [self._local_fp32(p).detach() for _, p in self._params]
+
+    def gather_ema(self, names, shadow):
+        out = {}
+        by_name = dict(self._params)
+        for n, local in zip(names, shadow):
+            p = by_name[n]
+            if self.stage == 3:
+                parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, local.contiguous())
+                full = torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+            else:
+                full = torch.zeros(p.numel(), dtype=torch.float32, device=self.device)
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is not None:
+                    a = mapping.lp_fragment_address
+                    full.narrow(0, a.start, a.numel).copy_(local)
+                dist.all_reduce(full)
+                full = full.view(p.shape)
+            out[n] = full.float().cpu().clone()
+        return out
+
+    def scatter_ema(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The local EMA shards for full EMA tensors (inverse of gather_ema): loads at any world size."""
+        out = {}
+        for n, p in self._params:
+            flat = full[n].reshape(-1).to(self.device, torch.float32)
+            if self.stage == 3:
+                size = self._local_fp32(p).numel()
+                start = dist.get_rank() * size
+                part = torch.zeros(size, device=self.device)
+                piece = flat[start:start + size]
+                part[: piece.numel()] = piece
+                out[n] = part
+            else:
+                mapping = getattr(p, "_hp_mapping", None)
+                out[n] = flat.narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel).clone() \
+                    if mapping is not None else torch.empty(0, device=self.device)
+        return out
+
+    # -- state ---------------------------------------------------------------------------------------
+    def full_model_state(self):
+        from deepspeed.utils import safe_get_full_fp32_param
+        return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in self._params}
+
+    def save_native(self, directory: str) -> None:
+        self.model.save_checkpoint(directory, tag="zero", save_latest=False)
+
+    def load_native(self, directory: str) -> None:
+        path, _ = self.model.load_checkpoint(directory, tag="zero", load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under '{directory}'")
+
+    def local_bytes(self):
+        def nbytes(t):
+            return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+        opt = self.optimizer
+        inner = getattr(opt, "optimizer", opt)
+        state = sum(nbytes(v) for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+        if self.stage == 3:
+            lp = sum(nbytes(p.ds_tensor) for _, p in self._params)
+            master = sum(nbytes(t) for t in opt.fp32_partitioned_groups_flat)
+            grads = sum(nbytes(t.grad) for t in opt.fp32_partitioned_groups_flat if t.grad is not None)
+        else:
+            lp = sum(nbytes(p) for _, p in self._params)
+            master = sum(nbytes(t) for t in getattr(opt, "single_partition_of_fp32_groups", []))
+            grads = sum(nbytes(t.grad) for t in getattr(opt, "single_partition_of_fp32_groups", []) if t.grad is not None)
+        return {"params": lp + (master if self.bf16 else 0), "grads": grads, "optimizer": state}

@@ -1,0 +1,42 @@
+"""Consolidated single-file export: EMA and raw weights in safetensors, the model config in its metadata.
+Loading needs no unpickling at all."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "ddpm_dist.export/1"
+
+
+def save_export(path: str, ema: dict[str, torch.Tensor], raw: Optional[dict[str, torch.Tensor]], model_config,
+                info: dict) -> str:
+    tensors = {f"ema.{k}": v.contiguous() for k, v in ema.items()}
+    if raw is not None:
+        tensors.update({f"model.{k}": v.contiguous() for k, v in raw.items()})
+    cfg = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else dict(model_config)
+    meta = {"format": FORMAT, "model_config": json.dumps(cfg), "info": json.dumps(info)}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_export(path: str, which: str = "ema") -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights, model_config dict, info) from an export; which = 'ema' or 'model'."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"export '{path}' does not exist")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"'{path}' is not a ddpm_dist export (format {meta.get('format')!r})")
+        prefix = which + "."
+        weights = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"export '{path}' has no '{which}' weights")
+    return weights, json.loads(meta["model_config"]), json.loads(meta.get("info", "{}"))

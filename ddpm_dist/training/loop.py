@@ -1,0 +1,276 @@
+"""The training loop, top to bottom: set up, resume, step, log, sample, checkpoint, stop.
+
+It drives an Engine (single, DDP, FSDP2 or ZeRO) without knowing which. Randomness of a step (timesteps,
+label dropout, noise) is drawn for the whole global batch from (seed, step) and each rank takes its own
+slots, so the run does not depend on world size or accumulation, and a resumed run draws exactly the
+noise the uninterrupted one would have (no RNG state saved)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config, check_batch, save_resolved, to_dict
+from ..data import Layout, TrainStream, open_manifest
+from ..diffusion import diffusion_loss, make_schedule
+from ..models import UNet, resolve_model_config
+from ..obs.metrics import Metrics
+from ..parallel import init_distributed, parallelize, read_env, resolve_backend
+from ..parallel.ema import ShardedEMA, ema_beta
+from ..parallel.env import all_reduce_mean, barrier, mix_seed, seed_everything, shutdown
+from .checkpoint import CheckpointManager
+from .preemption import REQUEUE_EXIT_CODE, Preemption
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    images: int = 0
+
+
+def lr_at(images: int, cfg: Config) -> float:
+    """Linear warm-up over warmup_images, then constant or cosine decay to 0 at total_images."""
+    t = cfg.train
+    if t.warmup_images and images < t.warmup_images:
+        return t.lr * (images + t.global_batch) / t.warmup_images
+    if t.lr_schedule == "cosine":
+        span = max(t.total_images - t.warmup_images, 1)
+        frac = min(max(images - t.warmup_images, 0) / span, 1.0)
+        return t.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return t.lr
+
+
+def step_randomness(seed: int, step: int, global_batch: int, num_timesteps: int, image_shape, label_dropout: float,
+                    device: torch.device):
+    """(t, drop, noise) for every slot of the step's global batch, from (seed, step) only."""
+    g = torch.Generator(device).manual_seed(mix_seed(seed, step, 0x7A11))
+    t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
+    drop = torch.rand(global_batch, generator=g, device=device) < label_dropout
+    noise = torch.randn((global_batch, *image_shape), generator=g, device=device)
+    return t, drop, noise
+
+
+def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: int, world_size: int, cfg: Config,
+             num_classes: int, lr: float) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches; returns (mean loss on this rank, grad norm)."""
+    device = engine.device
+    accum = len(micro_batches)
+    micro = micro_batches[0]["image"].shape[0]
+    global_batch = micro * world_size * accum
+    t_all, drop_all, noise_all = step_randomness(cfg.seed, step, global_batch, schedule.num_steps,
+                                                 micro_batches[0]["image"].shape[1:], cfg.train.label_dropout, device)
+    total = 0.0
+    for i, batch in enumerate(micro_batches):
+        slots = slice((i * world_size + rank) * micro, (i * world_size + rank + 1) * micro)
+        x0 = batch["image"].to(device, non_blocking=True)
+        kwargs = {}
+        if num_classes:
+            y = batch["label"].to(device)
+            kwargs["y"] = torch.where(drop_all[slots], torch.full_like(y, num_classes), y)
+        if "cond" in batch:
+            kwargs["cond"] = batch["cond"].to(device)
+        torch.manual_seed(mix_seed(cfg.seed, step, i, rank))  # dropout masks: per (step, micro-step, rank)
+        last = i == accum - 1
+        with engine.sync_gradients(last):
+            loss = diffusion_loss(engine.forward, schedule, x0, t_all[slots], noise_all[slots],
+                                  prediction=cfg.diffusion.prediction, weighting=cfg.diffusion.loss_weighting,
+                                  min_snr_gamma=cfg.diffusion.min_snr_gamma, model_kwargs=kwargs)
+            engine.backward(loss, accum, last)
+        total += loss.detach().float().item()
+    grad_norm = engine.step(lr, cfg.train.grad_clip)
+    return total / accum, grad_norm
+
+
+def _batches(stream, cfg: Config):
+    """The stream, or (train.overfit_batches > 0) the same first few batches over and over."""
+    if not cfg.train.overfit_batches:
+        yield from stream
+        return
+    cached = []
+    for batch in stream:
+        cached.append(batch)
+        if len(cached) == cfg.train.overfit_batches:
+            break
+    while True:
+        yield from cached
+
+
+def train(cfg: Config) -> int:
+    """Run (or resume) training; returns the process exit code (REQUEUE_EXIT_CODE when preempted)."""
+    from ..cli_common import setup_logging
+
+    env = init_distributed(read_env(), cfg.parallel.dist_timeout_s)
+    setup_logging(env.rank)
+    backend = resolve_backend(cfg.parallel.backend, env)
+    micro, accum = check_batch(cfg, env.world_size)
+    manifest = open_manifest(cfg.data.source)  # a missing manifest or shard fails here, before any work
+    model_cfg = resolve_model_config(cfg.model)
+    _check_data_matches_model(manifest, model_cfg, cfg)
+    if env.is_main:
+        save_resolved(cfg, cfg.run_dir)
+        os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.beta_start,
+                             cfg.diffusion.beta_end)
+
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    module = UNet(model_cfg)
+    num_params = sum(p.numel() for p in module.parameters())
+    engine = parallelize(module, backend, env, bf16=cfg.train.bf16, micro_batch=micro, accum_steps=accum,
+                         grad_clip=cfg.train.grad_clip, zero_stage=cfg.parallel.zero_stage,
+                         reshard_after_forward=cfg.parallel.reshard_after_forward, hybrid_shard=cfg.parallel.hybrid_shard,
+                         optimizer_args=dict(lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay))
+    ema = ShardedEMA(engine)
+    stream = TrainStream(manifest, rank=env.rank, layout=Layout(env.world_size, micro, cfg.data.num_workers),
+                         seed=cfg.seed, random_flip=cfg.data.random_flip, max_skip_fraction=cfg.data.max_skip_fraction)
+    ckpt = CheckpointManager(os.path.join(cfg.run_dir, "checkpoints"), rank=env.rank, keep_last=cfg.checkpoint.keep_last,
+                             keep_every_step=cfg.checkpoint.keep_every_images // cfg.train.global_batch,
+                             async_save=cfg.checkpoint.async_save)
+    expect = {"backend": backend, "model_config": dataclasses.asdict(model_cfg)}
+    progress = Progress()
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    if latest:
+        meta = ckpt.load(latest, engine, ema, expect)
+        progress = Progress(meta["step"], meta["images"])
+        stream.load_state_dict(meta["data"])
+        log.info("resumed from %s (step %d, %d images, written by %d rank(s))", latest, progress.step,
+                 progress.images, meta.get("world_size", 0))
+
+    metrics = Metrics(cfg.run_dir, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size,
+                      log_every=cfg.train.log_every, jsonl=cfg.metrics.jsonl, prometheus=cfg.metrics.prometheus,
+                      prometheus_addr=cfg.metrics.prometheus_addr, prometheus_port=cfg.metrics.prometheus_port,
+                      job=cfg.metrics.job, run=cfg.name or os.path.basename(os.path.abspath(cfg.run_dir)))
+    preemption = Preemption(env.device, cfg.train.max_wall_seconds)
+    total_steps = math.ceil(cfg.train.total_images / cfg.train.global_batch)
+    log.info("%s: %s, %d rank(s), global batch %d = %d x %d ranks x %d accumulation, %d steps, %.2fM parameters",
+             cfg.run_dir, backend, env.world_size, cfg.train.global_batch, micro, env.world_size, accum, total_steps,
+             num_params / 1e6)
+
+    def save(force_sync: bool = False):
+        meta = {"images": progress.images, "data": stream.state_dict(), "backend": backend,
+                "world_size": env.world_size, "model_config": expect["model_config"], "config": to_dict(cfg)}
+        ckpt.save(progress.step, meta, engine, ema, force_sync=force_sync)
+        metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time)
+
+    def due(every_images: int) -> bool:
+        return every_images > 0 and progress.images // every_images != (progress.images - cfg.train.global_batch) // every_images
+
+    data = _batches(stream, cfg)
+    exit_code = 0
+    last_saved_step = progress.step if latest else -1
+    while progress.step < total_steps:
+        t_step = time.perf_counter()
+        wait0 = stream.data_wait_seconds
+        batches = [next(data) for _ in range(accum)]
+        lr = lr_at(progress.images, cfg)
+        loss, grad_norm = run_step(engine, schedule, batches, step=progress.step, rank=env.rank,
+                                   world_size=env.world_size, cfg=cfg, num_classes=model_cfg.num_classes, lr=lr)
+        t_ema = time.perf_counter()
+        ema.update(ema_beta(cfg.train.global_batch, progress.images, cfg.train.ema_halflife_images,
+                            cfg.train.ema_warmup_ratio))
+        ema_seconds = time.perf_counter() - t_ema
+        progress.step += 1
+        progress.images += cfg.train.global_batch
+        ckpt.poll()
+        if ckpt.pending is None and ckpt.last_success_time and cfg.checkpoint.async_save:
+            metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time)
+        if not math.isfinite(loss):
+            log.error("loss is %s at step %d; stopping without saving", loss, progress.step)
+            exit_code = 1
+            break
+        metrics.train_step(step=progress.step, images=progress.images, loss=loss, lr=lr, grad_norm=grad_norm,
+                           step_seconds=time.perf_counter() - t_step, data_wait=stream.data_wait_seconds - wait0,
+                           ema_seconds=ema_seconds, rank_images=micro * accum, skipped_total=stream.skipped_total,
+                           epoch=stream.epoch, loss_mean_fn=lambda v: all_reduce_mean([v], env.device)[0])
+        if due(cfg.train.sample_every_images):
+            _sample_grid(engine, ema, model_cfg, schedule, cfg, env, progress.images)
+        if preemption.should_stop():
+            log.info("stopping at step %d (%s): saving a checkpoint, exit %d = requeue", progress.step,
+                     preemption.reason, REQUEUE_EXIT_CODE)
+            save(force_sync=True)
+            last_saved_step = progress.step
+            metrics.event("preempted", step=progress.step, reason=preemption.reason)
+            exit_code = REQUEUE_EXIT_CODE
+            break
+        if due(cfg.checkpoint.every_images):
+            save()
+            last_saved_step = progress.step
+
+    if exit_code == 0:
+        if last_saved_step != progress.step:
+            save(force_sync=True)
+        ckpt.wait()
+        _finish(engine, ema, model_cfg, schedule, cfg, env, progress)
+    ckpt.wait()
+    metrics.close()
+    preemption.restore()
+    shutdown()
+    return exit_code
+
+
+def _check_data_matches_model(manifest, model_cfg, cfg: Config) -> None:
+    from ..config import ConfigError
+
+    h, w = manifest.image_size
+    if (h, w) != (model_cfg.image_size, model_cfg.image_size):
+        raise ConfigError(f"data '{cfg.data.source}' has {h}x{w} images but model.image_size is {model_cfg.image_size}")
+    if manifest.channels != model_cfg.in_channels:
+        raise ConfigError(f"data '{cfg.data.source}' has {manifest.channels} channel(s) but model.in_channels is "
+                          f"{model_cfg.in_channels}")
+    if model_cfg.num_classes and manifest.num_classes > model_cfg.num_classes:
+        raise ConfigError(f"data has {manifest.num_classes} classes but model.num_classes is {model_cfg.num_classes}")
+
+
+def _ema_model(engine, ema, model_cfg) -> UNet:
+    """A plain single-device model with the EMA weights (gathering is collective; every rank calls it)."""
+    weights = ema.full_state()
+    model = UNet(model_cfg)
+    model.load_state_dict(weights)
+    return model.to(engine.device).eval()
+
+
+def _sample_grid(engine, ema, model_cfg, schedule, cfg: Config, env, images: int, name: str = "") -> None:
+    from ..diffusion import generate
+    from ..viz import auto_scale, save_grid
+
+    model = _ema_model(engine, ema, model_cfg)
+    if env.is_main:
+        s = cfg.sample
+        n = 100 if model_cfg.num_classes and cfg.train.sample_grid_classes else 64
+        labels = [i % model_cfg.num_classes for i in range(n)] if model_cfg.num_classes else None
+        if labels is not None:  # one row per class
+            labels = sorted(labels)
+        shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+        x = generate(model, schedule, list(range(n)), shape, device=engine.device, labels=labels,
+                     null_class=model_cfg.num_classes or None, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                     spacing=s.spacing, guidance=s.guidance if labels is not None else 1.0,
+                     prediction=cfg.diffusion.prediction, var_type=s.var_type, clip_x0=s.clip_x0)
+        path = os.path.join(cfg.run_dir, "samples", name or f"grid_{images:09d}.png")
+        save_grid(x, path, nrow=10 if labels is not None else 8, scale=auto_scale(model_cfg.image_size))
+        log.info("sample grid: %s", path)
+    barrier()
+
+
+def _finish(engine, ema, model_cfg, schedule, cfg: Config, env, progress: Progress) -> None:
+    """Export (EMA + raw weights, safetensors), a final sample grid and the training curves."""
+    from .export import save_export
+
+    ema_full, raw_full = ema.full_state(), engine.full_model_state()
+    if env.is_main:
+        path = save_export(os.path.join(cfg.run_dir, "export.safetensors"), ema_full, raw_full, model_cfg,
+                           {"step": progress.step, "images": progress.images, "diffusion": to_dict(cfg)["diffusion"]})
+        log.info("export: %s", path)
+    _sample_grid(engine, ema, model_cfg, schedule, cfg, env, progress.images, name="final_grid.png")
+    if env.is_main and cfg.metrics.jsonl:
+        from ..viz import plot_curves
+        try:
+            log.info("curves: %s", plot_curves(os.path.join(cfg.run_dir, "metrics.jsonl"),
+                                               os.path.join(cfg.run_dir, "curves.png")))
+        except ValueError as e:  # too short a run to have a logged row
+            log.info("no curves: %s", e)
