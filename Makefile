@@ -22,8 +22,8 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python -m ddpm_dist.train --config configs/digits.yaml run_dir=$(RUN)
 	$(BIN)/python -m ddpm_dist.sample --run $(RUN) --num-images 100 --classes 0,1,2,3,4,5,6,7,8,9 --guidance 2.0 --grid-rows 10 --out $(RUN)/samples/final
-	$(BIN)/python -m ddpm_dist.evaluate frechet --run $(RUN) --samples $(RUN)/samples/final
-	@echo "pictures: $(RUN)/samples/final/grid.png  $(RUN)/samples/final/trajectory.png  $(RUN)/samples/final/reverse.gif  $(RUN)/curves.png"
+	$(BIN)/python -m ddpm_dist.evaluate frechet --run $(RUN) --num-images 500 --classes 0,1,2,3,4,5,6,7,8,9 --guidance 2.0
+	@echo "pictures: $(RUN)/samples/final/grid.png $(RUN)/samples/final/trajectory.png $(RUN)/samples/final/reverse.gif $(RUN)/curves.png"
 
 # SLURM, munge and Prometheus for the system tests (Debian packages; needs root, as CI has).
 system-deps:

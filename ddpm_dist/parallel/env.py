@@ -87,6 +87,9 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600) -> Dis
     env = env or read_env()
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
+    elif env.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # CPU processes sharing a machine: oversubscribed OpenMP threads slow every rank several-fold.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     if env.distributed and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
@@ -135,3 +138,30 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def launched_externally() -> bool:
+    """True under torchrun or a multi-task SLURM step (their environment decides the ranks)."""
+    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+
+
+def _spawn_entry(local_rank: int, fn, args, world_size: int, port: int) -> None:
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fn(*args)
+
+
+def spawn_local(fn, args: tuple, world_size: int) -> None:
+    """Run fn(*args) in `world_size` local processes with torchrun-style variables (one per GPU when
+    there are GPUs), unless already launched by torchrun/SLURM or world_size is 1: then run it here."""
+    if launched_externally() or world_size <= 1:
+        fn(*args)
+        return
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_spawn_entry, args=(fn, args, world_size, port), nprocs=world_size, join=True)

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -130,7 +131,9 @@ class CheckpointManager:
                     self.pending = _Pending(future, tmp, final, meta, t0)
                     self.last_stall = time.perf_counter() - t0
                     return
-                dcp.save(state, checkpoint_id=tmp)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # single process: no process group, by design
+                    dcp.save(state, checkpoint_id=tmp)
                 barrier()
         except Exception as e:
             if self.rank == 0:
@@ -195,7 +198,9 @@ class CheckpointManager:
             ema.load_state_dict(engine.scatter_ema(load_file(os.path.join(path, EMA_FILE))))
         else:
             state = {**engine.checkpoint_state(), "ema": ema.state_dict()}
-            dcp.load(state, checkpoint_id=path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(state, checkpoint_id=path)
             engine.load_checkpoint_state(state)
             ema.load_state_dict(state["ema"])
         barrier()
@@ -215,9 +220,9 @@ def check_compatible(meta: dict, expect: dict, path: str) -> None:
         raise CheckpointError(f"checkpoint '{path}' is for another model ({'; '.join(diff)})")
 
 
-def load_ema_weights(run_or_ckpt: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """EMA weights of the newest committed checkpoint in a run dir (or of a checkpoint dir), in one
-    process with no process group: DCP reshards whatever world size wrote them."""
+def load_checkpoint_weights(run_or_ckpt: str, which: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
+    """EMA ('ema') or raw ('model') weights of the newest committed checkpoint in a run dir (or of one
+    checkpoint dir), in one process without a process group: DCP reshards whatever world size wrote them."""
     path = run_or_ckpt
     if not os.path.exists(os.path.join(path, MARKER)):
         found = committed_checkpoints(os.path.join(run_or_ckpt, "checkpoints"))
@@ -226,10 +231,14 @@ def load_ema_weights(run_or_ckpt: str) -> tuple[dict[str, torch.Tensor], dict]:
         path = found[-1]
     meta = read_meta(path)
     if meta["format"] == "deepspeed":
+        if which != "ema":
+            raise ValueError("raw weights of a DeepSpeed checkpoint: use the run's export.safetensors")
         from safetensors.torch import load_file
         return load_file(os.path.join(path, EMA_FILE)), meta
     from ..models import build_model
     model = build_model(meta["model_config"])
-    state = {"ema": {k: v.detach().clone().float() for k, v in model.state_dict().items()}}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
-    return state["ema"], meta
+    state = {which: {k: v.detach().clone().float() for k, v in model.state_dict().items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    return state[which], meta

@@ -40,3 +40,29 @@ def load_export(path: str, which: str = "ema") -> tuple[dict[str, torch.Tensor],
     if not weights:
         raise ValueError(f"export '{path}' has no '{which}' weights")
     return weights, json.loads(meta["model_config"]), json.loads(meta.get("info", "{}"))
+
+
+def load_for_sampling(source: str, which: str = "ema"):
+    """(UNet with weights, diffusion config dict, sample config dict, description) from an export file or a
+    run directory (newest committed checkpoint)."""
+    import yaml
+
+    from ..models import UNet, resolve_model_config
+
+    if os.path.isfile(source):
+        weights, model_cfg, info = load_export(source, which)
+        diffusion, sample = info.get("diffusion", {}), info.get("sample", {})
+        desc = f"{source} ({which})"
+    else:
+        config_path = os.path.join(source, "config.yaml")
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"'{source}' is neither an export file nor a run directory (no config.yaml)")
+        with open(config_path) as f:
+            run_cfg = yaml.safe_load(f)
+        from .checkpoint import load_checkpoint_weights
+        weights, meta = load_checkpoint_weights(source, which)
+        model_cfg, diffusion, sample = meta["model_config"], run_cfg.get("diffusion", {}), run_cfg.get("sample", {})
+        desc = f"{source} step {meta['step']} ({which})"
+    model = UNet(resolve_model_config(model_cfg))
+    model.load_state_dict(weights)
+    return model.eval(), diffusion, sample, desc

@@ -264,7 +264,8 @@ def _finish(engine, ema, model_cfg, schedule, cfg: Config, env, progress: Progre
     ema_full, raw_full = ema.full_state(), engine.full_model_state()
     if env.is_main:
         path = save_export(os.path.join(cfg.run_dir, "export.safetensors"), ema_full, raw_full, model_cfg,
-                           {"step": progress.step, "images": progress.images, "diffusion": to_dict(cfg)["diffusion"]})
+                           {"step": progress.step, "images": progress.images, "diffusion": to_dict(cfg)["diffusion"],
+                            "sample": to_dict(cfg)["sample"]})
         log.info("export: %s", path)
     _sample_grid(engine, ema, model_cfg, schedule, cfg, env, progress.images, name="final_grid.png")
     if env.is_main and cfg.metrics.jsonl:

@@ -1,0 +1,184 @@
+"""Fréchet distances from feature statistics that every rank accumulates for its own images.
+
+Each rank adds float64 sums of features and of their outer products; the sums are all-reduced (never
+the images, EDM fid.py); mean and covariance follow; the distance is clean-fid's frechet_distance.
+Extractors are pluggable: clean-fid's Inception (the FID, "clean" resize), a digits classifier for the
+embedded data set (a Fréchet distance, never called FID), or any network a test builds."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+
+
+class StatsMismatch(ValueError):
+    pass
+
+
+@dataclass
+class Extractor:
+    """`net` maps float NCHW images (values 0..255, RGB, after the resize) to features."""
+    name: str
+    net: Callable[[torch.Tensor], torch.Tensor]
+    checksum: str
+    resize_mode: str  # "clean" (clean-fid: PIL bicubic to 299x299 on uint8) or "none"
+    channels: int = 3
+    device: torch.device = torch.device("cpu")
+
+    def prepare(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 NHWC -> float NCHW as the net expects it (grey -> RGB for RGB nets, the clean resize)."""
+        if images.shape[-1] == 1 and self.channels == 3:
+            images = np.repeat(images, 3, axis=-1)
+        if self.resize_mode == "clean":
+            from cleanfid.resize import build_resizer
+            resize = build_resizer("clean")
+            batch = np.stack([resize(img) for img in images]).astype(np.float32)
+        elif self.resize_mode == "none":
+            batch = images.astype(np.float32)
+        else:
+            raise ValueError(f"unknown resize mode '{self.resize_mode}'")
+        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> torch.Tensor:
+        return self.net(self.prepare(images).to(self.device)).double().cpu()
+
+
+def file_checksum(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def module_checksum(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def inception_path(explicit: Optional[str] = None) -> str:
+    """Where the Inception file is: --inception, $DDPM_INCEPTION, then clean-fid's usual places."""
+    candidates = [explicit, os.environ.get("DDPM_INCEPTION"),
+                  os.path.join(os.path.expanduser("~/.cache/ddpm_dist"), INCEPTION_FILE),
+                  os.path.join("/tmp", INCEPTION_FILE), INCEPTION_FILE]
+    for c in candidates:
+        if not c:
+            continue
+        path = os.path.join(c, INCEPTION_FILE) if os.path.isdir(c) else c
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"Inception weights '{INCEPTION_FILE}' not found (looked at --inception, $DDPM_INCEPTION, ~/.cache/ddpm_dist/, "
+        f"/tmp/, ./): download {INCEPTION_URL} where there is internet and pass --inception PATH")
+
+
+def inception_extractor(path: Optional[str] = None, device: torch.device = torch.device("cpu")) -> Extractor:
+    """clean-fid's Inception (TorchScript) with clean-fid's normalisation, from a local file only."""
+    path = inception_path(path)
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    net = InceptionV3W(os.path.dirname(os.path.abspath(path)), download=False, resize_inside=False).to(device).eval()
+    return Extractor("inception-2015-12-05", net, file_checksum(path), "clean", 3, device)
+
+
+class FeatureStats:
+    """Running float64 sums for the mean and covariance of features."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.s = torch.zeros(dim, dtype=torch.float64)
+        self.ss = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def add(self, feats: torch.Tensor) -> None:
+        f = feats.double().cpu()
+        self.n += f.shape[0]
+        self.s += f.sum(0)
+        self.ss += f.T @ f
+
+    def all_reduce(self, device: torch.device) -> "FeatureStats":
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.s, self.ss.flatten()]).to(device)
+            dist.all_reduce(packed)
+            packed = packed.cpu()
+            d = self.s.numel()
+            self.n, self.s, self.ss = int(round(packed[0].item())), packed[1:1 + d], packed[1 + d:].view(d, d)
+        return self
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError(f"need at least 2 images for a covariance, have {self.n}")
+        mu = self.s / self.n
+        cov = (self.ss - self.n * torch.outer(mu, mu)) / (self.n - 1)  # unbiased, as np.cov
+        return mu.numpy(), cov.numpy()
+
+
+def accumulate(extractor: Extractor, batches: Iterable[np.ndarray], stats: Optional[FeatureStats] = None,
+               on_batch: Optional[Callable[[int], None]] = None) -> FeatureStats:
+    for images in batches:
+        f = extractor.features(images)
+        stats = stats or FeatureStats(f.shape[1])
+        stats.add(f)
+        if on_batch:
+            on_batch(len(images))
+    if stats is None:
+        raise ValueError("no images")
+    return stats
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    from cleanfid.fid import frechet_distance as fd
+    return float(fd(mu1, sigma1, mu2, sigma2))
+
+
+@dataclass
+class RefStats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    extractor: str
+    extractor_checksum: str
+    resize_mode: str
+    data_checksum: str
+
+    def save(self, path: str) -> str:
+        from ..data import storage
+        buf = io.BytesIO()
+        np.savez(buf, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor,
+                 extractor_checksum=self.extractor_checksum, resize_mode=self.resize_mode, data_checksum=self.data_checksum)
+        storage.write_bytes_atomic(path, buf.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "RefStats":
+        from ..data import storage
+        if not storage.exists(path):
+            raise FileNotFoundError(f"reference statistics '{path}' do not exist")
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
+            return cls(z["mu"], z["sigma"], int(z["n"]), str(z["extractor"]), str(z["extractor_checksum"]),
+                       str(z["resize_mode"]), str(z["data_checksum"]))
+
+    def check(self, extractor: Extractor) -> None:
+        if self.extractor_checksum != extractor.checksum or self.resize_mode != extractor.resize_mode:
+            raise StatsMismatch(
+                f"reference statistics were computed with extractor {self.extractor} ({self.extractor_checksum[:12]}..., "
+                f"resize '{self.resize_mode}'), not {extractor.name} ({extractor.checksum[:12]}..., resize "
+                f"'{extractor.resize_mode}'): distances would not be comparable")
+
+
+def distance_to_ref(stats: FeatureStats, ref: RefStats, extractor: Extractor) -> float:
+    ref.check(extractor)
+    mu, sigma = stats.mean_cov()
+    return frechet_distance(mu, sigma, ref.mu, ref.sigma)
