@@ -122,19 +122,20 @@ class Level(nn.Module):
         self.resample = resample if resample is not None else nn.Identity()
         self.up = up
 
-    def forward(self, h, temb, skips: list):
+    def forward(self, h, temb, skips: tuple = ()):
+        """Down: returns (h, the skip tensors it made). Up: consumes `skips` (last first), returns h.
+        Functional on purpose: FSDP's hooks may copy arguments, so a list mutated in place would be lost."""
+        made, pending = [], list(skips)
         for block, attn in zip(self.blocks, self.attns):
             if self.up:
-                h = torch.cat([h, skips.pop()], dim=1)
+                h = torch.cat([h, pending.pop()], dim=1)
             h = block(h, temb)
             h = attn(h) if not isinstance(attn, nn.Identity) else h
-            if not self.up:
-                skips.append(h)
+            made.append(h)
         if not isinstance(self.resample, nn.Identity):
             h = self.resample(h)
-            if not self.up:
-                skips.append(h)
-        return h
+            made.append(h)
+        return h if self.up else (h, tuple(made))
 
 
 class UNet(nn.Module):
@@ -198,10 +199,13 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
-            h = level(h, temb, skips)
+            h, made = level(h, temb)
+            skips.extend(made)
         h = self.mid[0](h, temb)
         h = self.mid[1](h)
         h = self.mid[2](h, temb)
         for level in self.up:
-            h = level(h, temb, skips)
+            n = len(level.blocks)
+            h = level(h, temb, tuple(skips[-n:]))
+            del skips[-n:]
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -139,7 +139,7 @@ class ZeroEngine(Engine):
         if self.stage == 3:
             lp = sum(nbytes(p.ds_tensor) for _, p in self._params)
             master = sum(nbytes(t) for t in opt.fp32_partitioned_groups_flat)
-            grads = sum(nbytes(t.grad) for t in opt.fp32_partitioned_groups_flat if t.grad is not None)
+            grads = nbytes(getattr(opt, "grad_partitions_flat_buffer", None))  # persistent, partitioned
         else:
             lp = sum(nbytes(p) for _, p in self._params)
             master = sum(nbytes(t) for t in getattr(opt, "single_partition_of_fp32_groups", []))

@@ -1,0 +1,103 @@
+"""Functions that run inside spawned gloo worker processes (top level, so spawn can pickle them)."""
+import json
+import os
+import socket
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world_size: int, *args) -> None:
+    """fn(rank, world_size, *args) in `world_size` processes joined by a gloo process group."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    mp.spawn(_entry, args=(fn, world_size, port, args), nprocs=world_size, join=True)
+
+
+def _entry(rank, fn, world_size, port, args):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from ddpm_dist.parallel.env import init_distributed, read_env
+
+    init_distributed(read_env())
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def synthetic_batch(global_batch: int, channels=3, size=16, num_classes=0, seed=1234):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(global_batch, channels, size, size, generator=g) * 2 - 1
+    y = torch.randint(0, max(num_classes, 1), (global_batch,), generator=g)
+    return x, y
+
+
+def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_batch=8, accum=1, bf16=False,
+                zero_stage=2, model="tiny", lr=1e-3, ema_beta=0.9):
+    """Run `steps` optimizer steps on a fixed global batch; returns (losses, full params, full EMA) on every rank."""
+    from ddpm_dist.config import load_config
+    from ddpm_dist.diffusion import make_schedule
+    from ddpm_dist.models import UNet, resolve_model_config
+    from ddpm_dist.parallel import parallelize, read_env
+    from ddpm_dist.parallel.ema import ShardedEMA
+    from ddpm_dist.parallel.env import all_reduce_mean, seed_everything
+    from ddpm_dist.training.loop import run_step
+
+    cfg = load_config(None, [f"model.preset={model}", f"train.global_batch={global_batch}", "train.grad_clip=1.0",
+                             "train.label_dropout=0.1", "diffusion.num_steps=100"])
+    model_cfg = resolve_model_config(cfg.model)
+    seed_everything(0)
+    micro = global_batch // (world_size * accum)
+    engine = parallelize(UNet(model_cfg), backend, read_env(), optimizer_args=dict(lr=lr, betas=[0.9, 0.999],
+                         weight_decay=0.0), bf16=bf16, micro_batch=micro, accum_steps=accum, grad_clip=1.0,
+                         zero_stage=zero_stage)
+    ema = ShardedEMA(engine)
+    schedule = make_schedule("linear", 100)
+    x, y = synthetic_batch(global_batch, model_cfg.in_channels, model_cfg.image_size, model_cfg.num_classes)
+    losses = []
+    for step in range(steps):
+        micro_batches = []
+        for i in range(accum):
+            s = slice((i * world_size + rank) * micro, (i * world_size + rank + 1) * micro)
+            micro_batches.append({"image": x[s], "label": y[s]})
+        loss, _ = run_step(engine, schedule, micro_batches, step=step, rank=rank, world_size=world_size, cfg=cfg,
+                           num_classes=model_cfg.num_classes, lr=lr)
+        ema.update(ema_beta)
+        losses.append(all_reduce_mean([loss], engine.device)[0])
+    return losses, engine.full_model_state(), ema.full_state(), engine, ema
+
+
+def parity_worker(rank, world_size, out_dir, backend, kwargs):
+    losses, params, ema_full, _, _ = train_steps(backend, world_size, rank, **kwargs)
+    if rank == 0:
+        from safetensors.torch import save_file
+        save_file(params, os.path.join(out_dir, "params.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema_full.items()}, os.path.join(out_dir, "ema.safetensors"))
+        with open(os.path.join(out_dir, "losses.json"), "w") as f:
+            json.dump(losses, f)
+
+
+def memory_worker(rank, world_size, out_dir, backend, zero_stage):
+    _, _, _, engine, ema = train_steps(backend, world_size, rank, steps=1, global_batch=8, zero_stage=zero_stage,
+                                       model="tiny")
+    # Gradients exist between backward and step: measure there.
+    from ddpm_dist.diffusion import diffusion_loss, make_schedule
+    micro = 8 // world_size
+    x, _ = synthetic_batch(8)
+    t = torch.randint(0, 100, (micro,), generator=torch.Generator().manual_seed(rank))
+    loss = diffusion_loss(engine.forward, make_schedule("linear", 100), x[:micro], t, torch.randn_like(x[:micro]))
+    engine.backward(loss, 1, True)
+    sizes = engine.local_bytes()
+    sizes["ema"] = ema.local_bytes()
+    with open(os.path.join(out_dir, f"bytes-{rank}.json"), "w") as f:
+        json.dump(sizes, f)
