@@ -54,7 +54,7 @@ class DataConfig:
     random_flip: bool = False
     num_workers: int = 0
     max_skip_fraction: float = 0.01  # corrupt samples tolerated before the run stops
-    verify_exists: bool = True
+    audit: bool = False  # write data_audit/rank<r>.jsonl: the sample indices of every step (to check resumes)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from ..parallel import init_distributed, parallelize, read_env, resolve_backend
 from ..parallel.ema import ShardedEMA, ema_beta
 from ..parallel.env import all_reduce_mean, barrier, mix_seed, seed_everything, shutdown
 from .checkpoint import CheckpointManager
-from .preemption import REQUEUE_EXIT_CODE, Preemption
+from .preemption import REQUEUE_EXIT_CODE, Preemption, record_exit, register_worker
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def train(cfg: Config) -> int:
 
     env = init_distributed(read_env(), cfg.parallel.dist_timeout_s)
     setup_logging(env.rank)
+    register_worker(env.rank)
     backend = resolve_backend(cfg.parallel.backend, env)
     micro, accum = check_batch(cfg, env.world_size)
     manifest = open_manifest(cfg.data.source)  # a missing manifest or shard fails here, before any work
@@ -168,6 +169,8 @@ def train(cfg: Config) -> int:
         t_step = time.perf_counter()
         wait0 = stream.data_wait_seconds
         batches = [next(data) for _ in range(accum)]
+        if cfg.data.audit:
+            _audit(cfg.run_dir, env.rank, progress.step, batches)
         lr = lr_at(progress.images, cfg)
         loss, grad_norm = run_step(engine, schedule, batches, step=progress.step, rank=env.rank,
                                    world_size=env.world_size, cfg=cfg, num_classes=model_cfg.num_classes, lr=lr)
@@ -210,8 +213,16 @@ def train(cfg: Config) -> int:
     ckpt.wait()
     metrics.close()
     preemption.restore()
+    record_exit(env.rank, exit_code)
     shutdown()
     return exit_code
+
+
+def _audit(run_dir: str, rank: int, step: int, batches: list[dict]) -> None:
+    import json
+    os.makedirs(os.path.join(run_dir, "data_audit"), exist_ok=True)
+    with open(os.path.join(run_dir, "data_audit", f"rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "index": [int(i) for b in batches for i in b["index"]]}) + "\n")
 
 
 def _check_data_matches_model(manifest, model_cfg, cfg: Config) -> None:

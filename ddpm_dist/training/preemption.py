@@ -4,6 +4,7 @@ A wall-clock budget (train.max_wall_seconds) raises the same flag before a job's
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 
@@ -43,3 +44,23 @@ class Preemption:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+# Launchers that must forward signals (launchers/torchrun.py) pass a folder in DDPM_SIGNAL_DIR: each
+# worker leaves its PID there at start and its exit code at the end.
+SIGNAL_DIR_ENV = "DDPM_SIGNAL_DIR"
+
+
+def register_worker(rank: int) -> None:
+    d = os.environ.get(SIGNAL_DIR_ENV)
+    if d:
+        with open(os.path.join(d, f"rank{rank}.pid.tmp"), "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(os.path.join(d, f"rank{rank}.pid.tmp"), os.path.join(d, f"rank{rank}.pid"))
+
+
+def record_exit(rank: int, code: int) -> None:
+    d = os.environ.get(SIGNAL_DIR_ENV)
+    if d:
+        with open(os.path.join(d, f"rank{rank}.exit"), "w") as f:
+            f.write(str(code))
