@@ -35,7 +35,7 @@ def test_run_directory_contents(short_run):
     assert ckpts == ["step_000000025", "step_000000050"]  # keep_last=2
     assert all((run / "checkpoints" / c / "COMMITTED").exists() for c in ckpts)
     assert (run / "samples" / "final_grid.png").exists() and (run / "curves.png").exists()
-    assert "resumed" not in r.stderr
+    assert "resumed from" not in r.stderr
 
 
 def test_sample_cli_from_export_and_run(short_run, tmp_path):
