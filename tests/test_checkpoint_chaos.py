@@ -1,0 +1,68 @@
+"""SIGKILL at random moments (mid-save included), restart, repeat: the run ends equal to an uninterrupted one,
+and only committed checkpoints are ever loaded."""
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+
+from tests.conftest import ROOT
+from tests.train_helpers import assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint, run_train, train_cmd
+
+STEPS = 200
+EVERY = ["checkpoint.every_images=64", "checkpoint.keep_last=2"]  # a checkpoint every 4 steps
+
+
+def committed_steps(run_dir):
+    ck = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ck):
+        return set()
+    return {int(d.split("_")[1]) for d in os.listdir(ck) if d.startswith("step_") and os.path.exists(os.path.join(ck, d, "COMMITTED"))}
+
+
+def test_sigkill_chaos_ends_equal_to_uninterrupted(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "chaos"
+    run_train(ref, STEPS, *EVERY)
+    rng = random.Random(1234)
+    kills, mid_save_kills, launches = 0, 0, []
+    deadline = time.time() + 600
+    while kills < 12 and time.time() < deadline:
+        log_path = tmp_path / f"launch{len(launches)}.log"
+        launches.append((log_path, committed_steps(run)))
+        with open(log_path, "w") as log:
+            p = subprocess.Popen(train_cmd(run, STEPS, *EVERY), cwd=ROOT, env=child_env(), stdout=log, stderr=log)
+        ck = run / "checkpoints"
+        if kills % 2 == 0:  # wait for a save in flight, then kill inside it
+            t_end = time.time() + 60
+            while p.poll() is None and time.time() < t_end:
+                if ck.is_dir() and any(n.startswith(".tmp-") for n in os.listdir(ck)):
+                    mid_save_kills += 1
+                    break
+                time.sleep(0.002)
+        else:
+            time.sleep(rng.uniform(1.5, 6.0))
+        if p.poll() is not None:  # finished before the kill: start over from the latest checkpoint next time
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        kills += 1
+    assert kills >= 10 and mid_save_kills >= 3, (kills, mid_save_kills)
+    before_final = committed_steps(run)
+    final = run_train(run, STEPS, *EVERY)  # let it finish
+    resumed = 0
+    for text, committed in [(open(p_).read(), c) for p_, c in launches] + [(final.stderr, before_final)]:
+        m = re.search(r"resumed from (\S+) \(step (\d+)", text)
+        if not committed:
+            assert m is None
+            continue
+        if m is None:  # killed while starting up, before it could load anything
+            assert "checkpoint committed" not in text and not re.search(r"\] step \d+", text)
+            continue
+        assert int(m.group(2)) == max(committed), (m.group(0), sorted(committed))
+        assert m.group(1).endswith(f"step_{max(committed):09d}")
+        resumed += 1
+    assert resumed >= 5
+    assert_bitwise_equal(checkpoint_tensors(final_checkpoint(ref)), checkpoint_tensors(final_checkpoint(run)))
+    assert audit(ref) == audit(run)
+    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".tmp-")]
