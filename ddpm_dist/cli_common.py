@@ -18,12 +18,13 @@ def setup_logging(rank: int = 0) -> None:
 
 def run_cli(main: Callable[[list[str]], int], argv=None) -> None:
     """Run `main`; a known error becomes `error: <one line>` on stderr with exit code 2."""
-    from .data.stream import DataError
     from .data.shards import ShardError
+    from .data.stream import DataError
+    from .training.checkpoint import CheckpointError
 
     try:
         code = main(sys.argv[1:] if argv is None else argv)
-    except (*EXPECTED_ERRORS, DataError, ShardError) as e:
+    except (*EXPECTED_ERRORS, DataError, ShardError, CheckpointError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         sys.stdout.flush()

@@ -101,3 +101,26 @@ def memory_worker(rank, world_size, out_dir, backend, zero_stage):
     sizes["ema"] = ema.local_bytes()
     with open(os.path.join(out_dir, f"bytes-{rank}.json"), "w") as f:
         json.dump(sizes, f)
+
+
+def reshard_worker(rank, world_size, ckpt_path, out_file):
+    """Load a DCP checkpoint into an FSDP2 engine at this world size; rank 0 writes the gathered full state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from ddpm_dist.models import UNet, resolve_model_config
+    from ddpm_dist.parallel import parallelize, read_env
+    from ddpm_dist.parallel.ema import ShardedEMA
+    from ddpm_dist.training.checkpoint import CheckpointManager, read_meta
+
+    meta = read_meta(ckpt_path)
+    model_cfg = resolve_model_config(meta["model_config"])
+    engine = parallelize(UNet(model_cfg), "fsdp", read_env(), optimizer_args=dict(lr=1e-3, betas=[0.9, 0.999],
+                         weight_decay=0.0), bf16=False, micro_batch=1, accum_steps=1, grad_clip=1.0)
+    ema = ShardedEMA(engine)
+    manager = CheckpointManager(os.path.dirname(ckpt_path), rank=rank)
+    manager.load(ckpt_path, engine, ema, {"backend": "fsdp", "model_config": meta["model_config"]})
+    model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ema_full = ema.full_state()
+    if rank == 0:
+        torch.save({"model": model_sd, "optim": optim_sd, "ema": ema_full}, out_file)

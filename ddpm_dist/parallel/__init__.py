@@ -1,6 +1,7 @@
 """Distribution: process environment, engines (single, DDP, FSDP2, DeepSpeed ZeRO), sharded EMA."""
 from __future__ import annotations
 
+import os
 import socket
 
 import torch.distributed as dist
@@ -24,6 +25,9 @@ def ensure_process_group(env: DistEnv) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)  # DeepSpeed reads these even for one process
     dist.init_process_group(env.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 

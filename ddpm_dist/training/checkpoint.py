@@ -192,6 +192,11 @@ class CheckpointManager:
         """Restore engine and EMA from a committed checkpoint; returns its meta (counters, cursor)."""
         meta = read_meta(path)
         check_compatible(meta, expect, path)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if meta["format"] == "deepspeed" and meta.get("world_size") != world:
+            raise CheckpointError(f"checkpoint '{path}' is a DeepSpeed ZeRO checkpoint of {meta.get('world_size')} ranks; "
+                                  f"it resumes only at that world size, not {world} (its EMA and the run's export are "
+                                  f"portable; to reshard the optimizer, convert it with DeepSpeed's ds_to_universal)")
         if meta["format"] == "deepspeed":
             engine.load_native(path)
             from safetensors.torch import load_file
