@@ -143,6 +143,11 @@ def _write_shard(url: str, samples: list[dict]) -> ShardInfo:
     return ShardInfo(url, len(samples), len(data), hashlib.sha256(data).hexdigest())
 
 
+def _tar_size(member_bytes: int) -> int:
+    """Bytes of a tar with these members: two zero end blocks, padded to tar's 10240-byte records."""
+    return -(-(member_bytes + 1024) // 10240) * 10240
+
+
 def _shuffled(items: Iterable, seed: Optional[int], buffer: int) -> Iterator:
     """Buffered shuffle: exact when the data set fits in `buffer`, bounded memory otherwise."""
     if seed is None:
@@ -199,8 +204,9 @@ def build_shards(source: Iterable[Sample], out: str, *, prefix: str = "shard", s
 
     for rec in tqdm(_shuffled(encoded(), shuffle_seed, shuffle_buffer), total=total, desc="building shards",
                     unit="img", disable=not progress):
-        size = sum(len(v) for k, v in rec.items() if k != "__key__") + 1024  # + tar headers
-        if current and (len(current) >= samples_per_shard or (max_shard_bytes and current_bytes + size > max_shard_bytes)):
+        size = sum(512 + -(-len(v) // 512) * 512 for k, v in rec.items() if k != "__key__")  # header + padded data
+        if current and (len(current) >= samples_per_shard or
+                        (max_shard_bytes and _tar_size(current_bytes + size) > max_shard_bytes)):
             flush()
         current.append(rec)
         current_bytes += size

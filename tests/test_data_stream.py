@@ -1,0 +1,134 @@
+"""The training stream: exact resume, changed world size, equal batches per rank, corrupt samples, faults."""
+import io
+import os
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from ddpm_dist.data import DataError, EpochPlan, Layout, TrainStream, build_shards, load_manifest
+from ddpm_dist.data.sources import iter_numpy
+from tests.conftest import DIGITS
+
+
+def keys(batches):
+    return [k for b in batches for k in b["key"]]
+
+
+def take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def make_stream(rank, world, workers, batch=32, url=DIGITS, **kw):
+    return TrainStream(load_manifest(url), rank=rank, layout=Layout(world, batch, workers), seed=7, **kw)
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
+def test_resume_reproduces_the_uninterrupted_sequence(world, workers):
+    total, cut = 80, 37  # crosses epoch boundaries (28 or 56 batches per rank per epoch)
+    for rank in range(world):
+        straight = keys(take(make_stream(rank, world, workers), total))
+        first = make_stream(rank, world, workers)
+        part1 = take(first, cut)
+        state = first.state_dict()
+        second = make_stream(rank, world, workers)
+        second.load_state_dict(state)
+        assert keys(part1) + keys(take(second, total - cut)) == straight
+
+
+def test_every_rank_gets_the_same_number_of_batches_and_an_epoch_has_no_repeats():
+    m = load_manifest(DIGITS)
+    for world in (1, 2, 3, 5):
+        plan = EpochPlan([s.num_samples for s in m.shards], 7, 0, Layout(world, 32, 2))
+        seqs = [plan.worker_sequence(r, w) for r in range(world) for w in range(2)]
+        allpos = np.concatenate(seqs)
+        assert len(allpos) == len(set(allpos.tolist())) == plan.batches_per_rank * world * 32
+        assert plan.dropped < world * 32
+        for r in range(world):
+            stream = make_stream(r, world, 0)
+            assert stream.samples_per_epoch == plan.batches_per_rank * world * 32
+
+
+@pytest.mark.parametrize("old,new", [((2, 0), (1, 0)), ((2, 2), (3, 0)), ((1, 0), (2, 2))])
+def test_changed_world_size_continues_the_epoch_without_repeats(old, new):
+    """Documented bound: nothing repeats within the epoch, at most new_world*batch - 1 samples go unseen."""
+    (w0, k0), (w1, k1) = old, new
+    B, cut = 32, 9
+    seen = []
+    states = []
+    for r in range(w0):
+        s = make_stream(r, w0, k0, batch=B)
+        seen += keys(take(s, cut))
+        states.append(s.state_dict())
+    assert all(st == states[0] for st in states)  # the cursor is the same on every rank
+    streams = [make_stream(r, w1, k1, batch=B) for r in range(w1)]
+    for s in streams:
+        s.load_state_dict(states[0])
+    plan = streams[0]._plan()
+    rest = [keys(take(s, plan.batches_per_rank)) for s in streams]
+    epoch = seen + [k for part in rest for k in part]
+    assert len(epoch) == len(set(epoch))
+    assert 1797 - len(epoch) <= w1 * B - 1
+    assert all(s.epoch == 0 for s in streams)
+    next_epoch = keys(take(streams[0], plan.batches_per_rank + 1)[-1:])
+    assert streams[0].epoch == 1 and len(next_epoch) == B
+
+
+def _shards_with_corrupt(tmp_path, bad_every):
+    """Shards where every `bad_every`-th PNG is garbage."""
+    from ddpm_dist.data.sources import digits_images
+
+    images, labels = digits_images(16)
+    out = tmp_path / "bad"
+    npz = tmp_path / "d.npz"
+    np.savez(npz, images=images[:400], labels=labels[:400])
+    m = build_shards(iter_numpy(str(npz)), str(out), samples_per_shard=100, progress=False, shuffle_seed=None)
+    from ddpm_dist.data.shards import iter_tar_samples
+    import hashlib
+    import json
+    for info in m.shards:
+        path = out / info.url
+        samples = list(iter_tar_samples(path.read_bytes()))
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, encoder=False) as w:
+            for i, s in enumerate(samples):
+                rec = {"__key__": s["__key__"], "png": s["png"] if i % bad_every else b"not a png", "cls": s["cls"]}
+                w.write(rec)
+        path.write_bytes(buf.getvalue())
+        info.sha256, info.bytes = hashlib.sha256(buf.getvalue()).hexdigest(), len(buf.getvalue())
+    (out / "manifest.json").write_text(m.to_json())
+    return str(out / "manifest.json")
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    url = _shards_with_corrupt(tmp_path, bad_every=50)  # 2% corrupt
+    s = make_stream(0, 1, 0, batch=20, url=url, max_skip_fraction=0.05)
+    batches = take(s, 20)  # one epoch
+    assert all(b["image"].shape[0] == 20 for b in batches)
+    assert s.skipped_total == 8 and sum(b["skipped"] for b in batches) == 8
+
+
+def test_too_many_corrupt_samples_is_fatal(tmp_path):
+    url = _shards_with_corrupt(tmp_path, bad_every=5)  # 20% corrupt
+    s = make_stream(0, 1, 0, batch=20, url=url, max_skip_fraction=0.05)
+    with pytest.raises(DataError, match="corrupt, more than data.max_skip_fraction=0.05"):
+        take(s, 20)
+
+
+def test_missing_shard_fails_before_training(tmp_path):
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(DIGITS), out)
+    os.unlink(out / "digits-000003.tar")
+    with pytest.raises(DataError, match="do not exist, first '.*digits-000003.tar'"):
+        make_stream(0, 1, 0, url=str(out / "manifest.json"))
+
+
+def test_random_flip_is_deterministic_and_flips_about_half():
+    a = take(make_stream(0, 1, 0, random_flip=True), 5)
+    b = take(make_stream(0, 1, 0, random_flip=True), 5)
+    c = take(make_stream(0, 1, 0, random_flip=False), 5)
+    flipped = sum(not np.array_equal(x, y) for ba, bc in zip(a, c) for x, y in zip(ba["image"].numpy(), bc["image"].numpy()))
+    assert all((x["image"] == y["image"]).all() for x, y in zip(a, b))
+    assert 0.3 < flipped / (5 * 32) < 0.7
