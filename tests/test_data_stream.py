@@ -70,9 +70,9 @@ def test_changed_world_size_continues_the_epoch_without_repeats(old, new):
     epoch = seen + [k for part in rest for k in part]
     assert len(epoch) == len(set(epoch))
     assert 1797 - len(epoch) <= w1 * B - 1
-    assert all(s.epoch == 0 for s in streams)
-    next_epoch = keys(take(streams[0], plan.batches_per_rank + 1)[-1:])
-    assert streams[0].epoch == 1 and len(next_epoch) == B
+    assert all(s.epoch == 1 and s.batches_done == 0 and s.pool is None for s in streams)  # the epoch is over
+    nxt = take(streams[0], 1)[0]
+    assert nxt["epoch"] == 1 and nxt["batch"] == 0 and len(nxt["key"]) == B
 
 
 def _shards_with_corrupt(tmp_path, bad_every):
@@ -96,6 +96,8 @@ def _shards_with_corrupt(tmp_path, bad_every):
                 rec = {"__key__": s["__key__"], "png": s["png"] if i % bad_every else b"not a png", "cls": s["cls"]}
                 w.write(rec)
         path.write_bytes(buf.getvalue())
+        from ddpm_dist.data.shards import tar_index
+        (out / info.index).write_text(json.dumps(tar_index(buf.getvalue())))
         info.sha256, info.bytes = hashlib.sha256(buf.getvalue()).hexdigest(), len(buf.getvalue())
     (out / "manifest.json").write_text(m.to_json())
     return str(out / "manifest.json")
@@ -123,6 +125,15 @@ def test_missing_shard_fails_before_training(tmp_path):
     os.unlink(out / "digits-000003.tar")
     with pytest.raises(DataError, match="do not exist, first '.*digits-000003.tar'"):
         make_stream(0, 1, 0, url=str(out / "manifest.json"))
+
+
+def test_shards_without_an_index_read_through_webdataset():
+    """A brace pattern (no manifest, no index) streams the same samples as the indexed manifest."""
+    from ddpm_dist.data import open_manifest
+    pattern = open_manifest(os.path.join(os.path.dirname(DIGITS), "digits-{000000..000007}.tar"))
+    assert not any(s.index for s in pattern.shards)
+    a = TrainStream(pattern, rank=0, layout=Layout(1, 32, 0), seed=7)
+    assert keys(take(a, 60)) == keys(take(make_stream(0, 1, 0), 60))
 
 
 def test_random_flip_is_deterministic_and_flips_about_half():

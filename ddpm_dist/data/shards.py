@@ -31,6 +31,7 @@ class ShardInfo:
     num_samples: int
     bytes: int
     sha256: str
+    index: str = ""  # sidecar "<url>.idx.json": where each sample's files lie in the tar (optional)
 
 
 @dataclass
@@ -49,6 +50,9 @@ class Manifest:
 
     def shard_url(self, i: int) -> str:
         return storage.join(self.base, self.shards[i].url)
+
+    def index_url(self, i: int) -> str:
+        return storage.join(self.base, self.shards[i].index) if self.shards[i].index else ""
 
     def to_json(self) -> str:
         return json.dumps({
@@ -132,6 +136,34 @@ def iter_tar_samples(data: bytes, url: str = "") -> Iterator[dict]:
     yield from wds.tariterators.group_by_keys(files)
 
 
+def tar_index(data: bytes) -> list:
+    """[[key, {ext: [offset, size]}], ...] in tar order, read with the standard tarfile module. It lets the
+    stream slice samples out of a shard instead of re-parsing every tar header (half the read time)."""
+    index, by_key = [], {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = wds.tariterators.base_plus_ext(member.name)
+            if key is None:
+                continue
+            if key not in by_key:
+                by_key[key] = {}
+                index.append([key, by_key[key]])
+            by_key[key][ext] = [member.offset_data, member.size]
+    return index
+
+
+def samples_from_index(data: bytes, index: list, wanted: Optional[set] = None) -> Iterator[tuple[int, dict]]:
+    """(position in shard, sample dict) for the wanted positions, sliced by the index."""
+    for i, (key, files) in enumerate(index):
+        if wanted is None or i in wanted:
+            sample = {"__key__": key}
+            for ext, (off, size) in files.items():
+                sample[ext] = data[off:off + size]
+            yield i, sample
+
+
 def _write_shard(url: str, samples: list[dict]) -> ShardInfo:
     buf = io.BytesIO()
     # A fixed integer mtime makes builds reproducible (same sha256) and avoids a PAX header per file.
@@ -139,6 +171,7 @@ def _write_shard(url: str, samples: list[dict]) -> ShardInfo:
         for s in samples:
             w.write(s)
     data = buf.getvalue()
+    storage.write_bytes_atomic(url + ".idx.json", json.dumps(tar_index(data), separators=(",", ":")).encode())
     storage.write_bytes_atomic(url, data)
     return ShardInfo(url, len(samples), len(data), hashlib.sha256(data).hexdigest())
 
@@ -198,7 +231,7 @@ def build_shards(source: Iterable[Sample], out: str, *, prefix: str = "shard", s
         nonlocal current, current_bytes
         name = f"{prefix}-{len(infos):06d}.tar"
         info = _write_shard(storage.join(out, name), current)
-        info.url = name
+        info.url, info.index = name, name + ".idx.json"
         infos.append(info)
         current, current_bytes = [], 0
 
@@ -260,6 +293,12 @@ def verify(manifest_url: str, progress: bool = True) -> VerifyReport:
             faults.append(f"{info.url}: unreadable tar after {count} samples ({type(e).__name__}: {e})")
         if count != info.num_samples:
             faults.append(f"{info.url}: {count} samples, manifest says {info.num_samples}")
+        if info.index:
+            idx_url = m.index_url(i)
+            if not storage.exists(idx_url):
+                faults.append(f"{info.index}: missing")
+            elif json.loads(storage.read_bytes(idx_url)) != tar_index(data):
+                faults.append(f"{info.index}: does not match the tar")
         seen += count
     return VerifyReport(faults, seen)
 

@@ -18,6 +18,7 @@ and at most new_world*B - 1 positions (the epoch's drop_last tail) go unseen in 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..rng import mix_seed
 from . import storage
-from .shards import Manifest, ShardError, decode_image, decode_label, iter_tar_samples, load_manifest, manifest_from_pattern
+from .shards import (Manifest, ShardError, decode_image, decode_label, iter_tar_samples, load_manifest,
+                     manifest_from_pattern, samples_from_index)
 
 log = logging.getLogger(__name__)
 MIN_SEEN_FOR_SKIP_CHECK = 100
@@ -105,28 +107,42 @@ def _flip_bit(seed: int, epoch: int, pos: int) -> bool:
 
 
 class _LaneDataset(IterableDataset):
-    """What one DataLoader worker runs: its lane of the plan, from `start_batch` on, as ready batches."""
+    """What one DataLoader worker runs, epoch after epoch: its lane of each epoch's plan, as ready batches.
 
-    def __init__(self, manifest: Manifest, plan: EpochPlan, rank: int, start_batch: int, random_flip: bool,
-                 max_skip_fraction: float, expected_shape: tuple[int, int, int]):
-        self.manifest, self.plan, self.rank, self.start_batch = manifest, plan, rank, start_batch
+    The DataLoader hands out worker outputs round robin and never restarts (persistent across epochs), so
+    delivery slot g (counted from the start of this loader) comes from worker g mod nw. Rank batch k of an
+    epoch is lane k mod nw's batch k // nw; the epoch starting at slot s therefore maps worker w to lane
+    (w - s) mod nw. The first epoch may start part-way (batches already consumed before a resume)."""
+
+    def __init__(self, manifest: Manifest, counts: list[int], seed: int, layout: Layout, rank: int, epoch: int,
+                 pool: Optional[np.ndarray], batches_done: int, random_flip: bool, max_skip_fraction: float,
+                 expected_shape: tuple[int, int, int]):
+        self.manifest, self.counts, self.seed, self.layout, self.rank = manifest, counts, seed, layout, rank
+        self.epoch, self.pool, self.batches_done = epoch, pool, batches_done
         self.random_flip, self.max_skip_fraction, self.expected_shape = random_flip, max_skip_fraction, expected_shape
+        self._index_cache: dict = {}
+        self.seen = self.skipped = 0
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        nw = self.plan.layout.lanes
+        nw = self.layout.lanes
         worker = info.id if info is not None else 0
         if info is None and nw > 1:
             raise RuntimeError("a multi-lane plan needs DataLoader workers")
-        lane = (worker + self.start_batch) % nw  # the DataLoader always starts its round robin at worker 0
-        seq = self.plan.worker_sequence(self.rank, lane)
-        B = self.plan.layout.batch_size
-        skip = self.plan.consumed_per_lane(self.start_batch, lane) * B
-        yield from self._batches(seq, skip, B)
+        epoch, pool, done, slot = self.epoch, self.pool, self.batches_done, 0
+        while True:
+            plan = EpochPlan(self.counts, self.seed, epoch, self.layout, pool)
+            lane = (worker - slot + done) % nw  # for done == 0 this is (w - s) mod nw
+            start = plan.consumed_per_lane(done, lane)
+            for m, batch in enumerate(self._batches(plan, plan.worker_sequence(self.rank, lane), start)):
+                batch.update(epoch=epoch, batch=(start + m) * nw + lane, epoch_batches=plan.batches_per_rank)
+                yield batch
+            slot += plan.batches_per_rank - done
+            epoch, pool, done = epoch + 1, None, 0
 
-    def _read_piece(self, shard: int, wanted: np.ndarray) -> dict[int, tuple]:
+    def _read_piece(self, plan: EpochPlan, shard: int, wanted: np.ndarray) -> dict[int, tuple]:
         """Decoded (image, label, key) for the wanted positions of one shard; None for undecodable ones."""
-        base = int(self.plan.offsets[shard])
+        base = int(plan.offsets[shard])
         local = set((wanted - base).tolist())
         last = max(local)
         out: dict[int, Optional[tuple]] = {}
@@ -136,27 +152,39 @@ class _LaneDataset(IterableDataset):
         except FileNotFoundError:
             raise DataError(f"shard '{storage.redact(url)}' does not exist") from None
         try:
-            for i, sample in enumerate(iter_tar_samples(data)):
-                if i in local:
-                    try:
-                        img = decode_image(sample)
-                        if img.shape != self.expected_shape:
-                            raise ShardError(f"shape {img.shape} != {self.expected_shape}")
-                        out[base + i] = (img, decode_label(sample), sample["__key__"])
-                    except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
-                        out[base + i] = None
-                if i >= last:
-                    break
+            for i, sample in self._samples(shard, data, local, last):
+                try:
+                    img = decode_image(sample)
+                    if img.shape != self.expected_shape:
+                        raise ShardError(f"shape {img.shape} != {self.expected_shape}")
+                    out[base + i] = (img, decode_label(sample), sample["__key__"])
+                except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
+                    out[base + i] = None
         except Exception as e:  # noqa: BLE001 - a truncated tar: what is missing counts as corrupt
             log.warning("shard %s unreadable after some samples: %s", storage.redact(url), e)
         return out
 
-    def _batches(self, seq: np.ndarray, skip: int, B: int) -> Iterator[dict]:
-        offsets = self.plan.offsets
-        shard_of = np.searchsorted(offsets, seq, side="right") - 1
-        seen = skipped = 0
+    def _samples(self, shard: int, data: bytes, local: set, last: int):
+        """(position in shard, sample) for the wanted positions: sliced by the shard's index when it has
+        one (no tar header parsing), else through webdataset's tar reader."""
+        idx_url = self.manifest.index_url(shard)
+        if idx_url:
+            index = self._index_cache.get(idx_url)
+            if index is None:
+                index = self._index_cache[idx_url] = json.loads(storage.read_bytes(idx_url))
+            yield from samples_from_index(data, index, local)
+            return
+        for i, sample in enumerate(iter_tar_samples(data)):
+            if i in local:
+                yield i, sample
+            if i >= last:
+                break
+
+    def _batches(self, plan: EpochPlan, seq: np.ndarray, start_batch: int) -> Iterator[dict]:
+        B = self.layout.batch_size
+        shard_of = np.searchsorted(plan.offsets, seq, side="right") - 1
         last_good = None
-        i = skip
+        i = start_batch * B
         pending: list = []
         pending_skipped = 0
         while i < len(seq):
@@ -164,14 +192,14 @@ class _LaneDataset(IterableDataset):
             while j < len(seq) and shard_of[j] == shard_of[i]:
                 j += 1
             piece = seq[i:j]
-            decoded = self._read_piece(int(shard_of[i]), piece)
+            decoded = self._read_piece(plan, int(shard_of[i]), piece)
             items = [decoded.get(int(p)) for p in piece]
             good = [k for k, it in enumerate(items) if it is not None]
             for k, pos in enumerate(piece):
                 item = items[k]
-                seen += 1
+                self.seen += 1
                 if item is None:  # stand in the nearest decodable sample so every batch stays full
-                    skipped += 1
+                    self.skipped += 1
                     pending_skipped += 1
                     if good:
                         item = items[min(good, key=lambda g: (g - k) % len(items))]
@@ -182,19 +210,20 @@ class _LaneDataset(IterableDataset):
                 last_good = item
                 pending.append((int(pos), item))
                 if len(pending) == B:
-                    yield self._collate(pending, pending_skipped)
+                    yield self._collate(plan, pending, pending_skipped)
                     pending, pending_skipped = [], 0
-            if seen >= MIN_SEEN_FOR_SKIP_CHECK and skipped > self.max_skip_fraction * seen:
-                raise DataError(f"{skipped} of {seen} samples were corrupt, more than data.max_skip_fraction="
+            if self.seen >= MIN_SEEN_FOR_SKIP_CHECK and self.skipped > self.max_skip_fraction * self.seen:
+                raise DataError(f"{self.skipped} of {self.seen} samples were corrupt, more than data.max_skip_fraction="
                                 f"{self.max_skip_fraction} (last in shard '{self.manifest.shards[int(shard_of[i])].url}')")
             i = j
-        if skipped and skipped > self.max_skip_fraction * max(seen, 1):
-            raise DataError(f"{skipped} of {seen} samples were corrupt, more than data.max_skip_fraction={self.max_skip_fraction}")
+        if self.skipped and self.skipped > self.max_skip_fraction * max(self.seen, 1):
+            raise DataError(f"{self.skipped} of {self.seen} samples were corrupt, more than data.max_skip_fraction="
+                            f"{self.max_skip_fraction}")
 
-    def _collate(self, items: list, skipped: int) -> dict:
+    def _collate(self, plan: EpochPlan, items: list, skipped: int) -> dict:
         imgs = np.stack([it[1][0] for it in items])  # B H W C uint8
         if self.random_flip:
-            flips = [k for k, (pos, _) in enumerate(items) if _flip_bit(self.plan.seed, self.plan.epoch, pos)]
+            flips = [k for k, (pos, _) in enumerate(items) if _flip_bit(plan.seed, plan.epoch, pos)]
             imgs[flips] = imgs[flips, :, ::-1]
         x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         return {
@@ -244,27 +273,28 @@ class TrainStream:
         return plan.batches_per_rank * self.layout.world_size * self.layout.batch_size
 
     def __iter__(self) -> Iterator[dict]:
+        """One DataLoader for the whole run (workers persist across epochs); the cursor advances per batch."""
+        plan = self._plan()
+        if self.rank == 0:
+            log.info("epoch %d: %d samples due, %d ranks x %d batches x %d used, %d unused this epoch (drop_last)",
+                     self.epoch, len(plan.ordered), self.layout.world_size, plan.batches_per_rank,
+                     self.layout.batch_size, plan.dropped)
+        dataset = _LaneDataset(self.manifest, [s.num_samples for s in self.manifest.shards], self.seed, self.layout,
+                               self.rank, self.epoch, self.pool, self.batches_done, self.random_flip,
+                               self.max_skip_fraction, self.shape)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers,
+                            prefetch_factor=2 if self.layout.num_workers else None)
+        it = iter(loader)
         while True:
-            plan = self._plan()
-            if self.batches_done == 0 and self.rank == 0:
-                log.info("epoch %d: %d samples due, %d ranks x %d batches x %d used, %d unused this epoch (drop_last)",
-                         self.epoch, len(plan.ordered), self.layout.world_size, plan.batches_per_rank,
-                         self.layout.batch_size, plan.dropped)
-            if self.batches_done < plan.batches_per_rank:
-                dataset = _LaneDataset(self.manifest, plan, self.rank, self.batches_done, self.random_flip,
-                                       self.max_skip_fraction, self.shape)
-                loader = DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers,
-                                    persistent_workers=False, prefetch_factor=2 if self.layout.num_workers else None)
-                it = iter(loader)
-                while self.batches_done < plan.batches_per_rank:
-                    t0 = time.perf_counter()
-                    batch = next(it)
-                    self.data_wait_seconds += time.perf_counter() - t0
-                    self.batches_done += 1
-                    self.skipped_total += batch["skipped"]
-                    yield batch
-                del it, loader
-            self.epoch, self.batches_done, self.pool = self.epoch + 1, 0, None
+            t0 = time.perf_counter()
+            batch = next(it)
+            self.data_wait_seconds += time.perf_counter() - t0
+            assert (batch["epoch"], batch["batch"]) == (self.epoch, self.batches_done), "stream out of order"
+            self.batches_done += 1
+            if self.batches_done == batch["epoch_batches"]:
+                self.epoch, self.batches_done, self.pool = self.epoch + 1, 0, None
+            self.skipped_total += batch["skipped"]
+            yield batch
 
     def state_dict(self) -> dict:
         pool = None if self.pool is None else base64.b64encode(np.packbits(self.pool).tobytes()).decode()
