@@ -77,6 +77,7 @@ class TrainConfig:
     sample_grid_classes: bool = True
     overfit_batches: int = 0  # >0: train on that many fixed batches (pipeline check)
     max_wall_seconds: float = 0.0  # 0: no budget; else save and exit "requeue" before it runs out
+    stop_check_every: int = 5  # steps between the ranks' agreement on a stop signal (one small all_reduce)
     eval_every_images: int = 0  # optional in-training Fréchet distance
     eval_num_images: int = 256
 
@@ -257,6 +258,7 @@ def validate(cfg: Config) -> None:
         "train.global_batch": cfg.train.global_batch,
         "train.total_images": cfg.train.total_images,
         "train.log_every": cfg.train.log_every,
+        "train.stop_check_every": cfg.train.stop_check_every,
         "sample.steps": cfg.sample.steps,
         "sample.num_images": cfg.sample.num_images,
         "sample.batch_size": cfg.sample.batch_size,

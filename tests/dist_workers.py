@@ -73,7 +73,7 @@ def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_ba
         loss, _ = run_step(engine, schedule, micro_batches, step=step, rank=rank, world_size=world_size, cfg=cfg,
                            num_classes=model_cfg.num_classes, lr=lr)
         ema.update(ema_beta)
-        losses.append(all_reduce_mean([loss], engine.device)[0])
+        losses.append(all_reduce_mean([float(loss)], engine.device)[0])
     return losses, engine.full_model_state(), ema.full_state(), engine, ema
 
 

@@ -1,6 +1,5 @@
 """Engines against a single-process reference on the same global batch (2 gloo processes, tiny UNet)."""
 import json
-import os
 
 import pytest
 import torch

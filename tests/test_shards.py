@@ -1,5 +1,4 @@
 """Shard building from every source, atomic output, inspect/verify, and S3 through a real S3 API server."""
-import hashlib
 import os
 import struct
 import subprocess

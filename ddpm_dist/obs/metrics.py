@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from typing import Optional
@@ -33,12 +32,13 @@ class Metrics:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def train_step(self, *, step: int, images: int, loss: float, lr: float, grad_norm: float, step_seconds: float,
+    def train_step(self, *, step: int, images: int, loss, lr: float, grad_norm, step_seconds: float,
                    data_wait: float, ema_seconds: float, rank_images: int, skipped_total: int, epoch: int,
                    loss_mean_fn=None) -> Optional[dict]:
-        """Record one step; every log_every steps returns (and logs) the window's row."""
+        """Record one step. `loss` and `grad_norm` may be device tensors: they are read (a host sync) only
+        every log_every steps, when the window's row is returned (and logged)."""
         w = self._window
-        w["loss"] += loss
+        w["loss"] = w["loss"] + loss
         w["n"] += 1
         w["images"] += rank_images
         w["wait"] += data_wait
@@ -47,8 +47,6 @@ class Metrics:
             p.images.inc(rank_images)
             p.steps.inc()
             p.step_seconds.observe(step_seconds)
-            p.lr.set(lr)
-            p.grad_norm.set(grad_norm if math.isfinite(grad_norm) else float("nan"))
             p.data_wait.inc(data_wait)
             p.ema_seconds.inc(ema_seconds)
             if skipped_total > self._last_skipped:
@@ -57,16 +55,19 @@ class Metrics:
         if step % self.log_every:
             return None
         elapsed = time.perf_counter() - w["t0"]
-        mean_loss = w["loss"] / max(w["n"], 1)
+        mean_loss = float(w["loss"]) / max(w["n"], 1)
         if loss_mean_fn is not None:  # collective: every rank reaches this at the same step
             mean_loss = loss_mean_fn(mean_loss)
+        grad_norm = float(grad_norm)
         ips = w["images"] / max(elapsed, 1e-9)
         row = {"event": "train", "step": step, "images": images, "epoch": epoch, "loss": mean_loss, "lr": lr,
-               "grad_norm": grad_norm, "images_per_s": ips * self.world_size, "data_wait_share": w["wait"] / max(elapsed, 1e-9),
-               "skipped": skipped_total, "time": time.time()}
+               "grad_norm": grad_norm, "images_per_s": ips * self.world_size,
+               "data_wait_share": w["wait"] / max(elapsed, 1e-9), "skipped": skipped_total, "time": time.time()}
         if self.prom:
             self.prom.images_per_second.set(ips)
             self.prom.loss.set(mean_loss)
+            self.prom.lr.set(lr)
+            self.prom.grad_norm.set(grad_norm)
             self.prom.update_process()
         if self.rank == 0:
             log.info("step %d  images %d  loss %.4f  lr %.2e  grad %.3f  %.0f img/s  data wait %.0f%%", step, images,

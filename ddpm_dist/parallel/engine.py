@@ -16,10 +16,11 @@ def make_optimizer(params, lr: float, betas, weight_decay: float) -> torch.optim
                              foreach=True)
 
 
-def _norm_value(norm) -> float:
+def _norm_tensor(norm) -> torch.Tensor:
+    """The total norm as a plain tensor, left on the device: no host sync per step."""
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return float(norm) if norm is not None else math.nan
+    return norm.detach() if torch.is_tensor(norm) else torch.tensor(math.nan if norm is None else float(norm))
 
 
 class Engine:
@@ -55,15 +56,15 @@ class Engine:
     def backward(self, loss: torch.Tensor, accum_steps: int, last: bool) -> None:
         (loss / accum_steps).backward()
 
-    def step(self, lr: float, grad_clip: float) -> float:
-        """One optimizer step at learning rate `lr`; returns the global gradient norm (before clipping)."""
+    def step(self, lr: float, grad_clip: float) -> torch.Tensor:
+        """One optimizer step at learning rate `lr`; returns the global gradient norm before clipping (a tensor)."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip if grad_clip > 0 else float("inf"),
                                               foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return _norm_value(norm)
+        return _norm_tensor(norm)
 
     # -- EMA ---------------------------------------------------------------------------------------
     def ema_named_params(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine import Engine, make_optimizer
+from .engine import Engine, _norm_tensor, make_optimizer
 
 
 class ZeroEngine(Engine):
@@ -60,8 +60,7 @@ class ZeroEngine(Engine):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.step()
-        norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return _norm_tensor(self.model.get_global_grad_norm())
 
     # -- EMA on the fp32 master shards ------------------------------------------------------------
     def _local_fp32(self, p: torch.Tensor) -> torch.Tensor:

@@ -164,11 +164,12 @@ class CheckpointManager:
                 continue
             shutil.rmtree(path, ignore_errors=True)
 
-    def poll(self) -> None:
-        """Commit a finished async save (rank 0: its future completes only after every rank wrote)."""
+    def poll(self) -> bool:
+        """Commit a finished async save (rank 0: its future completes only after every rank wrote).
+        True when an async save has just finished (committed or failed)."""
         p = self.pending
         if p is None or not p.future.done():
-            return
+            return False
         self.pending = None
         try:
             p.future.result()
@@ -176,11 +177,12 @@ class CheckpointManager:
             log.error("async checkpoint %s failed, previous one kept: %s", p.final, e)
             if self.rank == 0:
                 shutil.rmtree(p.tmp, ignore_errors=True)
-            return
+            return True
         if self.rank == 0:
             self._commit(p.tmp, p.final, p.meta)
         self.last_duration = time.perf_counter() - p.started
         self.last_success_time = time.time()
+        return True
 
     def wait(self) -> None:
         if self.pending is not None:

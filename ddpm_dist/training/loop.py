@@ -59,14 +59,15 @@ def step_randomness(seed: int, step: int, global_batch: int, num_timesteps: int,
 
 def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: int, world_size: int, cfg: Config,
              num_classes: int, lr: float) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches; returns (mean loss on this rank, grad norm)."""
+    """One optimizer step over this rank's micro-batches; returns (mean loss on this rank, grad norm) as tensors
+    on the device: nothing here waits for the GPU (the metrics read them every log_every steps)."""
     device = engine.device
     accum = len(micro_batches)
     micro = micro_batches[0]["image"].shape[0]
     global_batch = micro * world_size * accum
     t_all, drop_all, noise_all = step_randomness(cfg.seed, step, global_batch, schedule.num_steps,
                                                  micro_batches[0]["image"].shape[1:], cfg.train.label_dropout, device)
-    total = 0.0
+    total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         slots = slice((i * world_size + rank) * micro, (i * world_size + rank + 1) * micro)
         x0 = batch["image"].to(device, non_blocking=True)
@@ -83,7 +84,7 @@ def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: in
                                   prediction=cfg.diffusion.prediction, weighting=cfg.diffusion.loss_weighting,
                                   min_snr_gamma=cfg.diffusion.min_snr_gamma, model_kwargs=kwargs)
             engine.backward(loss, accum, last)
-        total += loss.detach().float().item()
+        total += loss.detach().float()
     grad_norm = engine.step(lr, cfg.train.grad_clip)
     return total / accum, grad_norm
 
@@ -180,20 +181,20 @@ def train(cfg: Config) -> int:
         ema_seconds = time.perf_counter() - t_ema
         progress.step += 1
         progress.images += cfg.train.global_batch
-        ckpt.poll()
-        if ckpt.pending is None and ckpt.last_success_time and cfg.checkpoint.async_save:
+        if ckpt.poll():
             metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time)
-        if not math.isfinite(loss):
-            log.error("loss is %s at step %d; stopping without saving", loss, progress.step)
+        row = metrics.train_step(step=progress.step, images=progress.images, loss=loss, lr=lr, grad_norm=grad_norm,
+                                 step_seconds=time.perf_counter() - t_step, data_wait=stream.data_wait_seconds - wait0,
+                                 ema_seconds=ema_seconds, rank_images=micro * accum,
+                                 skipped_total=stream.skipped_total, epoch=stream.epoch,
+                                 loss_mean_fn=lambda v: all_reduce_mean([v], env.device)[0])
+        if row is not None and not math.isfinite(row["loss"]):
+            log.error("loss is %s at step %d; stopping without saving", row["loss"], progress.step)
             exit_code = 1
             break
-        metrics.train_step(step=progress.step, images=progress.images, loss=loss, lr=lr, grad_norm=grad_norm,
-                           step_seconds=time.perf_counter() - t_step, data_wait=stream.data_wait_seconds - wait0,
-                           ema_seconds=ema_seconds, rank_images=micro * accum, skipped_total=stream.skipped_total,
-                           epoch=stream.epoch, loss_mean_fn=lambda v: all_reduce_mean([v], env.device)[0])
         if due(cfg.train.sample_every_images):
             _sample_grid(engine, ema, model_cfg, schedule, cfg, env, progress.images)
-        if preemption.should_stop():
+        if progress.step % cfg.train.stop_check_every == 0 and preemption.should_stop():
             log.info("stopping at step %d (%s): saving a checkpoint, exit %d = requeue", progress.step,
                      preemption.reason, REQUEUE_EXIT_CODE)
             save(force_sync=True)
