@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .schedule import Schedule, gather
 
@@ -85,5 +86,7 @@ def diffusion_loss(
     x_t = q_sample(schedule, x0, t, noise)
     out = model(x_t, t, **(model_kwargs or {}))
     tgt = target(prediction, schedule, x0, noise, t)
+    if weighting == "none":
+        return F.mse_loss(out.float(), tgt.float())
     per_sample = (out.float() - tgt.float()).pow(2).flatten(1).mean(1)
     return (per_sample * loss_weight(prediction, weighting, schedule, t, min_snr_gamma)).mean()

@@ -119,6 +119,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_device_rng(device: torch.device, seed: int) -> None:
+    """Seed only the default generator of `device` (torch.manual_seed touches every backend: ~1 ms)."""
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else 0].manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
 def all_reduce_max(value: float, device: torch.device) -> float:
     if not (dist.is_available() and dist.is_initialized()):
         return value

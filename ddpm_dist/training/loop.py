@@ -22,7 +22,7 @@ from ..models import UNet, resolve_model_config
 from ..obs.metrics import Metrics
 from ..parallel import init_distributed, parallelize, read_env, resolve_backend
 from ..parallel.ema import ShardedEMA, ema_beta
-from ..parallel.env import all_reduce_mean, barrier, mix_seed, seed_everything, shutdown
+from ..parallel.env import all_reduce_mean, barrier, mix_seed, seed_device_rng, seed_everything, shutdown
 from .checkpoint import CheckpointManager
 from .preemption import REQUEUE_EXIT_CODE, Preemption, record_exit, register_worker
 
@@ -68,6 +68,7 @@ def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: in
     t_all, drop_all, noise_all = step_randomness(cfg.seed, step, global_batch, schedule.num_steps,
                                                  micro_batches[0]["image"].shape[1:], cfg.train.label_dropout, device)
     total = torch.zeros((), device=device)
+    dropout = getattr(getattr(engine.module, "config", None), "dropout", 1.0) > 0
     for i, batch in enumerate(micro_batches):
         slots = slice((i * world_size + rank) * micro, (i * world_size + rank + 1) * micro)
         x0 = batch["image"].to(device, non_blocking=True)
@@ -77,7 +78,8 @@ def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: in
             kwargs["y"] = torch.where(drop_all[slots], torch.full_like(y, num_classes), y)
         if "cond" in batch:
             kwargs["cond"] = batch["cond"].to(device)
-        torch.manual_seed(mix_seed(cfg.seed, step, i, rank))  # dropout masks: per (step, micro-step, rank)
+        if dropout:  # dropout masks from the global RNG: reseed per (step, micro-step, rank) for exact resume
+            seed_device_rng(device, mix_seed(cfg.seed, step, i, rank))
         last = i == accum - 1
         with engine.sync_gradients(last):
             loss = diffusion_loss(engine.forward, schedule, x0, t_all[slots], noise_all[slots],
