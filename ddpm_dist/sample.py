@@ -99,11 +99,17 @@ def sample_worker(args) -> None:
                  args.num_images, setup.desc, o["sampler"], o["steps"], o["eta"], o["guidance"], world_size,
                  args.batch_size)
         write_provenance(args, setup)
+    if rank == 0 and storage.is_local(args.out) and os.path.isdir(storage.local_path(args.out)):
+        for name in os.listdir(storage.local_path(args.out)):  # debris of an interrupted atomic write
+            if name.startswith(".tmp-"):
+                os.unlink(os.path.join(storage.local_path(args.out), name))
+    barrier()
     done = existing_indices(args.out)
     share = rank_share(plan_batches(args.num_images, args.batch_size, done), rank, world_size)
-    bar = tqdm(total=args.num_images, initial=len(done & set(range(args.num_images))), desc="sampling", unit="img",
-               disable=rank != 0, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    already = len(done & set(range(args.num_images)))
+    bar = tqdm(total=args.num_images, initial=already, desc="sampling", unit="img", disable=rank != 0,
+               dynamic_ncols=True)
+    t0, made = time.perf_counter(), 0
     for indices, images, _, fresh in generate_share(setup, share, seed=args.seed, classes=args.classes,
                                                     num_images=args.num_images):
         count = 0
@@ -115,8 +121,9 @@ def sample_worker(args) -> None:
             t = torch.tensor([float(count)], device=device)
             torch.distributed.all_reduce(t)
             count = int(t.item())
+        made += count
         bar.update(count)
-        bar.set_postfix(img_per_s=f"{(bar.n - bar.initial) / max(time.perf_counter() - t0, 1e-9):.2f}")
+        bar.set_postfix(img_per_s=f"{made / max(time.perf_counter() - t0, 1e-9):.2f}")
     bar.close()
     barrier()
     if rank == 0:
