@@ -41,12 +41,13 @@ class Extractor:
         if self.resize_mode == "clean":
             from cleanfid.resize import build_resizer
             resize = build_resizer("clean")
-            batch = np.stack([resize(img) for img in images]).astype(np.float32)
-        elif self.resize_mode == "none":
-            batch = images.astype(np.float32)
-        else:
-            raise ValueError(f"unknown resize mode '{self.resize_mode}'")
-        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+            out = torch.empty((len(images), images.shape[-1], 299, 299), dtype=torch.float32)
+            for i, img in enumerate(images):  # one copy per image, straight into the batch
+                out[i] = torch.from_numpy(resize(img)).permute(2, 0, 1)
+            return out
+        if self.resize_mode == "none":
+            return torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+        raise ValueError(f"unknown resize mode '{self.resize_mode}'")
 
     @torch.no_grad()
     def features(self, images: np.ndarray) -> torch.Tensor:
@@ -127,12 +128,29 @@ class FeatureStats:
 
 def accumulate(extractor: Extractor, batches: Iterable[np.ndarray], stats: Optional[FeatureStats] = None,
                on_batch: Optional[Callable[[int], None]] = None) -> FeatureStats:
-    for images in batches:
-        f = extractor.features(images)
-        stats = stats or FeatureStats(f.shape[1])
-        stats.add(f)
-        if on_batch:
-            on_batch(len(images))
+    """Add the features of every batch. The next batch is read and resized in a background thread while
+    the network runs on the current one (both release the GIL for most of their work)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prepared(it):
+        b = next(it, None)
+        return None if b is None else (len(b), extractor.prepare(b))
+
+    it = iter(batches)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(prepared, it)
+        while True:
+            item = pending.result()
+            if item is None:
+                break
+            pending = pool.submit(prepared, it)
+            n, x = item
+            with torch.no_grad():
+                f = extractor.net(x.to(extractor.device)).double().cpu()
+            stats = stats or FeatureStats(f.shape[1])
+            stats.add(f)
+            if on_batch:
+                on_batch(n)
     if stats is None:
         raise ValueError("no images")
     return stats
