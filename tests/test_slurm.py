@@ -1,0 +1,94 @@
+"""System tests on a real single-node SLURM cluster: a 2-task training job preempted with scancel --signal,
+requeued, resumed, finishing equal to an uninterrupted run; a 2-task sampling job."""
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import PYTHON, ROOT
+from tests.slurm_cluster import slurm  # noqa: F401 - fixture
+from tests.train_helpers import FAST, assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint, run_train
+
+pytestmark = pytest.mark.system
+STEPS = 150
+OPTS = ["parallel.backend=fsdp"]
+
+
+def submit(tmp_path, verb, entry_args, *launcher_args):
+    env = child_env()
+    r = subprocess.run([PYTHON, "-m", "launchers.slurm", verb, "--tasks-per-node", "2", "--cpus-per-task", "1",
+                        "--time", "30", "--log-folder", str(tmp_path / "logs" / "%j"), *launcher_args, "--", *entry_args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    assert "follow: tail -f" in r.stdout and "logs:" in r.stdout
+    return job
+
+
+def job_state(job):
+    r = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    state = re.search(r"JobState=(\S+)", r.stdout)
+    restarts = re.search(r"Restarts=(\d+)", r.stdout)
+    return (state.group(1) if state else "GONE"), int(restarts.group(1)) if restarts else 0
+
+
+def wait_for(predicate, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def logs(tmp_path, job):
+    text = ""
+    folder = tmp_path / "logs" / job
+    for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
+        if name.endswith((".out", ".err")):
+            text += open(folder / name, errors="replace").read()
+    return text
+
+
+def test_training_job_is_preempted_requeued_and_resumes_exactly(tmp_path, slurm):  # noqa: F811
+    ref = tmp_path / "ref"
+    run_train(ref, STEPS, *OPTS, nproc=2)
+    run = tmp_path / "run"
+    entry = ["--config", "configs/digits.yaml", f"run_dir={run}", *FAST, f"train.total_images={16 * STEPS}", *OPTS]
+    job = submit(tmp_path, "train", entry)
+    audit_file = run / "data_audit" / "rank0.jsonl"
+    wait_for(lambda: audit_file.exists() and sum(1 for _ in open(audit_file)) >= 20, 180, "job did not start training")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for(lambda: job_state(job)[1] >= 1, 120, "job was not requeued")
+    wait_for(lambda: job_state(job)[0] == "COMPLETED", 300, f"job did not complete: {job_state(job)}\n{logs(tmp_path, job)[-3000:]}")
+    text = logs(tmp_path, job)
+    stop = re.search(r"stopping at step (\d+) \(signal SIGUSR2\)", text)
+    assert stop, text[-3000:]
+    step = int(stop.group(1))
+    assert f"requeuing job {job}" in text
+    assert f"resumed from {run}/checkpoints/step_{step:09d}" in text
+    assert job_state(job)[1] == 1
+    assert_bitwise_equal(checkpoint_tensors(final_checkpoint(ref)), checkpoint_tensors(final_checkpoint(run)))
+    for rank in (0, 1):
+        assert audit(ref, rank) == audit(run, rank)
+
+
+def test_sampling_job(tmp_path, slurm):  # noqa: F811
+    run = tmp_path / "run"
+    run_train(run, 4)
+    out = tmp_path / "samples"
+    job = submit(tmp_path, "sample", ["--export", str(run / "export.safetensors"), "--out", str(out),
+                                      "--num-images", "10", "--batch-size", "4", "--steps", "3", "--extras", "no"])
+    wait_for(lambda: job_state(job)[0] in ("COMPLETED", "FAILED", "CANCELLED"), 240, "sampling job did not end")
+    assert job_state(job)[0] == "COMPLETED", logs(tmp_path, job)[-3000:]
+    local = tmp_path / "local"
+    r = subprocess.run([PYTHON, "-m", "ddpm_dist.sample", "--export", str(run / "export.safetensors"), "--out",
+                        str(local), "--num-images", "10", "--batch-size", "4", "--steps", "3", "--extras", "no"],
+                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = sorted(n for n in os.listdir(out) if n.endswith(".png"))
+    assert names == [f"{i:06d}.png" for i in range(10)]
+    assert all(open(out / n, "rb").read() == open(local / n, "rb").read() for n in names)
+    assert "2 worker(s)" in logs(tmp_path, job)
