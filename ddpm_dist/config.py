@@ -78,8 +78,10 @@ class TrainConfig:
     overfit_batches: int = 0  # >0: train on that many fixed batches (pipeline check)
     max_wall_seconds: float = 0.0  # 0: no budget; else save and exit "requeue" before it runs out
     stop_check_every: int = 5  # steps between the ranks' agreement on a stop signal (one small all_reduce)
-    eval_every_images: int = 0  # optional in-training Fréchet distance
+    eval_every_images: int = 0  # optional in-training Fréchet distance (same code as ddpm_dist.evaluate)
     eval_num_images: int = 256
+    eval_extractor: str = "digits"  # digits (classifier trained on the shards' labels) | inception
+    eval_inception: str = ""  # path to inception-2015-12-05.pt for eval_extractor=inception
 
 
 @dataclass
@@ -107,6 +109,7 @@ class MetricsConfig:
     prometheus_addr: str = "127.0.0.1"
     jsonl: bool = True
     job: str = ""  # label; defaults to SLURM_JOB_ID or "local"
+    sd_dir: str = ""  # Prometheus file_sd folder: each rank writes its target there while it runs
 
 
 @dataclass
@@ -149,6 +152,7 @@ CHOICES = {
     "sample.spacing": ("uniform", "quadratic"),
     "sample.var_type": ("small", "large"),
     "model.time_conditioning": (None, "scale_shift", "add"),
+    "train.eval_extractor": ("digits", "inception"),
 }
 
 
@@ -178,6 +182,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if annotation is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. metrics.job=4242 (a SLURM job id)
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid.png, trajectory.png, reverse.gif (auto: when num-images <= 1000 and --out is local)")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 NHWC + labels)")
     p.add_argument("--tar", action="store_true", help="also write WebDataset shards of the images under OUT/shards")
+    p.add_argument("--prometheus-port", type=int, default=0,
+                   help="export ddpm_sample_* metrics on this port + local rank (0: off)")
+    p.add_argument("--prometheus-addr", default="127.0.0.1")
     p.add_argument("--task", choices=("generate", "inpaint"), default="generate")
     p.add_argument("--image", help="inpaint: an image file, or a shard manifest (then --image-index picks one)")
     p.add_argument("--image-index", type=int, default=0)
@@ -109,7 +112,13 @@ def sample_worker(args) -> None:
     already = len(done & set(range(args.num_images)))
     bar = tqdm(total=args.num_images, initial=already, desc="sampling", unit="img", disable=rank != 0,
                dynamic_ncols=True)
-    t0, made = time.perf_counter(), 0
+    t0, made, local_made = time.perf_counter(), 0, 0
+    sink = None
+    if args.prometheus_port:
+        from .obs.prometheus import PrometheusSink
+        sink = PrometheusSink(addr=args.prometheus_addr, port=args.prometheus_port + env.local_rank, rank=rank,
+                              job=os.environ.get("SLURM_JOB_ID", "local"), run=os.path.basename(str(args.out).rstrip("/")))
+        sink.world_size.set(world_size)
     for indices, images, _, fresh in generate_share(setup, share, seed=args.seed, classes=args.classes,
                                                     num_images=args.num_images):
         count = 0
@@ -117,6 +126,10 @@ def sample_worker(args) -> None:
             if fresh and i not in done:
                 storage.write_bytes_atomic(storage.join(args.out, png_name(i)), encode_png(img))
                 count += 1
+        local_made += count
+        if sink:
+            sink.sample_images.inc(count)
+            sink.sample_ips.set(local_made / max(time.perf_counter() - t0, 1e-9))
         if world_size > 1:  # the bar shows the global count; every rank runs the same number of batches
             t = torch.tensor([float(count)], device=device)
             torch.distributed.all_reduce(t)
@@ -125,6 +138,8 @@ def sample_worker(args) -> None:
         bar.update(count)
         bar.set_postfix(img_per_s=f"{made / max(time.perf_counter() - t0, 1e-9):.2f}")
     bar.close()
+    if sink:
+        sink.close()
     barrier()
     if rank == 0:
         _finish_outputs(args, setup)

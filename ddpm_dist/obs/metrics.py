@@ -14,16 +14,20 @@ log = logging.getLogger(__name__)
 class Metrics:
     def __init__(self, run_dir: str, *, rank: int, local_rank: int, world_size: int, log_every: int,
                  jsonl: bool = True, prometheus: bool = False, prometheus_addr: str = "127.0.0.1",
-                 prometheus_port: int = 9400, job: str = "", run: str = ""):
+                 prometheus_port: int = 9400, job: str = "", run: str = "", sd_dir: str = ""):
         self.rank, self.world_size, self.log_every = rank, world_size, log_every
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl") if (jsonl and rank == 0) else None
         self.prom = None
+        self.sd_file = None
         if prometheus:
-            from .prometheus import PrometheusSink
-            self.prom = PrometheusSink(addr=prometheus_addr, port=prometheus_port + local_rank, rank=rank,
-                                       job=job or os.environ.get("SLURM_JOB_ID", "local"), run=run)
+            from .prometheus import PrometheusSink, write_sd_target
+            job = job or os.environ.get("SLURM_JOB_ID", "local")
+            port = prometheus_port + local_rank
+            self.prom = PrometheusSink(addr=prometheus_addr, port=port, rank=rank, job=job, run=run)
             self.prom.world_size.set(world_size)
             self.prom.update_process()
+            if sd_dir:
+                self.sd_file = write_sd_target(sd_dir, addr=prometheus_addr, port=port, rank=rank, job=job, run=run)
         self._window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter(), wait=0.0)
         self._last_skipped = 0
 
@@ -101,3 +105,5 @@ class Metrics:
     def close(self) -> None:
         if self.prom:
             self.prom.close()
+        if self.sd_file and os.path.exists(self.sd_file):
+            os.unlink(self.sd_file)

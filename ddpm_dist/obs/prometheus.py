@@ -63,3 +63,24 @@ class PrometheusSink:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def sd_target_path(sd_dir: str, job: str, run: str, rank: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{run}-{job}-rank{rank}")
+    return os.path.join(sd_dir, safe + ".json")
+
+
+def write_sd_target(sd_dir: str, *, addr: str, port: int, rank: int, job: str, run: str) -> str:
+    """Prometheus file-based service discovery: this rank's target, written atomically, removed at exit.
+    Multi-node jobs need nothing else: every rank names its own host."""
+    import json
+    import socket
+
+    host = socket.gethostname() if addr in ("0.0.0.0", "::", "") else addr
+    os.makedirs(sd_dir, exist_ok=True)
+    path = sd_target_path(sd_dir, job, run, rank)
+    entry = [{"targets": [f"{host}:{port}"], "labels": {"ddpm_run": run, "ddpm_job": job, "ddpm_rank": str(rank)}}]
+    with open(path + ".tmp", "w") as f:
+        json.dump(entry, f)
+    os.replace(path + ".tmp", path)
+    return path

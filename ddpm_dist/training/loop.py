@@ -149,7 +149,8 @@ def train(cfg: Config) -> int:
     metrics = Metrics(cfg.run_dir, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size,
                       log_every=cfg.train.log_every, jsonl=cfg.metrics.jsonl, prometheus=cfg.metrics.prometheus,
                       prometheus_addr=cfg.metrics.prometheus_addr, prometheus_port=cfg.metrics.prometheus_port,
-                      job=cfg.metrics.job, run=cfg.name or os.path.basename(os.path.abspath(cfg.run_dir)))
+                      job=cfg.metrics.job, run=cfg.name or os.path.basename(os.path.abspath(cfg.run_dir)),
+                      sd_dir=cfg.metrics.sd_dir)
     preemption = Preemption(env.device, cfg.train.max_wall_seconds)
     total_steps = math.ceil(cfg.train.total_images / cfg.train.global_batch)
     log.info("%s: %s, %d rank(s), global batch %d = %d x %d ranks x %d accumulation, %d steps, %.2fM parameters",
@@ -166,6 +167,7 @@ def train(cfg: Config) -> int:
         return every_images > 0 and progress.images // every_images != (progress.images - cfg.train.global_batch) // every_images
 
     data = _batches(stream, cfg)
+    evaluator = None
     exit_code = 0
     last_saved_step = progress.step if latest else -1
     while progress.step < total_steps:
@@ -195,7 +197,12 @@ def train(cfg: Config) -> int:
             exit_code = 1
             break
         if due(cfg.train.sample_every_images):
-            _sample_grid(engine, ema, model_cfg, schedule, cfg, env, progress.images)
+            _sample_grid(engine, ema, model_cfg, schedule, cfg, env, progress.images, metrics=metrics)
+        if due(cfg.train.eval_every_images):
+            if evaluator is None:
+                from .evaluation import InTrainingEval
+                evaluator = InTrainingEval(cfg, model_cfg, schedule, env.device, env.rank, env.world_size)
+            evaluator(_ema_model(engine, ema, model_cfg), progress.images, metrics)
         if progress.step % cfg.train.stop_check_every == 0 and preemption.should_stop():
             log.info("stopping at step %d (%s): saving a checkpoint, exit %d = requeue", progress.step,
                      preemption.reason, REQUEUE_EXIT_CODE)
@@ -249,7 +256,7 @@ def _ema_model(engine, ema, model_cfg) -> UNet:
     return model.to(engine.device).eval()
 
 
-def _sample_grid(engine, ema, model_cfg, schedule, cfg: Config, env, images: int, name: str = "") -> None:
+def _sample_grid(engine, ema, model_cfg, schedule, cfg: Config, env, images: int, name: str = "", metrics=None) -> None:
     from ..diffusion import generate
     from ..viz import auto_scale, save_grid
 
@@ -261,6 +268,7 @@ def _sample_grid(engine, ema, model_cfg, schedule, cfg: Config, env, images: int
         if labels is not None:  # one row per class
             labels = sorted(labels)
         shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+        t0 = time.perf_counter()
         x = generate(model, schedule, list(range(n)), shape, device=engine.device, labels=labels,
                      null_class=model_cfg.num_classes or None, sampler=s.sampler, steps=s.steps, eta=s.eta,
                      spacing=s.spacing, guidance=s.guidance if labels is not None else 1.0,
@@ -268,6 +276,8 @@ def _sample_grid(engine, ema, model_cfg, schedule, cfg: Config, env, images: int
         path = os.path.join(cfg.run_dir, "samples", name or f"grid_{images:09d}.png")
         save_grid(x, path, nrow=10 if labels is not None else 8, scale=auto_scale(model_cfg.image_size))
         log.info("sample grid: %s", path)
+        if metrics is not None:
+            metrics.sampling(images=n, images_per_s=n / max(time.perf_counter() - t0, 1e-9))
     barrier()
 
 
