@@ -76,6 +76,7 @@ class TrainConfig:
     sample_every_images: int = 0  # 0: only at the end
     sample_grid_classes: bool = True
     overfit_batches: int = 0  # >0: train on that many fixed batches (pipeline check)
+    sr_factor: int = 0  # >0: super-resolution; the model sees the x-factor low-res image as model.cond_channels
     max_wall_seconds: float = 0.0  # 0: no budget; else save and exit "requeue" before it runs out
     stop_check_every: int = 5  # steps between the ranks' agreement on a stop signal (one small all_reduce)
     eval_every_images: int = 0  # optional in-training Fréchet distance (same code as ddpm_dist.evaluate)
@@ -288,6 +289,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
     if cfg.parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.train.sr_factor and (cfg.model.cond_channels or 0) == 0:
+        raise ConfigError("train.sr_factor needs model.cond_channels = the image channels (the low-res condition)")
     if len(cfg.train.betas) != 2:
         raise ConfigError("train.betas: expected two numbers [beta1, beta2]")
 

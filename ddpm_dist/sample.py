@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prometheus-port", type=int, default=0,
                    help="export ddpm_sample_* metrics on this port + local rank (0: off)")
     p.add_argument("--prometheus-addr", default="127.0.0.1")
-    p.add_argument("--task", choices=("generate", "inpaint"), default="generate")
+    p.add_argument("--task", choices=("generate", "inpaint", "sr"), default="generate",
+                   help="generate (default), inpaint (RePaint), sr (super-resolution with an SR-trained model)")
+    p.add_argument("--sr-factor", type=int, default=2, help="sr: downsampling factor of the low-res input")
     p.add_argument("--image", help="inpaint: an image file, or a shard manifest (then --image-index picks one)")
     p.add_argument("--image-index", type=int, default=0)
     p.add_argument("--mask", default="lower-half",
@@ -212,6 +214,9 @@ def main(argv: list[str]) -> int:
     if args.task == "inpaint":
         from .eval.inpaint import inpaint_main
         return inpaint_main(args)
+    if args.task == "sr":
+        from .eval.superres import sr_main
+        return sr_main(args)
     from .parallel.env import spawn_local
     spawn_local(sample_worker, (args,), args.world_size)
     return 0

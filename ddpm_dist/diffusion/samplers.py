@@ -85,45 +85,69 @@ def _predict(model, prediction, schedule, x, t_index, model_kwargs, clip_x0):
     return t, x0, eps
 
 
-def ddpm(model, schedule: Schedule, x_T, *, timesteps, rng=None, prediction="eps", eta=1.0, var_type="small",
-         clip_x0=True, model_kwargs=None, callback: Optional[Callback] = None) -> torch.Tensor:
+class DDPMStep:
     """Ancestral sampling from the posterior q(x_{t-1} | x_t, x0_hat); over a sub-sequence the schedule is
     respaced (improved DDPM). var_type 'small' = beta_tilde_t, 'large' = beta_t (DDPM section 3.2)."""
-    rng, model_kwargs = _as_rng(rng), model_kwargs or {}
-    sub = respace(schedule, timesteps)
-    c1_all, c2_all = sub.posterior_mean_coefs
-    var_all = sub.posterior_variance if var_type == "small" else sub.betas
-    x = x_T
-    for i in reversed(range(len(timesteps))):
-        _, x0, _ = _predict(model, prediction, schedule, x, timesteps[i], model_kwargs, clip_x0)
-        if callback:
-            callback(i, timesteps[i], x, x0)
+
+    def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", eta=1.0, var_type="small",
+                 clip_x0=True, model_kwargs=None):
+        self.model, self.schedule, self.timesteps = model, schedule, timesteps
+        self.prediction, self.clip_x0, self.model_kwargs = prediction, clip_x0, model_kwargs or {}
+        sub = respace(schedule, timesteps)
+        self.c1, self.c2 = sub.posterior_mean_coefs
+        self.var = sub.posterior_variance if var_type == "small" else sub.betas
+
+    def __call__(self, x, i: int, rng):
+        """x at timesteps[i] -> (x at timesteps[i-1], or data for i == 0; predicted x0)."""
+        _, x0, _ = _predict(self.model, self.prediction, self.schedule, x, self.timesteps[i], self.model_kwargs,
+                            self.clip_x0)
         idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        mean = gather(c1_all, idx, x) * x0 + gather(c2_all, idx, x) * x
-        x = mean + gather(var_all, idx, x).sqrt() * rng.randn_like(x) if i > 0 else mean
-    return x
+        mean = gather(self.c1, idx, x) * x0 + gather(self.c2, idx, x) * x
+        return (mean + gather(self.var, idx, x).sqrt() * rng.randn_like(x) if i > 0 else mean), x0
 
 
-def ddim(model, schedule: Schedule, x_T, *, timesteps, rng=None, prediction="eps", eta=0.0, var_type="small",
-         clip_x0=True, model_kwargs=None, callback: Optional[Callback] = None) -> torch.Tensor:
+class DDIMStep:
     """DDIM (Song et al. 2021, eq. 12): eta=0 is deterministic, eta=1 over all steps is DDPM's posterior."""
-    rng, model_kwargs = _as_rng(rng), model_kwargs or {}
-    abar = schedule.alphas_cumprod
-    x = x_T
-    for i in reversed(range(len(timesteps))):
-        t, x0, eps = _predict(model, prediction, schedule, x, timesteps[i], model_kwargs, clip_x0)
-        if callback:
-            callback(i, timesteps[i], x, x0)
+
+    def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", eta=0.0, var_type="small",
+                 clip_x0=True, model_kwargs=None):
+        self.model, self.schedule, self.timesteps, self.eta = model, schedule, timesteps, eta
+        self.prediction, self.clip_x0, self.model_kwargs = prediction, clip_x0, model_kwargs or {}
+
+    def __call__(self, x, i: int, rng):
+        t, x0, eps = _predict(self.model, self.prediction, self.schedule, x, self.timesteps[i], self.model_kwargs,
+                              self.clip_x0)
         if i == 0:
-            x = x0
-            break
+            return x0, x0
+        abar = self.schedule.alphas_cumprod
         a = gather(abar, t, x)
-        a_prev = gather(abar, torch.full_like(t, timesteps[i - 1]), x)
-        sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0:
-            x = x + sigma * rng.randn_like(x)
+        a_prev = gather(abar, torch.full_like(t, self.timesteps[i - 1]), x)
+        sigma = self.eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+        out = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if self.eta > 0:
+            out = out + sigma * rng.randn_like(x)
+        return out, x0
+
+
+STEPS = {"ddpm": DDPMStep, "ddim": DDIMStep}
+
+
+def _run(step, x_T, rng, callback):
+    rng, x = _as_rng(rng), x_T
+    for i in reversed(range(len(step.timesteps))):
+        x_next, x0 = step(x, i, rng)
+        if callback:
+            callback(i, step.timesteps[i], x, x0)
+        x = x_next
     return x
+
+
+def ddpm(model, schedule: Schedule, x_T, *, timesteps, rng=None, callback: Optional[Callback] = None, **opts):
+    return _run(DDPMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
+
+
+def ddim(model, schedule: Schedule, x_T, *, timesteps, rng=None, callback: Optional[Callback] = None, **opts):
+    return _run(DDIMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
 
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim}

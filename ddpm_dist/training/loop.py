@@ -17,6 +17,7 @@ import torch
 
 from ..config import Config, check_batch, save_resolved, to_dict
 from ..data import Layout, TrainStream, open_manifest
+from ..data.degrade import lowres_condition
 from ..diffusion import diffusion_loss, make_schedule
 from ..models import UNet, resolve_model_config
 from ..obs.metrics import Metrics
@@ -76,8 +77,8 @@ def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: in
         if num_classes:
             y = batch["label"].to(device)
             kwargs["y"] = torch.where(drop_all[slots], torch.full_like(y, num_classes), y)
-        if "cond" in batch:
-            kwargs["cond"] = batch["cond"].to(device)
+        if cfg.train.sr_factor:  # super-resolution: the condition is made from the batch itself
+            kwargs["cond"] = lowres_condition(x0, cfg.train.sr_factor)
         if dropout:  # dropout masks from the global RNG: reseed per (step, micro-step, rank) for exact resume
             seed_device_rng(device, mix_seed(cfg.seed, step, i, rank))
         last = i == accum - 1
@@ -268,8 +269,14 @@ def _sample_grid(engine, ema, model_cfg, schedule, cfg: Config, env, images: int
         if labels is not None:  # one row per class
             labels = sorted(labels)
         shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+        kwargs = {}
+        if cfg.train.sr_factor:  # super-resolve the first training images
+            from ..data import read_all
+            real = torch.from_numpy(read_all(cfg.data.source, limit=n)[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            n = real.shape[0]
+            kwargs["cond"] = lowres_condition(real, cfg.train.sr_factor).to(engine.device)
         t0 = time.perf_counter()
-        x = generate(model, schedule, list(range(n)), shape, device=engine.device, labels=labels,
+        x = generate(model, schedule, list(range(n)), shape, device=engine.device, labels=labels, model_kwargs=kwargs,
                      null_class=model_cfg.num_classes or None, sampler=s.sampler, steps=s.steps, eta=s.eta,
                      spacing=s.spacing, guidance=s.guidance if labels is not None else 1.0,
                      prediction=cfg.diffusion.prediction, var_type=s.var_type, clip_x0=s.clip_x0)
@@ -277,7 +284,9 @@ def _sample_grid(engine, ema, model_cfg, schedule, cfg: Config, env, images: int
         save_grid(x, path, nrow=10 if labels is not None else 8, scale=auto_scale(model_cfg.image_size))
         log.info("sample grid: %s", path)
         if metrics is not None:
+            from ..viz.figures import mean_pairwise_distance
             metrics.sampling(images=n, images_per_s=n / max(time.perf_counter() - t0, 1e-9))
+            metrics.event("samples", images=images, diversity=mean_pairwise_distance(x), path=path)
     barrier()
 
 

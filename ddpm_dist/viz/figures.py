@@ -1,0 +1,124 @@
+"""Figures for comparisons and diagnostics (matplotlib, written as PNG)."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out: str) -> str:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    _plt().close(fig)
+    return out
+
+
+def _show(ax, images: np.ndarray, title: str = "") -> None:
+    """uint8 NHWC in one row on an axis."""
+    from . import grid
+    g = grid(images, nrow=len(images))
+    ax.imshow(g[..., 0] if g.shape[2] == 1 else g, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=9)
+
+
+def schedules(out: str, num_steps: int = 1000) -> str:
+    """beta_t, alpha-bar_t and SNR(t) (log scale) for every schedule kind."""
+    from ..diffusion import KINDS, make_schedule
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    t = np.arange(num_steps)
+    for kind in KINDS:
+        s = make_schedule(kind, num_steps)
+        axes[0].plot(t, s.betas.numpy(), label=kind)
+        axes[1].plot(t, s.alphas_cumprod.numpy(), label=kind)
+        axes[2].plot(t, s.snr.numpy(), label=kind)
+    for ax, title in zip(axes, ("beta_t", "alpha-bar_t", "SNR(t) = alpha-bar / (1 - alpha-bar)")):
+        ax.set_title(title)
+        ax.set_xlabel("t")
+        ax.legend()
+    axes[2].set_yscale("log")
+    return _save(fig, out)
+
+
+def compare_samplers(setup, configs: list[tuple[str, int]], out: str, *, num_images: int = 8, seed: int = 0,
+                     classes=None) -> str:
+    """The same initial noise (same per-image seeds) through each sampler/step count, with wall time per image."""
+    from ..diffusion import generate, image_seed
+    from ..eval.generate import labels_for
+    from . import to_uint8
+    plt = _plt()
+    seeds = [image_seed(seed, i) for i in range(num_images)]
+    labels = labels_for(list(range(num_images)), classes, setup.num_classes, seed)
+    device = next(setup.model.parameters()).device
+    fig, axes = plt.subplots(len(configs), 1, figsize=(1.0 * num_images + 2, 1.15 * len(configs)), squeeze=False)
+    for ax, (sampler, steps) in zip(axes[:, 0], configs):
+        opts = {**setup.opts, "sampler": sampler, "steps": steps, "eta": 1.0 if sampler == "ddpm" else 0.0}
+        t0 = time.perf_counter()
+        x = generate(setup.model, setup.schedule, seeds, setup.shape, device=device, labels=labels,
+                     null_class=setup.num_classes or None, **opts)
+        per_image = (time.perf_counter() - t0) / num_images
+        _show(ax, to_uint8(x), f"{sampler.upper()} {steps} steps\n{per_image * 1e3:.0f} ms/img")
+    fig.suptitle("same initial noise, different samplers", fontsize=10)
+    return _save(fig, out)
+
+
+def forward_reverse(setup, real: np.ndarray, out: str, *, steps: int = 8, seed: int = 0) -> str:
+    """Left: the forward process q(x_t | x0) on real images; right: a reverse (DDPM) trajectory at the same t."""
+    from ..diffusion import TrajectoryRecorder, generate, image_seed, make_timesteps, q_sample
+    from . import to_uint8
+    plt = _plt()
+    device = next(setup.model.parameters()).device
+    T = setup.schedule.num_steps
+    ts = make_timesteps(T, steps)  # ascending, includes 0 and T-1
+    x0 = torch.from_numpy(real).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    g = torch.Generator(device).manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g, device=device)
+    forward = [to_uint8(q_sample(setup.schedule, x0, torch.full((len(x0),), t, device=device), noise)) for t in ts]
+    rec = TrajectoryRecorder(record_at=set(ts))
+    opts = {**setup.opts, "sampler": "ddpm", "steps": T, "eta": 1.0}
+    labels = [i % setup.num_classes for i in range(len(x0))] if setup.num_classes else None
+    generate(setup.model, setup.schedule, [image_seed(seed, i) for i in range(len(x0))], setup.shape, device=device,
+             labels=labels, null_class=setup.num_classes or None, callback=rec, **opts)
+    reverse = {t: to_uint8(x) for t, x in zip(rec.steps, rec.x_t)}
+    fig, axes = plt.subplots(len(x0), 2, figsize=(2 * len(ts) * 0.9 + 1, 1.1 * len(x0) + 0.6), squeeze=False)
+    for i in range(len(x0)):
+        _show(axes[i, 0], np.stack([f[i] for f in forward]))
+        _show(axes[i, 1], np.stack([reverse[t][i] for t in reversed(ts)]))
+    axes[0, 0].set_title(f"forward q(x_t | x0): t = {ts[0]} ... {ts[-1]}", fontsize=9)
+    axes[0, 1].set_title(f"reverse p(x_(t-1) | x_t): t = {ts[-1]} ... {ts[0]}", fontsize=9)
+    return _save(fig, out)
+
+
+def diversity(metrics_path: str, out: str) -> str:
+    """Mean pairwise distance between the samples of each training-time grid, against images seen."""
+    from . import read_metrics
+    plt = _plt()
+    rows = [r for r in read_metrics(metrics_path) if r.get("event") == "samples" and "diversity" in r]
+    if not rows:
+        raise ValueError(f"no sample-diversity rows in '{metrics_path}' (set train.sample_every_images)")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["images"] for r in rows], [r["diversity"] for r in rows], marker="o")
+    ax.set_xlabel("images seen")
+    ax.set_ylabel("mean pairwise L2 distance")
+    ax.set_title("sample diversity over training")
+    return _save(fig, out)
+
+
+def mean_pairwise_distance(x: torch.Tensor) -> float:
+    flat = x.flatten(1).float()
+    d = torch.cdist(flat, flat)
+    n = len(flat)
+    return float(d.sum() / max(n * (n - 1), 1))
