@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..parallel.env import barrier
 
@@ -135,7 +136,7 @@ class CheckpointManager:
                     warnings.simplefilter("ignore", UserWarning)  # single process: no process group, by design
                     dcp.save(state, checkpoint_id=tmp)
                 barrier()
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"checkpoint at step {step} failed, previous one kept: {type(e).__name__}: {e}") from e
@@ -173,7 +174,7 @@ class CheckpointManager:
         self.pending = None
         try:
             p.future.result()
-        except Exception as e:  # noqa: BLE001 - the previous checkpoint stays; training goes on
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - the previous checkpoint stays; training goes on
             log.error("async checkpoint %s failed, previous one kept: %s", p.final, e)
             if self.rank == 0:
                 shutil.rmtree(p.tmp, ignore_errors=True)
