@@ -61,7 +61,6 @@ def test_masks():
     assert 0 < r.sum() < 256 and np.array_equal(r, make_mask("random", 16, seed=3))
 
 
-@pytest.mark.skipif(not os.path.exists(DIGITS_MODEL), reason="docs/models/digits-ema.safetensors is made by make demo")
 def test_inpainting_the_lower_half_of_digits_gives_digits(tmp_path):
     """With the shipped digits model: the known half is kept, and the completed digits are what the digits
     classifier (trained on the shards' labels) reads as the original class."""

@@ -157,8 +157,15 @@ def accumulate(extractor: Extractor, batches: Iterable[np.ndarray], stats: Optio
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """clean-fid's implementation (it adds eps*I when the product of covariances is singular, as it is
+    for features with dead ReLU units; scipy's warning about it is expected then)."""
+    import warnings
+
     from cleanfid.fid import frechet_distance as fd
-    return float(fd(mu1, sigma1, mu2, sigma2))
+    from scipy.linalg import LinAlgWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LinAlgWarning)
+        return float(fd(mu1, sigma1, mu2, sigma2))
 
 
 @dataclass

@@ -23,6 +23,9 @@ def save_export(path: str, ema: dict[str, torch.Tensor], raw: Optional[dict[str,
     meta = {"format": FORMAT, "model_config": json.dumps(cfg), "info": json.dumps(info)}
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # safetensors creates 0600 files; an export is meant to be shared
     os.replace(tmp, path)
     return path
 
