@@ -139,13 +139,14 @@ def test_every_plot_command_writes_a_picture(small_run, tmp_path):
 
 
 def test_overfit_one_batch(tmp_path):
-    """train.overfit_batches=1: the loss goes near zero and DDIM samples land on the batch's own images."""
+    """train.overfit_batches=1: the loss falls far and DDIM samples land on the batch's own images."""
     run = tmp_path / "overfit"
-    run_train(run, 400, "train.overfit_batches=1", "train.global_batch=4", "train.total_images=1600",
-              "train.lr=0.002", "train.warmup_images=0", "model.num_classes=10", "train.label_dropout=0.0",
-              "train.ema_halflife_images=200", "train.log_every=50", "checkpoint.every_images=0")
+    run_train(run, 1500, "train.overfit_batches=1", "train.global_batch=4", "train.total_images=6000",
+              "train.lr=0.001", "train.warmup_images=0", "train.grad_clip=0", "model.num_classes=10",
+              "model.base_channels=32", "train.label_dropout=0.0", "train.ema_halflife_images=400",
+              "train.log_every=50", "checkpoint.every_images=0")
     rows = [json.loads(line) for line in open(run / "metrics.jsonl") if '"train"' in line]
-    assert rows[-1]["loss"] < 0.2 * rows[0]["loss"], [r["loss"] for r in rows]
+    assert rows[-1]["loss"] < 0.15 * rows[0]["loss"], [r["loss"] for r in rows]
     index = [json.loads(line)["index"] for line in open(run / "data_audit" / "rank0.jsonl")]
     assert all(i == index[0] for i in index)  # the same batch every step
     from ddpm_dist.data import read_all
@@ -156,6 +157,8 @@ def test_overfit_one_batch(tmp_path):
     setup = load_setup(str(run / "export.safetensors"), "ema", torch.device("cpu"))
     x = generate(setup.model, setup.schedule, list(range(8)), setup.shape, device="cpu",
                  labels=[int(labels[index[0][i % 4]]) for i in range(8)], sampler="ddim", steps=50)
-    nearest = torch.cdist(x.flatten(1), batch.flatten(1)).min(1).values / (16 * 16) ** 0.5  # RMS distance
-    typical = torch.cdist(batch.flatten(1), batch.flatten(1)).sum() / 12 / 16  # between the batch's images
-    assert nearest.median() < 0.35 * typical, (nearest, typical)
+    rms = (16 * 16) ** 0.5
+    nearest = torch.cdist(x.flatten(1), batch.flatten(1)).min(1).values / rms
+    typical = torch.cdist(batch.flatten(1), batch.flatten(1)).sum() / 12 / rms  # between the batch's images
+    # measured: median 0.07, max 0.23 against 0.74 between distinct batch images
+    assert nearest.median() < 0.2 * typical and nearest.max() < 0.45 * typical, (nearest, typical)
