@@ -27,7 +27,7 @@ demo: install
 
 # SLURM, munge and Prometheus for the system tests (Debian packages; needs root, as CI has).
 system-deps:
-	@if command -v slurmctld >/dev/null && command -v prometheus >/dev/null; then echo "system packages present"; \
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v prometheus >/dev/null; then echo "system packages present"; \
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  slurmctld slurmd slurm-client munge prometheus >/dev/null; fi
 

@@ -90,7 +90,7 @@ def encode_png(img: np.ndarray) -> bytes:
 def sample_worker(args) -> None:
     """One rank's share: load the model, generate its batches, write PNGs; rank 0 finishes the extras."""
     from .eval.generate import generate_share, load_setup, plan_batches, rank_share
-    from .parallel.env import barrier, init_distributed, read_env
+    from .parallel.env import barrier, init_distributed, read_env, shutdown
 
     env = init_distributed(read_env())
     rank, world_size, device = env.rank, env.world_size, env.device
@@ -145,7 +145,7 @@ def sample_worker(args) -> None:
     barrier()
     if rank == 0:
         _finish_outputs(args, setup)
-    barrier()
+    shutdown()
 
 
 def write_provenance(args, setup) -> None:

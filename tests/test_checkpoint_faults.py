@@ -126,3 +126,18 @@ def test_async_save_commits_the_same_state_as_sync(tmp_path):
         a = checkpoint_tensors(str(sync / "checkpoints" / f"step_{step:09d}"))
         b = checkpoint_tensors(str(asyn / "checkpoints" / f"step_{step:09d}"))
         assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+@pytest.mark.distributed
+def test_deepspeed_checkpoint_at_another_world_size_is_a_clear_error(tmp_path):
+    """A ZeRO checkpoint resumes only at the world size that wrote it (docs/CHECKPOINTS.md); its EMA still
+    loads anywhere."""
+    run = tmp_path / "run"
+    run_train(run, 4, "parallel.backend=zero", "parallel.zero_stage=2", nproc=2)
+    r = run_train(run, 8, "parallel.backend=zero", "parallel.zero_stage=2", check=False)
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "DeepSpeed ZeRO checkpoint of 2 ranks" in line and "not 1" in line, line
+    from ddpm_dist.training.checkpoint import load_checkpoint_weights
+    weights, meta = load_checkpoint_weights(str(run))
+    assert meta["format"] == "deepspeed" and len(weights) > 10

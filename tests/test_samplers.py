@@ -54,11 +54,11 @@ def test_samplers_reproduce_gaussian_data(sampler, steps, eta):
     s = make_schedule("linear", 1000)
     model = gaussian_eps_model(s, mu, sd)
     g = torch.Generator().manual_seed(0)
-    xT = torch.randn(20000, 1, 1, 1, dtype=torch.float64, generator=g)
+    xT = torch.randn(8000, 1, 1, 1, dtype=torch.float64, generator=g)
     fn = ddpm if sampler == "ddpm" else ddim
     x = fn(model, s, xT, timesteps=make_timesteps(1000, steps), rng=g, eta=eta, clip_x0=False)
-    assert x.mean().item() == pytest.approx(mu, abs=0.02)
-    assert x.std().item() == pytest.approx(sd, rel=0.04)
+    assert x.mean().item() == pytest.approx(mu, abs=0.025)
+    assert x.std().item() == pytest.approx(sd, rel=0.05)
 
 
 def test_images_do_not_depend_on_batch_mates():
