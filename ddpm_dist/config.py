@@ -289,6 +289,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
     if cfg.parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.train.sr_factor and cfg.train.eval_every_images:
+        raise ConfigError("train.eval_every_images: the in-training Frechet distance is for unconditioned generation, "
+                          "not super-resolution (train.sr_factor); use `python -m ddpm_dist.evaluate recon`")
     if cfg.train.sr_factor and (cfg.model.cond_channels or 0) == 0:
         raise ConfigError("train.sr_factor needs model.cond_channels = the image channels (the low-res condition)")
     if len(cfg.train.betas) != 2:

@@ -162,7 +162,8 @@ def train(cfg: Config) -> int:
         meta = {"images": progress.images, "data": stream.state_dict(), "backend": backend,
                 "world_size": env.world_size, "model_config": expect["model_config"], "config": to_dict(cfg)}
         ckpt.save(progress.step, meta, engine, ema, force_sync=force_sync)
-        metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time)
+        if ckpt.pending is None:  # an async save reports when it commits (ckpt.poll below)
+            metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time)
 
     def due(every_images: int) -> bool:
         return every_images > 0 and progress.images // every_images != (progress.images - cfg.train.global_batch) // every_images
