@@ -147,3 +147,16 @@ def test_redact_removes_credentials_and_queries():
     from ddpm_dist.data.storage import redact
     assert redact("https://user:pw@host/data/m.json?X-Amz-Signature=abc") == "https://host/data/m.json"
     assert redact("s3://bucket/key") == "s3://bucket/key"
+
+
+def test_memory_url_and_webdataset_opener():
+    """Shards on memory:// (any fsspec protocol); webdataset.WebDataset reads them through the registered opener."""
+    import webdataset as wds
+    from ddpm_dist.data.storage import register_webdataset_opener
+    m = build_shards(iter_digits(16), "memory://ddpm-test/digits", samples_per_shard=500, progress=False,
+                     overwrite=True)
+    assert verify("memory://ddpm-test/digits/manifest.json", progress=False).ok
+    register_webdataset_opener()
+    ds = wds.WebDataset(f"memory://ddpm-test/digits/{m.shards[0].url}", shardshuffle=False)
+    samples = [s for _, s in zip(range(5), ds)]
+    assert len(samples) == 5 and all("png" in s and "cls" in s for s in samples)

@@ -72,8 +72,9 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             raise
     else:
         fs, path = fsspec.core.url_to_fs(url)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        if fs.protocol in ("memory",) or "memory" in fs.protocol:
+        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        if "memory" in protocols:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             fs.pipe_file(tmp, data)
             fs.mv(tmp, path)
         else:  # s3/gcs/...: a PUT becomes visible only when complete
