@@ -3,7 +3,9 @@
 1. Per-step time of our loop (single process, everything on: EMA, grad clipping, metrics sinks, preemption
    check, LR schedule) over a bare PyTorch loop (forward, loss, backward, AdamW step), same model, batch and
    step count, the same in-memory batches for both (data loading is bench/data_bench.py's business).
-   Rounds alternate between the two and the median round counts. Goal: ratio <= 1.05.
+   Rounds alternate between the two and the median round counts. Goal: ratio <= 1.05. The process first
+   takes the malloc settings every CPU process of ours runs with (parallel/cpu_malloc.py), so both loops
+   share them; without them the page faults of either loop swing a round by several percent.
 2. Images/s of 2-process DDP, FSDP2 and ZeRO-2 against 1 process on the same global batch (gloo on CPU).
 
     .venv/bin/python bench/train_bench.py [--preset digits] [--batch 128] [--steps 10] [--rounds 7]
@@ -34,8 +36,8 @@ def batches(model_cfg, batch, n, seed=0):
              "label": torch.randint(0, max(model_cfg.num_classes, 1), (batch,), generator=g)} for _ in range(n)]
 
 
-def bare_loop(model, data, schedule, num_classes, steps):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+def bare_loop(model, data, schedule, num_classes, steps, opt_args):
+    opt = torch.optim.AdamW(model.parameters(), **opt_args, foreach=True)
     g = torch.Generator().manual_seed(1)
     t0 = time.perf_counter()
     for step in range(steps):
@@ -51,6 +53,11 @@ def bare_loop(model, data, schedule, num_classes, steps):
     return (time.perf_counter() - t0) / steps
 
 
+def optimizer_args(cfg) -> dict:
+    """The config's AdamW settings, for both loops."""
+    return dict(lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+
+
 class OurLoop:
     """The pieces of training/loop.py's step, in its order, with every feature on."""
 
@@ -61,8 +68,8 @@ class OurLoop:
         from ddpm_dist.training.preemption import Preemption
 
         self.cfg, self.model_cfg = cfg, model_cfg
-        self.engine = parallelize(model, "single", read_env(), optimizer_args=dict(lr=1e-4, betas=[0.9, 0.999],
-                                  weight_decay=0.0), bf16=False, micro_batch=cfg.train.global_batch, accum_steps=1,
+        self.engine = parallelize(model, "single", read_env(), optimizer_args=optimizer_args(cfg), bf16=False,
+                                  micro_batch=cfg.train.global_batch, accum_steps=1,
                                   grad_clip=1.0)
         self.ema = ShardedEMA(self.engine)
         self.metrics = Metrics(run_dir, rank=0, local_rank=0, world_size=1, log_every=cfg.train.log_every)
@@ -94,6 +101,9 @@ class OurLoop:
 
 
 def overhead(args):
+    from ddpm_dist.parallel.cpu_malloc import keep_freed_memory
+
+    keep_freed_memory()
     cfg = load_config(None, [f"model.preset={args.preset}", f"train.global_batch={args.batch}", "train.grad_clip=1.0",
                              "train.log_every=10", "train.label_dropout=0.1"])
     model_cfg = resolve_model_config(cfg.model)
@@ -104,12 +114,12 @@ def overhead(args):
     ours = OurLoop(ours_model, cfg, model_cfg, tempfile.mkdtemp())
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps)
     ours.run(data, 3)  # warm-up both
-    bare_loop(bare_model, data, schedule, model_cfg.num_classes, 3)
+    bare_loop(bare_model, data, schedule, model_cfg.num_classes, 3, optimizer_args(cfg))
     t_ours, t_bare = [], []
     for r in range(args.rounds):  # alternate which goes first
         if r % 2:
             t_ours.append(ours.run(data, args.steps))
-        t_bare.append(bare_loop(bare_model, data, schedule, model_cfg.num_classes, args.steps))
+        t_bare.append(bare_loop(bare_model, data, schedule, model_cfg.num_classes, args.steps, optimizer_args(cfg)))
         if not r % 2:
             t_ours.append(ours.run(data, args.steps))
     a, b = statistics.median(t_ours), statistics.median(t_bare)

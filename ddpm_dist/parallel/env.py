@@ -87,9 +87,13 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600) -> Dis
     env = env or read_env()
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    elif env.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # CPU processes sharing a machine: oversubscribed OpenMP threads slow every rank several-fold.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    else:
+        from .cpu_malloc import keep_freed_memory
+
+        keep_freed_memory()
+        if env.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # CPU processes sharing a machine: oversubscribed OpenMP threads slow every rank several-fold.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     if env.distributed and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
