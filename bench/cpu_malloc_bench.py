@@ -53,7 +53,8 @@ def child(args) -> None:
     for _ in range(args.steps):
         step()
     print(json.dumps({"step_s": (time.perf_counter() - t0) / args.steps,
-                      "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps}))
+                      "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def run_child(mode: str, args) -> dict:
@@ -81,12 +82,14 @@ def main() -> None:
     for r in range(args.rounds):
         for mode in (("kept", "default") if r % 2 else ("default", "kept")):
             results[mode].append(run_child(mode, args))
-    med = {m: (statistics.median(x["step_s"] for x in v), statistics.median(x["faults"] for x in v))
+    med = {m: [statistics.median(x[k] for x in v) for k in ("step_s", "faults", "peak_rss_mb")]
            for m, v in results.items()}
     print(f"model {args.preset}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps, fresh processes")
     for m in ("default", "kept"):
-        print(f"  {m:8s} malloc: {med[m][0] * 1e3:7.1f} ms/step, {med[m][1]:8.0f} page faults/step")
-    print(f"step time kept/default {med['kept'][0] / med['default'][0]:.3f}")
+        print(f"  {m:8s} malloc: {med[m][0] * 1e3:7.1f} ms/step, {med[m][1]:8.0f} page faults/step, "
+              f"peak RSS {med[m][2]:6.0f} MB")
+    print(f"step time kept/default {med['kept'][0] / med['default'][0]:.3f}, "
+          f"peak RSS kept/default {med['kept'][2] / med['default'][2]:.3f}")
 
 
 if __name__ == "__main__":
