@@ -37,13 +37,13 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def _wait(predicate, timeout, what):
+def wait_for(predicate, timeout, what):
     end = time.time() + timeout
     while time.time() < end:
         if predicate():
             return
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} not ready after {timeout}s")
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} (after {timeout}s)")
 
 
 def _pid(path):
@@ -72,13 +72,13 @@ def slurm(tmp_path_factory):
         os.makedirs("/run/munge", exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
-        _wait(lambda: _pid("/run/munge/munged.pid"), 10, "munged")
+        wait_for(lambda: _pid("/run/munge/munged.pid"), 10, "munged")
         munge_pid = _pid("/run/munge/munged.pid")
     subprocess.run(["slurmctld"], env=env, check=True)
     started.append(d / "slurmctld.pid")
     subprocess.run(["slurmd", "-N", "localhost"], env=env, check=True)
     started.append(d / "slurmd.pid")
-    _wait(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
+    wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
           == "idle", 30, "slurm node")
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)

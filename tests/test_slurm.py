@@ -3,12 +3,11 @@ requeued, resumed, finishing equal to an uninterrupted run; a 2-task sampling jo
 import os
 import re
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import PYTHON, ROOT
-from tests.slurm_cluster import slurm  # noqa: F401 - fixture
+from tests.slurm_cluster import slurm, wait_for  # noqa: F401 - fixture
 from tests.train_helpers import FAST, assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint, run_train
 
 pytestmark = pytest.mark.system
@@ -32,15 +31,6 @@ def job_state(job):
     state = re.search(r"JobState=(\S+)", r.stdout)
     restarts = re.search(r"Restarts=(\d+)", r.stdout)
     return (state.group(1) if state else "GONE"), int(restarts.group(1)) if restarts else 0
-
-
-def wait_for(predicate, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(what)
 
 
 def logs(tmp_path, job):
