@@ -45,7 +45,6 @@ def main():
     shape = (args.batch, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     data = [{"image": torch.rand(shape) * 2 - 1, "label": torch.zeros(args.batch, dtype=torch.long)}]
     root = args.dir or tempfile.mkdtemp(prefix="ddpm-ckptbench-")
-    meta = {"images": 0, "data": {}, "backend": "single", "world_size": 1, "model_config": {}}
     step = 0
 
     def train(n):
@@ -67,11 +66,12 @@ def main():
     results = {}
     for mode in ("sync", "async"):
         directory = os.path.join(root, mode)
-        manager = CheckpointManager(directory, rank=0, keep_last=2, async_save=mode == "async")
+        manager = CheckpointManager(directory, {"engine": engine, "ema": ema}, rank=0, keep_last=2,
+                                    async_save=mode == "async")
         stalls = []
         for _ in range(3):
             t0 = time.perf_counter()
-            manager.save(step, meta, engine, ema)
+            manager.save(step, step * args.batch)
             stalls.append(time.perf_counter() - t0)
             train(1)
             manager.wait()
@@ -80,7 +80,7 @@ def main():
             train(1)
             manager.poll()
             if (i + 1) % args.every == 0:
-                manager.save(step, meta, engine, ema)
+                manager.save(step, step * args.batch)
         manager.wait()
         total = time.perf_counter() - t0
         results[mode] = (statistics.median(stalls), total)

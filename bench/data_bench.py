@@ -102,13 +102,11 @@ def main():
 
 
 def s3_row(args, images, labels, tmp, ours, imagefolder, transform):
-    import socket
-
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ddpm_dist.parallel.env import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_dist.diffusion import generate, image_seed, make_schedule  # noqa: E402
+from ddpm_dist.diffusion import SamplerOptions, generate, image_seed, make_schedule  # noqa: E402
 from ddpm_dist.eval.fid import Extractor, FeatureStats, accumulate, module_checksum  # noqa: E402
 from ddpm_dist.models import build_model  # noqa: E402
 
@@ -51,8 +51,8 @@ def sampler_overhead(args):
             full = []
             for r in range(3):
                 t0 = time.perf_counter()
-                generate(model, schedule, [image_seed(r, i) for i in range(args.batch)], shape, device="cpu",
-                         labels=y.tolist(), null_class=10, sampler=sampler, steps=args.steps, eta=eta)
+                generate(model, schedule, [image_seed(r, i) for i in range(args.batch)], shape,
+                         SamplerOptions(sampler, args.steps, eta), device="cpu", labels=y.tolist(), null_class=10)
                 full.append(time.perf_counter() - t0)
         rows.append((sampler, statistics.median(full) / (args.steps * statistics.median(fwd))))
     print(f"sampler overhead, digits model, batch {args.batch}, {args.steps} steps (1.00 = nothing but model calls):")

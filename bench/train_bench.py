@@ -62,6 +62,7 @@ class OurLoop:
     """The pieces of training/loop.py's step, in its order, with every feature on."""
 
     def __init__(self, model, cfg, model_cfg, run_dir):
+        from ddpm_dist.config import MetricsConfig
         from ddpm_dist.obs.metrics import Metrics
         from ddpm_dist.parallel import parallelize, read_env
         from ddpm_dist.parallel.ema import ShardedEMA
@@ -72,20 +73,23 @@ class OurLoop:
                                   micro_batch=cfg.train.global_batch, accum_steps=1,
                                   grad_clip=1.0)
         self.ema = ShardedEMA(self.engine)
-        self.metrics = Metrics(run_dir, rank=0, local_rank=0, world_size=1, log_every=cfg.train.log_every)
+        self.metrics = Metrics(MetricsConfig(), rank=0, local_rank=0, world_size=1, run="bench", run_dir=run_dir,
+                               log_every=cfg.train.log_every)
         self.preemption = Preemption(torch.device("cpu"))
         self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps)
         self.step = 0
 
     def run(self, data, steps):
         from ddpm_dist.parallel.ema import ema_beta
-        from ddpm_dist.training.loop import lr_at, run_step
+        from ddpm_dist.training.loop import run_step
+        from ddpm_dist.training.state import LRSchedule
 
         cfg = self.cfg
+        lr_at = LRSchedule.from_config(cfg.train)
         t0 = time.perf_counter()
         for _ in range(steps):
             ts = time.perf_counter()
-            lr = lr_at(self.step * cfg.train.global_batch, cfg)
+            lr = lr_at(self.step * cfg.train.global_batch)
             loss, norm = run_step(self.engine, self.schedule, [data[self.step % len(data)]], step=self.step, rank=0,
                                   world_size=1, cfg=cfg, num_classes=self.model_cfg.num_classes, lr=lr)
             te = time.perf_counter()

@@ -1,30 +1,54 @@
-"""What every entry point shares: logging set-up and turning expected errors into one-line exits."""
+"""What the entry points share: the sampler options as command-line flags (built from SamplerOptions, so
+each is declared once) and turning expected errors into one-line exits. Entry points only; no library
+module imports this."""
 from __future__ import annotations
 
-import logging
+import argparse
+import dataclasses
 import os
 import sys
+import typing
 from typing import Callable
 
+from .artifacts import CheckpointError
 from .config import ConfigError
+from .data import DataError, ShardError
+from .diffusion import SamplerOptions
 
-EXPECTED_ERRORS: tuple = (ConfigError, FileNotFoundError, ValueError)
+EXPECTED_ERRORS: tuple = (ConfigError, FileNotFoundError, ValueError, DataError, ShardError, CheckpointError)
 
 
-def setup_logging(rank: int = 0) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """--sampler, --steps, --eta, --spacing, --var-type, --guidance, --clip/--no-clip; unset = the run's setting."""
+    hints = typing.get_type_hints(SamplerOptions)
+    group = parser.add_argument_group("sampler (default: the run's sample section)")
+    for f in dataclasses.fields(SamplerOptions):
+        kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
+        if kind is bool:
+            group.add_argument("--clip" if f.name == "clip_x0" else "--" + f.name.replace("_", "-"), dest=f.name,
+                               action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+                               choices=f.metadata.get("choices"), help=f.metadata["help"])
+
+
+def sampler_overrides(args: argparse.Namespace) -> dict:
+    """The sampler flags that were given, as SamplerOptions fields."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerOptions)
+            if getattr(args, f.name, None) is not None}
+
+
+def is_rank0() -> bool:
+    """Under torchrun/SLURM every rank runs the entry point: only rank 0 reports."""
+    from .parallel.env import read_env
+    return read_env().rank == 0
 
 
 def run_cli(main: Callable[[list[str]], int], argv=None) -> None:
     """Run `main`; a known error becomes `error: <one line>` on stderr with exit code 2."""
-    from .data.shards import ShardError
-    from .data.stream import DataError
-    from .training.checkpoint import CheckpointError
-
     try:
         code = main(sys.argv[1:] if argv is None else argv)
-    except (*EXPECTED_ERRORS, DataError, ShardError, CheckpointError) as e:
+    except EXPECTED_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         sys.stdout.flush()

@@ -13,26 +13,23 @@ from typing import Any, Optional
 
 import yaml
 
+from .diffusion.options import SamplerOptions
+from .models.unet import UNetConfig
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value (the message is one line)."""
 
 
-@dataclass
-class ModelConfig:
-    preset: Optional[str] = "tiny"  # a name in models.PRESETS; the fields below override it when set
-    image_size: Optional[int] = None
-    in_channels: Optional[int] = None
-    base_channels: Optional[int] = None
-    channel_mults: Optional[list[int]] = None
-    num_res_blocks: Optional[int] = None
-    attn_resolutions: Optional[list[int]] = None
-    num_heads: Optional[int] = None
-    dropout: Optional[float] = None
-    time_conditioning: Optional[str] = None  # "scale_shift" (FiLM) or "add" (the DDPM paper)
-    norm_groups: Optional[int] = None
-    num_classes: Optional[int] = None  # 0 = unconditional
-    cond_channels: Optional[int] = None  # extra input channels (super-resolution conditioning)
+def _all_optional(cls) -> list:
+    """Every field of `cls` as an optional, unset field (declared once, in the model's own config)."""
+    hints = typing.get_type_hints(cls)
+    return [(f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(cls)]
+
+
+# A preset name (models.PRESETS) and any UNetConfig field set to override it.
+ModelConfig = dataclasses.make_dataclass("ModelConfig", [("preset", Optional[str], field(default="tiny")),
+                                                         *_all_optional(UNetConfig)])
 
 
 @dataclass
@@ -45,12 +42,14 @@ class DiffusionConfig:
     loss_weighting: str = "none"  # none | min_snr
     min_snr_gamma: float = 5.0
 
+    def make_schedule(self):
+        from .diffusion import make_schedule
+        return make_schedule(self.schedule, self.num_steps, self.beta_start, self.beta_end)
+
 
 @dataclass
 class DataConfig:
     source: str = "shards/digits/manifest.json"  # a manifest URL or a brace pattern of tar URLs
-    image_size: Optional[int] = None  # None: the manifest's size
-    channels: Optional[int] = None
     random_flip: bool = False
     num_workers: int = 0
     max_skip_fraction: float = 0.01  # corrupt samples tolerated before the run stops
@@ -81,6 +80,7 @@ class TrainConfig:
     stop_check_every: int = 5  # steps between the ranks' agreement on a stop signal (one small all_reduce)
     eval_every_images: int = 0  # optional in-training Fréchet distance (same code as ddpm_dist.evaluate)
     eval_num_images: int = 256
+    eval_batch_size: int = 64
     eval_extractor: str = "digits"  # digits (classifier trained on the shards' labels) | inception
     eval_inception: str = ""  # path to inception-2015-12-05.pt for eval_extractor=inception
 
@@ -114,21 +114,6 @@ class MetricsConfig:
 
 
 @dataclass
-class SampleConfig:
-    sampler: str = "ddim"  # ddpm | ddim
-    steps: int = 50
-    eta: float = 0.0
-    guidance: float = 1.0
-    spacing: str = "uniform"  # uniform | quadratic
-    var_type: str = "small"  # DDPM posterior variance: small | large
-    clip_x0: bool = True
-    num_images: int = 64
-    batch_size: int = 64
-    seed: int = 0
-    use_ema: bool = True
-
-
-@dataclass
 class Config:
     run_dir: str = "runs/default"
     name: str = ""
@@ -140,7 +125,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    sample: SamplerOptions = field(default_factory=SamplerOptions)  # the run's sampler, also the default later
 
 
 CHOICES = {
@@ -149,9 +134,6 @@ CHOICES = {
     "diffusion.loss_weighting": ("none", "min_snr"),
     "train.lr_schedule": ("constant", "cosine"),
     "parallel.backend": ("auto", "single", "ddp", "fsdp", "zero"),
-    "sample.sampler": ("ddpm", "ddim"),
-    "sample.spacing": ("uniform", "quadratic"),
-    "sample.var_type": ("small", "large"),
     "model.time_conditioning": (None, "scale_shift", "add"),
     "train.eval_extractor": ("digits", "inception"),
 }
@@ -246,13 +228,6 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
-    cfg = Config()
-    _merge(cfg, data, "")
-    validate(cfg)
-    return cfg
-
-
 def validate(cfg: Config) -> None:
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
@@ -266,9 +241,7 @@ def validate(cfg: Config) -> None:
         "train.total_images": cfg.train.total_images,
         "train.log_every": cfg.train.log_every,
         "train.stop_check_every": cfg.train.stop_check_every,
-        "sample.steps": cfg.sample.steps,
-        "sample.num_images": cfg.sample.num_images,
-        "sample.batch_size": cfg.sample.batch_size,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
     }
     for key, value in positive.items():
@@ -283,8 +256,10 @@ def validate(cfg: Config) -> None:
     for key in ("label_dropout",):
         if not 0.0 <= getattr(cfg.train, key) < 1.0:
             raise ConfigError(f"train.{key}: must be in [0, 1), got {getattr(cfg.train, key)}")
-    if not 0.0 <= cfg.sample.eta <= 1.0:
-        raise ConfigError(f"sample.eta: must be in [0, 1], got {cfg.sample.eta}")
+    try:
+        cfg.sample.validate()
+    except ValueError as e:
+        raise ConfigError(f"sample.{e}") from None
     if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
         raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
     if cfg.parallel.zero_stage not in (1, 2, 3):

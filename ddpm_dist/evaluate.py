@@ -10,22 +10,13 @@ recon      PSNR / SSIM of one-step x0 predictions and DDIM reconstructions from 
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import logging
 import os
-import time
 
 import numpy as np
-import torch
-from PIL import Image
-from tqdm import tqdm
 
-from .cli_common import run_cli, setup_logging
+from .cli_common import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
 from .data import storage
-
-log = logging.getLogger(__name__)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_dist.evaluate", description=__doc__,
@@ -43,18 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--num-images", type=int, default=None, help="with --run/--export: how many to generate")
         f.add_argument("--batch-size", type=int, default=64)
         f.add_argument("--seed", type=int, default=0)
-        f.add_argument("--sampler", choices=("ddpm", "ddim"))
-        f.add_argument("--steps", type=int)
-        f.add_argument("--eta", type=float)
-        f.add_argument("--guidance", type=float)
         f.add_argument("--classes", default=None, help="as for ddpm_dist.sample (default random)")
+        add_sampler_arguments(f)
         f.add_argument("--world-size", type=int, default=1, help="local workers to spawn (ignored under torchrun/SLURM)")
         f.add_argument("--inception", help="path to inception-2015-12-05.pt (fid)")
         f.add_argument("--out", help="result JSON (default: next to the samples or in the run directory)")
     r = sub.add_parser("ref-stats", help="reference feature statistics of a shard set")
     r.add_argument("--data", required=True, help="shard manifest URL")
     r.add_argument("--out", required=True, help="output .npz (path or fsspec URL)")
-    r.add_argument("--extractor", choices=("inception", "digits"), default="inception")
+    r.add_argument("--extractor", choices=("inception", "digits"), default="inception",
+                   help="digits: the digits classifier trained on --data (the extractor of `frechet`)")
     r.add_argument("--inception", help="path to inception-2015-12-05.pt")
     r.add_argument("--batch-size", type=int, default=64)
     c = sub.add_parser("recon", help="reconstruction PSNR/SSIM per noise level")
@@ -69,178 +58,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_extractor(kind: str, args, device, data: str | None):
-    from .eval.fid import inception_extractor
+def fid(args) -> int:
+    from .eval.frechet import FrechetJob, frechet_worker, read_result
+    from .parallel.env import spawn_local
 
-    if kind == "fid" or kind == "inception":
-        return inception_extractor(getattr(args, "inception", None), device)
+    job = FrechetJob(args.cmd, samples=args.samples, source=args.run or args.export, ref=args.ref, data=args.data,
+                     num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, classes=args.classes,
+                     sampler=sampler_overrides(args), inception=args.inception, out=args.out)
+    spawn_local(frechet_worker, (job,), args.world_size)
+    if is_rank0():
+        r = read_result(job)
+        acc = f", class accuracy {r['class_accuracy']:.3f}" if r["class_accuracy"] is not None else ""
+        print(f"{r['metric']}: {r['value']:.4f} over {r['n']} images vs {r['ref_n']} reference{acc} -> "
+              f"{storage.redact(job.result_path())}")
+    return 0
+
+
+def ref_stats(args) -> int:
+    from .eval.fid import compute_ref_stats
+    from .eval.frechet import make_extractor
+    from .parallel.env import read_env
+
+    extractor = make_extractor(args.extractor, inception=args.inception, data=args.data, device=read_env().device)
+    ref = compute_ref_stats(args.data, extractor, args.batch_size)
+    ref.save(args.out)
+    print(f"reference statistics of {ref.n} images ({extractor.name}, {extractor.resize_mode} resize) -> {args.out}")
+    return 0
+
+
+def recon(args) -> int:
+    from .artifacts import load_trained, run_data_source
+    from .data import read_all
+    from .eval.recon import reconstruction_table
+    from .parallel.env import read_env
+    from .sampling import prepare
+    from .viz import auto_scale, grid, save_image
+    from .viz.figures import recon_curves
+
+    source = args.run or args.export
+    if not source:
+        raise ValueError("recon needs --run or --export")
+    setup = prepare(load_trained(source), read_env().device)
+    data = args.data or run_data_source(args.run)
     if not data:
-        raise ValueError("frechet needs --data (a labelled shard manifest) to train/load the digits classifier")
-    from .eval.digits_classifier import digits_extractor
-    return digits_extractor(data, device)[0]
-
-
-def reference_stats(args, extractor, data: str | None, device):
-    from .eval.fid import RefStats
-
-    if args.ref:
-        ref = RefStats.load(args.ref)
-        ref.check(extractor)
-        return ref
-    if not data:
-        raise ValueError("give --ref (statistics .npz) or --data (shard manifest)")
-    return compute_ref_stats(data, extractor, args.batch_size)
-
-
-def compute_ref_stats(data: str, extractor, batch_size: int):
-    from .data import load_manifest, read_all
-    from .eval.fid import RefStats, accumulate
-
-    m = load_manifest(data)
-    images, _ = read_all(data)
-    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-    stats = accumulate(extractor, tqdm(batches, total=-(-len(images) // batch_size), desc="reference features", unit="batch"))
-    mu, sigma = stats.mean_cov()
-    return RefStats(mu, sigma, stats.n, extractor.name, extractor.checksum, extractor.resize_mode, m.checksum())
-
-
-def _run_data(run: str | None) -> str | None:
-    if run and os.path.exists(os.path.join(run, "config.yaml")):
-        import yaml
-        with open(os.path.join(run, "config.yaml")) as f:
-            return yaml.safe_load(f).get("data", {}).get("source")
-    return None
-
-
-def frechet_worker(args) -> None:
-    """Every rank: features of its own images into float64 sums; all-reduce; rank 0 scores and writes."""
-    from .eval.fid import FeatureStats, accumulate, frechet_distance
-    from .parallel.env import init_distributed, read_env, shutdown
-
-    env = init_distributed(read_env())
-    setup_logging(env.rank)
-    rank, world, device = env.rank, env.world_size, env.device
-    prov = _provenance(args)
-    data = args.data or (_run_data(args.run) if args.run else None) or _run_data(_run_from_provenance(prov))
-    extractor = make_extractor(args.cmd, args, device, data)
-    t0 = time.perf_counter()
-    labels, preds = [], []
-    classifier = None
-    if args.cmd == "frechet":
-        from .eval.digits_classifier import digits_extractor
-        classifier = digits_extractor(data, device)[1]
-
-    def observe(images, batch_labels):
-        if classifier is not None and batch_labels is not None:
-            with torch.no_grad():
-                logits = classifier(torch.from_numpy(images).permute(0, 3, 1, 2).float().to(device))
-            preds.extend(logits.argmax(1).cpu().tolist())
-            labels.extend(batch_labels)
-
-    if args.samples:
-        indices = _sample_indices(args.samples)
-        mine = indices[rank::world]
-        prov_labels = prov.get("labels")
-
-        def batches():
-            for i in range(0, len(mine), args.batch_size):
-                idx = mine[i:i + args.batch_size]
-                imgs = np.stack([_read_png(args.samples, k) for k in idx])
-                observe(imgs, [prov_labels[k] for k in idx] if prov_labels else None)
-                yield imgs
-        n_total = len(indices)
-        probe = _read_png(args.samples, indices[0])
-    else:
-        from .eval.generate import generate_share, load_setup, plan_batches, rank_share
-        setup = load_setup(args.run or args.export, "ema", device, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                           guidance=args.guidance)
-        prov = {"source": setup.desc, **setup.opts, "seed": args.seed, "classes": args.classes}
-        n_total = args.num_images or 1000
-        share = rank_share(plan_batches(n_total, args.batch_size, set()), rank, world)
-        c, h, w = setup.shape
-        probe = np.zeros((h, w, c), dtype=np.uint8)
-
-        def batches():
-            for idx, imgs, lab, fresh in generate_share(setup, share, seed=args.seed, classes=args.classes,
-                                                        num_images=n_total):
-                if fresh:  # repeats that even out model calls are not counted twice
-                    observe(imgs, lab)
-                    yield imgs
-    bar = tqdm(total=n_total, desc="features", unit="img", disable=rank != 0)
-    dim = extractor.features(probe[None]).shape[1]  # ranks without images still join the all-reduce
-    stats = accumulate(extractor, batches(), FeatureStats(dim), on_batch=lambda n: bar.update(n * world))
-    bar.close()
-    stats.all_reduce(device)
-    acc = _all_reduce_accuracy(preds, labels, device)
-    ref = reference_stats(args, extractor, data, device) if rank == 0 else None
-    if rank == 0:
-        mu, sigma = stats.mean_cov()
-        value = frechet_distance(mu, sigma, ref.mu, ref.sigma)
-        kind = "FID" if args.cmd == "fid" else "Frechet distance (digits classifier features, not FID)"
-        result = {"metric": kind, "value": value, "n": stats.n, "ref_n": ref.n, "extractor": extractor.name,
-                  "extractor_checksum": extractor.checksum, "resize_mode": extractor.resize_mode,
-                  "class_accuracy": acc, "seconds": time.perf_counter() - t0,
-                  **{k: prov.get(k) for k in ("source", "sampler", "steps", "eta", "guidance", "seed", "classes")}}
-        out = args.out or storage.join(args.samples or args.run or os.path.dirname(args.export),
-                                       "fid.json" if args.cmd == "fid" else "frechet.json")
-        storage.write_bytes_atomic(out, json.dumps(result, indent=1).encode())
-        acc_text = f", class accuracy {acc:.3f}" if acc is not None else ""
-        print(f"{kind}: {value:.4f} over {stats.n} images vs {ref.n} reference{acc_text} -> {storage.redact(out)}")
-    shutdown()
-
-
-def _all_reduce_accuracy(preds, labels, device):
-    t = torch.tensor([float(sum(int(p == y) for p, y in zip(preds, labels))), float(len(labels))], dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = t.to(device)
-        torch.distributed.all_reduce(t)
-    return (t[0] / t[1]).item() if t[1] > 0 else None
-
-
-def _provenance(args) -> dict:
-    if args.samples:
-        url = storage.join(args.samples, "sampling.json")
-        if storage.exists(url):
-            return json.loads(storage.read_bytes(url))
-    return {}
-
-
-def _run_from_provenance(prov: dict) -> str | None:
-    src = prov.get("source", "")
-    path = src.split(" ")[0] if src else ""
-    return path if path and os.path.isdir(path) else None
-
-
-def _sample_indices(folder: str) -> list[int]:
-    from .sample import existing_indices
-    indices = sorted(existing_indices(folder))
-    if not indices:
-        raise FileNotFoundError(f"no NNNNNN.png images in '{storage.redact(folder)}'")
-    return indices
-
-
-def _read_png(folder: str, index: int) -> np.ndarray:
-    from .sample import png_name
-    with Image.open(io.BytesIO(storage.read_bytes(storage.join(folder, png_name(index))))) as im:
-        arr = np.asarray(im)
-    return arr[..., None] if arr.ndim == 2 else arr
+        raise ValueError("recon needs --data (a held-out shard manifest)")
+    images, labels = read_all(data, limit=args.num_images)
+    rows, examples, why = reconstruction_table(setup, images, labels, [int(t) for t in args.t.split(",")],
+                                               ddim_steps=args.ddim_steps, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "recon.json"), "w") as f:
+        json.dump({"source": setup.source, "data": data, "n": len(images), "rows": rows, "lpips": why or "alex"}, f,
+                  indent=1)
+    recon_curves(rows, os.path.join(args.out, "recon.png"))
+    ex = np.concatenate(examples)
+    save_image(grid(ex, nrow=min(8, len(images)), scale=auto_scale(ex.shape[1])), os.path.join(args.out, "recon_examples.png"))
+    print(f"reconstruction of {len(images)} images from {data} by {setup.source}")
+    print(f"{'t':>5} {'PSNR 1-step':>12} {'SSIM 1-step':>12} {'PSNR DDIM':>10} {'SSIM DDIM':>10}")
+    for r in rows:
+        print(f"{r['t']:5d} {r['one_step_psnr']:12.2f} {r['one_step_ssim']:12.3f} {r['ddim_psnr']:10.2f} {r['ddim_ssim']:10.3f}")
+    if why:
+        print(why)
+    print(f"table: {os.path.join(args.out, 'recon.json')}  plot: {os.path.join(args.out, 'recon.png')}  "
+          f"examples (originals, then DDIM per t): {os.path.join(args.out, 'recon_examples.png')}")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.cmd in ("fid", "frechet"):
-        from .parallel.env import spawn_local
-        spawn_local(frechet_worker, (args,), args.world_size)
-        return 0
-    if args.cmd == "ref-stats":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        extractor = make_extractor(args.extractor, args, device, args.data)
-        ref = compute_ref_stats(args.data, extractor, args.batch_size)
-        ref.save(args.out)
-        print(f"reference statistics of {ref.n} images ({extractor.name}, {extractor.resize_mode} resize) -> {args.out}")
-        return 0
-    from .eval.recon import recon_main
-    return recon_main(args)
+    return {"fid": fid, "frechet": fid, "ref-stats": ref_stats, "recon": recon}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,13 @@
 import os
-import socket
 import sys
 
 import pytest
 
+from ddpm_dist.parallel.env import free_port  # noqa: F401 - the one free-port helper, for the tests too
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 DIGITS = os.path.join(ROOT, "shards", "digits", "manifest.json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

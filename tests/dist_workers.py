@@ -1,15 +1,10 @@
 """Functions that run inside spawned gloo worker processes (top level, so spawn can pickle them)."""
 import json
 import os
-import socket
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ddpm_dist.parallel.env import free_port
 
 
 def spawn(fn, world_size: int, *args) -> None:
@@ -110,17 +105,19 @@ def reshard_worker(rank, world_size, ckpt_path, out_file):
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.ema import ShardedEMA
-    from ddpm_dist.training.checkpoint import CheckpointManager, read_meta
+    from ddpm_dist.artifacts import read_meta
+    from ddpm_dist.training.checkpoint import CheckpointManager
 
     meta = read_meta(ckpt_path)
     model_cfg = resolve_model_config(meta["model_config"])
     engine = parallelize(UNet(model_cfg), "fsdp", read_env(), optimizer_args=dict(lr=1e-3, betas=[0.9, 0.999],
                          weight_decay=0.0), bf16=False, micro_batch=1, accum_steps=1, grad_clip=1.0)
     ema = ShardedEMA(engine)
-    manager = CheckpointManager(os.path.dirname(ckpt_path), rank=rank)
-    manager.load(ckpt_path, engine, ema, {"backend": "fsdp", "model_config": meta["model_config"]})
+    manager = CheckpointManager(os.path.dirname(ckpt_path), {"engine": engine, "ema": ema}, rank=rank,
+                                identity={"backend": "fsdp", "model_config": meta["model_config"]})
+    manager.load(ckpt_path)
     model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     ema_full = ema.full_state()
     if rank == 0:
-        torch.save({"model": model_sd, "optim": optim_sd, "ema": ema_full}, out_file)
+        torch.save({"engine": {"model": model_sd, "optim": optim_sd}, "ema": ema_full}, out_file)

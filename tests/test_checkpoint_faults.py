@@ -88,15 +88,15 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.ema import ShardedEMA
-    from ddpm_dist.training.checkpoint import CheckpointError, CheckpointManager
+    from ddpm_dist.artifacts import CheckpointError
+    from ddpm_dist.training.checkpoint import CheckpointManager
 
     cfg = resolve_model_config("tiny")
     engine = parallelize(UNet(cfg), "single", read_env(), optimizer_args=dict(lr=1e-3, betas=[0.9, 0.999],
                          weight_decay=0.0), bf16=False, micro_batch=1, accum_steps=1, grad_clip=1.0)
     ema = ShardedEMA(engine)
-    manager = CheckpointManager(str(tmp_path / "ck"), rank=0, keep_last=2)
-    meta = {"images": 0, "data": {}, "backend": "single", "world_size": 1, "model_config": {}}
-    manager.save(1, meta, engine, ema)
+    manager = CheckpointManager(str(tmp_path / "ck"), {"engine": engine, "ema": ema}, rank=0, keep_last=2)
+    manager.save(1, 8)
     before = checkpoint_tensors(manager.latest())
 
     import torch.distributed.checkpoint.filesystem as fs
@@ -110,7 +110,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
         for p in engine.module.parameters():
             p.add_(1.0)
     with pytest.raises(CheckpointError, match="previous one kept"):
-        manager.save(2, meta, engine, ema)
+        manager.save(2, 16)
     monkeypatch.setattr(fs, "_write_item", real)
     assert manager.latest().endswith("step_000000001")
     assert sorted(os.listdir(tmp_path / "ck")) == ["step_000000001"]
@@ -138,6 +138,6 @@ def test_deepspeed_checkpoint_at_another_world_size_is_a_clear_error(tmp_path):
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "DeepSpeed ZeRO checkpoint of 2 ranks" in line and "not 1" in line, line
-    from ddpm_dist.training.checkpoint import load_checkpoint_weights
+    from ddpm_dist.artifacts import load_checkpoint_weights
     weights, meta = load_checkpoint_weights(str(run))
-    assert meta["format"] == "deepspeed" and len(weights) > 10
+    assert meta["formats"]["engine"] == "deepspeed" and len(weights) > 10

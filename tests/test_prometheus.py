@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -107,7 +108,6 @@ def test_every_panel_and_alert_returns_data_from_a_real_run(tmp_path, prometheus
     exporter = free_port()
     while True:  # two consecutive free ports: one per local rank
         try:
-            import socket
             with socket.socket() as s:
                 s.bind(("127.0.0.1", exporter + 1))
             break

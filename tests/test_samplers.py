@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ddpm_dist.diffusion import StackedRandomGenerator, TrajectoryRecorder, ddim, ddpm, generate, make_schedule, make_timesteps
+from ddpm_dist.diffusion import (SamplerOptions, StackedRandomGenerator, TrajectoryRecorder, ddim, ddpm, generate, make_schedule,
+                                 make_timesteps)
 from ddpm_dist.diffusion.samplers import classifier_free_guidance
 
 
@@ -64,8 +65,9 @@ def test_samplers_reproduce_gaussian_data(sampler, steps, eta):
 def test_images_do_not_depend_on_batch_mates():
     s = make_schedule("linear", 50)
     model = gaussian_eps_model(s, 0.0, 0.5)
-    one = generate(model, s, [11], (1, 2, 2), device="cpu", sampler="ddpm", steps=50, clip_x0=False)
-    many = generate(model, s, [7, 11, 13], (1, 2, 2), device="cpu", sampler="ddpm", steps=50, clip_x0=False)
+    options = SamplerOptions("ddpm", 50, clip_x0=False)
+    one = generate(model, s, [11], (1, 2, 2), options, device="cpu")
+    many = generate(model, s, [7, 11, 13], (1, 2, 2), options, device="cpu")
     assert torch.allclose(one[0], many[1], atol=1e-6)
 
 

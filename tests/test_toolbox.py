@@ -39,21 +39,21 @@ def gaussian_eps_model(schedule, mu, s):
 
 @pytest.mark.parametrize("sampler,resample", [("ddpm", 1), ("ddim", 1), ("ddpm", 3)])
 def test_inpainting_keeps_the_known_region_and_fills_the_hole(sampler, resample):
-    from ddpm_dist.diffusion import make_schedule
-    from ddpm_dist.eval.inpaint import inpaint, make_mask
+    from ddpm_dist.diffusion import SamplerOptions, make_schedule
+    from ddpm_dist.sampling import inpaint, make_mask
 
     s = make_schedule("linear", 100)
     known = torch.full((4, 1, 8, 8), 0.8)
     keep = torch.from_numpy(make_mask("lower-half", 8))[None, None]
-    out = inpaint(gaussian_eps_model(s, -0.5, 0.1), s, known, keep, seeds=[1, 2, 3, 4], sampler=sampler,
-                  steps=50, resample=resample, clip_x0=False)
+    out = inpaint(gaussian_eps_model(s, -0.5, 0.1), s, known, keep, [1, 2, 3, 4],
+                  SamplerOptions(sampler, 50, clip_x0=False), resample=resample)
     assert torch.equal(out[:, :, :4], known[:, :, :4])  # the last replacement is the original itself (t = 0)
     hole = out[:, :, 4:]
     assert (hole - (-0.5)).abs().mean() < 0.25  # the hole follows the model (data mean -0.5), not the original
 
 
 def test_masks():
-    from ddpm_dist.eval.inpaint import make_mask
+    from ddpm_dist.sampling import make_mask
     assert make_mask("lower-half", 16)[8:].sum() == 0 and make_mask("lower-half", 16)[:8].all()
     box = make_mask("box:2,3,6,9", 16)
     assert box[3:9, 2:6].sum() == 0 and box.sum() == 256 - 24
@@ -64,24 +64,25 @@ def test_masks():
 def test_inpainting_the_lower_half_of_digits_gives_digits(tmp_path):
     """With the shipped digits model: the known half is kept, and the completed digits are what the digits
     classifier (trained on the shards' labels) reads as the original class."""
+    from ddpm_dist.artifacts import load_trained
     from ddpm_dist.data import read_all
-    from ddpm_dist.diffusion import image_seed
+    from ddpm_dist.diffusion import SamplerOptions, image_seed
     from ddpm_dist.eval.digits_classifier import digits_extractor
-    from ddpm_dist.eval.generate import load_setup
-    from ddpm_dist.eval.inpaint import inpaint, make_mask
+    from ddpm_dist.images import to_float255, to_model_range, to_uint8
+    from ddpm_dist.sampling import inpaint, make_mask, prepare
 
     os.environ.setdefault("DDPM_CACHE", str(tmp_path / "cache"))
-    setup = load_setup(DIGITS_MODEL, "ema", torch.device("cpu"))
+    setup = prepare(load_trained(DIGITS_MODEL), torch.device("cpu"))
     images, labels = read_all(DIGITS, limit=40)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_model_range(images)
     keep = torch.from_numpy(make_mask("lower-half", 16))[None, None]
     y = torch.from_numpy(labels)
-    out = inpaint(setup.model, setup.schedule, x, keep, seeds=[image_seed(0, i) for i in range(40)], sampler="ddim",
-                  steps=50, model_kwargs={"y": y})
+    out = inpaint(setup.model, setup.schedule, x, keep, [image_seed(0, i) for i in range(40)], SamplerOptions("ddim", 50),
+                  labels=labels.tolist(), prediction=setup.prediction)
     assert (out[:, :, :8] - x[:, :, :8]).abs().max() < 1e-5
     _, classifier = digits_extractor(DIGITS)
     with torch.no_grad():
-        pred = classifier(((out + 1) * 127.5).round().clamp(0, 255)).argmax(1)
+        pred = classifier(to_float255(to_uint8(out))).argmax(1)
     assert (pred == y).float().mean() >= 0.8, (pred, y)
 
 
@@ -149,14 +150,16 @@ def test_overfit_one_batch(tmp_path):
     assert rows[-1]["loss"] < 0.15 * rows[0]["loss"], [r["loss"] for r in rows]
     index = [json.loads(line)["index"] for line in open(run / "data_audit" / "rank0.jsonl")]
     assert all(i == index[0] for i in index)  # the same batch every step
+    from ddpm_dist.artifacts import load_trained
     from ddpm_dist.data import read_all
-    from ddpm_dist.diffusion import generate
-    from ddpm_dist.eval.generate import load_setup
+    from ddpm_dist.diffusion import SamplerOptions, generate
+    from ddpm_dist.images import to_model_range
+    from ddpm_dist.sampling import prepare
     images, labels = read_all(DIGITS)
-    batch = torch.from_numpy(images[index[0]]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    setup = load_setup(str(run / "export.safetensors"), "ema", torch.device("cpu"))
-    x = generate(setup.model, setup.schedule, list(range(8)), setup.shape, device="cpu",
-                 labels=[int(labels[index[0][i % 4]]) for i in range(8)], sampler="ddim", steps=50)
+    batch = to_model_range(images[index[0]])
+    setup = prepare(load_trained(str(run / "export.safetensors")), torch.device("cpu"))
+    x = generate(setup.model, setup.schedule, list(range(8)), setup.shape, SamplerOptions("ddim", 50), device="cpu",
+                 labels=[int(labels[index[0][i % 4]]) for i in range(8)])
     rms = (16 * 16) ** 0.5
     nearest = torch.cdist(x.flatten(1), batch.flatten(1)).min(1).values / rms
     typical = torch.cdist(batch.flatten(1), batch.flatten(1)).sum() / 12 / rms  # between the batch's images

@@ -11,9 +11,10 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
+from ..images import decode_image as decode_bytes
+from ..images import png_bytes
 from . import storage
 from .sources import Sample
 
@@ -103,9 +104,7 @@ def encode_image(img: np.ndarray, fmt: str) -> bytes:
         buf = io.BytesIO()
         np.save(buf, img, allow_pickle=False)
         return buf.getvalue()
-    buf = io.BytesIO()
-    Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    return png_bytes(img)
 
 
 def decode_image(sample: dict) -> np.ndarray:
@@ -116,9 +115,7 @@ def decode_image(sample: dict) -> np.ndarray:
         key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
         if key is None:
             raise ShardError(f"sample {sample.get('__key__')} has no image (keys: {sorted(sample)})")
-        with Image.open(io.BytesIO(sample[key])) as im:
-            im.load()
-            img = np.asarray(im)
+        img = decode_bytes(sample[key])
     if img.ndim == 2:
         img = img[:, :, None]
     if img.dtype != np.uint8 or img.ndim != 3:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..images import to_model_range
 from ..rng import mix_seed
 from . import storage
 from .shards import (Manifest, ShardError, decode_image, decode_label, iter_tar_samples, load_manifest,
@@ -225,7 +226,7 @@ class _LaneDataset(IterableDataset):
         if self.random_flip:
             flips = [k for k, (pos, _) in enumerate(items) if _flip_bit(plan.seed, plan.epoch, pos)]
             imgs[flips] = imgs[flips, :, ::-1]
-        x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x = to_model_range(imgs)
         return {
             "image": x,
             "label": torch.tensor([it[1][1] for it in items], dtype=torch.long),

@@ -1,9 +1,10 @@
 """Reverse-process samplers with one shared signature, classifier-free guidance and trajectories.
 
 Every sampler is `fn(model, schedule, x_T, *, timesteps, rng, prediction, eta, var_type, clip_x0,
-model_kwargs, callback) -> x_0` and runs over a descending sub-sequence of timesteps. `rng` draws the
-per-step noise; a StackedRandomGenerator makes each image's noise depend on its own seed only, so
-a batch's images do not depend on which other images share the batch (EDM generate.py).
+model_kwargs, callback) -> x_0` and runs over a descending sub-sequence of timesteps; `sample` and
+`generate` pick one from a SamplerOptions. `rng` draws the per-step noise; a StackedRandomGenerator makes
+each image's noise depend on its own seed only, so a batch's images do not depend on which other images
+share the batch (EDM generate.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from .objective import eps_from_x0, to_x0_eps
+from .options import SamplerOptions
 from .schedule import Schedule, gather, respace
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -132,7 +134,8 @@ class DDIMStep:
 STEPS = {"ddpm": DDPMStep, "ddim": DDIMStep}
 
 
-def _run(step, x_T, rng, callback):
+def run_steps(step, x_T, rng=None, callback: Optional[Callback] = None) -> torch.Tensor:
+    """The reverse loop every sampler and task shares: x_T at timesteps[-1] down to the data."""
     rng, x = _as_rng(rng), x_T
     for i in reversed(range(len(step.timesteps))):
         x_next, x0 = step(x, i, rng)
@@ -143,11 +146,11 @@ def _run(step, x_T, rng, callback):
 
 
 def ddpm(model, schedule: Schedule, x_T, *, timesteps, rng=None, callback: Optional[Callback] = None, **opts):
-    return _run(DDPMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
+    return run_steps(DDPMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
 
 
 def ddim(model, schedule: Schedule, x_T, *, timesteps, rng=None, callback: Optional[Callback] = None, **opts):
-    return _run(DDIMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
+    return run_steps(DDIMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
 
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim}
@@ -186,35 +189,40 @@ class TrajectoryRecorder:
             self.x0.append(x0.detach().cpu())
 
 
-def sample(model, schedule: Schedule, x_T: torch.Tensor, *, sampler="ddim", steps=50, spacing="uniform", eta=None,
-           guidance=1.0, null_class: Optional[int] = None, y=None, rng=None, prediction="eps", var_type="small",
-           clip_x0=True, model_kwargs=None, callback: Optional[Callback] = None) -> torch.Tensor:
-    """Convenience front door: choose the sampler and timesteps, wrap guidance, run."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{sampler}' (expected one of {', '.join(SAMPLERS)})")
+def make_step(model, schedule: Schedule, options: Optional[SamplerOptions] = None, *, prediction="eps", y=None,
+              null_class: Optional[int] = None, model_kwargs=None):
+    """The chosen sampler's step over its timesteps, with guidance applied: the piece a task may wrap."""
+    o = (options or SamplerOptions()).resolved(schedule.num_steps, conditional=y is not None)
     kwargs = dict(model_kwargs or {})
     if y is not None:
         kwargs["y"] = y
-    if guidance != 1.0:
-        if y is None or null_class is None:
-            raise ValueError("guidance needs class labels y and a model with a null class")
-        model = classifier_free_guidance(model, guidance, null_class)
-    timesteps = make_timesteps(schedule.num_steps, steps, spacing)
-    eta = (1.0 if sampler == "ddpm" else 0.0) if eta is None else eta
-    return SAMPLERS[sampler](model, schedule, x_T, timesteps=timesteps, rng=rng, prediction=prediction, eta=eta,
-                             var_type=var_type, clip_x0=clip_x0, model_kwargs=kwargs, callback=callback)
+    if o.guidance != 1.0:
+        if null_class is None:
+            raise ValueError("guidance needs a model with a null class")
+        model = classifier_free_guidance(model, o.guidance, null_class)
+    timesteps = make_timesteps(schedule.num_steps, o.steps, o.spacing)
+    return STEPS[o.sampler](model, schedule, timesteps, prediction=prediction, eta=o.eta, var_type=o.var_type,
+                            clip_x0=o.clip_x0, model_kwargs=kwargs)
 
 
-def generate(model, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int], *, device, labels=None,
-             null_class: Optional[int] = None, sampler="ddim", steps=50, eta=None, spacing="uniform", guidance=1.0,
-             prediction="eps", var_type="small", clip_x0=True, model_kwargs=None,
-             callback: Optional[Callback] = None) -> torch.Tensor:
+def sample(model, schedule: Schedule, x_T: torch.Tensor, options: Optional[SamplerOptions] = None, *, y=None,
+           null_class: Optional[int] = None, rng=None, prediction="eps", model_kwargs=None,
+           callback: Optional[Callback] = None, wrap_step: Optional[Callable] = None) -> torch.Tensor:
+    """Run the sampler the options name from x_T; `wrap_step` may wrap its step (inpainting does)."""
+    step = make_step(model, schedule, options, prediction=prediction, y=y, null_class=null_class,
+                     model_kwargs=model_kwargs)
+    return run_steps(wrap_step(step) if wrap_step else step, x_T, rng, callback)
+
+
+def generate(model, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int],
+             options: Optional[SamplerOptions] = None, *, device, labels=None, null_class: Optional[int] = None,
+             prediction="eps", model_kwargs=None, callback: Optional[Callback] = None,
+             wrap_step: Optional[Callable] = None) -> torch.Tensor:
     """Images in [-1, 1], one per seed; x_T and every step's noise come from that image's own generator,
     so an image depends on its seed (and label), not on the batch it shares."""
     rng = StackedRandomGenerator(device, seeds)
     x_T = rng.randn((len(seeds), *shape))
     y = None if labels is None else torch.as_tensor(labels, device=device, dtype=torch.long)
     with torch.no_grad():
-        return sample(model, schedule, x_T, sampler=sampler, steps=steps, spacing=spacing, eta=eta, guidance=guidance,
-                      null_class=null_class, y=y, rng=rng, prediction=prediction, var_type=var_type, clip_x0=clip_x0,
-                      model_kwargs=model_kwargs, callback=callback)
+        return sample(model, schedule, x_T, options, y=y, null_class=null_class, rng=rng, prediction=prediction,
+                      model_kwargs=model_kwargs, callback=callback, wrap_step=wrap_step)

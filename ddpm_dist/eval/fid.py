@@ -14,7 +14,10 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from ..data import storage
+from ..images import to_float255
+from ..parallel.env import all_reduce_sum_, get_world_size
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -46,7 +49,7 @@ class Extractor:
                 out[i] = torch.from_numpy(resize(img)).permute(2, 0, 1)
             return out
         if self.resize_mode == "none":
-            return torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+            return to_float255(images)
         raise ValueError(f"unknown resize mode '{self.resize_mode}'")
 
     @torch.no_grad()
@@ -110,10 +113,10 @@ class FeatureStats:
         self.ss += f.T @ f
 
     def all_reduce(self, device: torch.device) -> "FeatureStats":
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        """Sum the statistics of every rank (one collective of float64 sums; no images move)."""
+        if get_world_size() > 1:
             packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.s, self.ss.flatten()]).to(device)
-            dist.all_reduce(packed)
-            packed = packed.cpu()
+            packed = all_reduce_sum_(packed).cpu()
             d = self.s.numel()
             self.n, self.s, self.ss = int(round(packed[0].item())), packed[1:1 + d], packed[1 + d:].view(d, d)
         return self
@@ -179,7 +182,6 @@ class RefStats:
     data_checksum: str
 
     def save(self, path: str) -> str:
-        from ..data import storage
         buf = io.BytesIO()
         np.savez(buf, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor,
                  extractor_checksum=self.extractor_checksum, resize_mode=self.resize_mode, data_checksum=self.data_checksum)
@@ -188,7 +190,6 @@ class RefStats:
 
     @classmethod
     def load(cls, path: str) -> "RefStats":
-        from ..data import storage
         if not storage.exists(path):
             raise FileNotFoundError(f"reference statistics '{path}' do not exist")
         with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
@@ -203,7 +204,28 @@ class RefStats:
                 f"'{extractor.resize_mode}'): distances would not be comparable")
 
 
-def distance_to_ref(stats: FeatureStats, ref: RefStats, extractor: Extractor) -> float:
-    ref.check(extractor)
+def compute_ref_stats(data: str, extractor: Extractor, batch_size: int = 64) -> RefStats:
+    """Reference statistics of every image of a shard set, tied to the extractor and the data's checksum."""
+    from tqdm import tqdm
+
+    from ..data import load_manifest, read_all
+
+    m = load_manifest(data)
+    images, _ = read_all(data)
+    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    stats = accumulate(extractor, tqdm(batches, total=-(-len(images) // batch_size), desc="reference features",
+                                       unit="batch"))
     mu, sigma = stats.mean_cov()
-    return frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    return RefStats(mu, sigma, stats.n, extractor.name, extractor.checksum, extractor.resize_mode, m.checksum())
+
+
+def reference_stats(extractor: Extractor, *, ref: Optional[str] = None, data: Optional[str] = None,
+                    batch_size: int = 64) -> RefStats:
+    """Saved statistics (checked against the extractor), else computed from a shard manifest."""
+    if ref:
+        stats = RefStats.load(ref)
+        stats.check(extractor)
+        return stats
+    if not data:
+        raise ValueError("give --ref (statistics .npz) or --data (shard manifest)")
+    return compute_ref_stats(data, extractor, batch_size)

@@ -1,5 +1,6 @@
 """One metrics processor, several sinks: console (a log line every N steps), metrics.jsonl (rank 0),
-Prometheus (every rank, optional). The training loop reports raw facts; this module aggregates."""
+Prometheus (every rank, optional). Training and sampling report raw facts; this module aggregates and is
+the only writer of every sink."""
 from __future__ import annotations
 
 import json
@@ -8,28 +9,37 @@ import os
 import time
 from typing import Optional
 
+from ..config import MetricsConfig
+
 log = logging.getLogger(__name__)
 
 
 class Metrics:
-    def __init__(self, run_dir: str, *, rank: int, local_rank: int, world_size: int, log_every: int,
-                 jsonl: bool = True, prometheus: bool = False, prometheus_addr: str = "127.0.0.1",
-                 prometheus_port: int = 9400, job: str = "", run: str = "", sd_dir: str = ""):
+    def __init__(self, cfg: MetricsConfig, *, rank: int, local_rank: int, world_size: int, run: str,
+                 run_dir: Optional[str] = None, log_every: int = 50):
+        """Sinks from `cfg` (the config's metrics section); metrics.jsonl in run_dir (rank 0) when given."""
         self.rank, self.world_size, self.log_every = rank, world_size, log_every
-        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl") if (jsonl and rank == 0) else None
+        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl") if (run_dir and cfg.jsonl and rank == 0) else None
         self.prom = None
         self.sd_file = None
-        if prometheus:
+        if cfg.prometheus:
             from .prometheus import PrometheusSink, write_sd_target
-            job = job or os.environ.get("SLURM_JOB_ID", "local")
-            port = prometheus_port + local_rank
-            self.prom = PrometheusSink(addr=prometheus_addr, port=port, rank=rank, job=job, run=run)
+            job = cfg.job or os.environ.get("SLURM_JOB_ID", "local")
+            port = cfg.prometheus_port + local_rank
+            self.prom = PrometheusSink(addr=cfg.prometheus_addr, port=port, rank=rank, job=job, run=run)
             self.prom.world_size.set(world_size)
             self.prom.update_process()
-            if sd_dir:
-                self.sd_file = write_sd_target(sd_dir, addr=prometheus_addr, port=port, rank=rank, job=job, run=run)
+            if cfg.sd_dir:
+                self.sd_file = write_sd_target(cfg.sd_dir, addr=cfg.prometheus_addr, port=port, rank=rank, job=job,
+                                               run=run)
         self._window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter(), wait=0.0)
         self._last_skipped = 0
+
+    def __enter__(self) -> "Metrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def write(self, row: dict) -> None:
         if self.jsonl_path:
@@ -103,7 +113,10 @@ class Metrics:
         self.write({"event": kind, **fields, "time": time.time()})
 
     def close(self) -> None:
+        """Stop the exporter and withdraw the discovery file (idempotent)."""
         if self.prom:
             self.prom.close()
+            self.prom = None
         if self.sd_file and os.path.exists(self.sd_file):
             os.unlink(self.sd_file)
+        self.sd_file = None

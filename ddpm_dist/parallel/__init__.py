@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch.distributed as dist
 
 from .engine import Engine
-from .env import DistEnv, init_distributed, read_env
+from .env import DistEnv, free_port, init_distributed, read_env
 
 BACKENDS = ("single", "ddp", "fsdp", "zero")
 
@@ -22,9 +21,7 @@ def ensure_process_group(env: DistEnv) -> None:
     """FSDP2 and DeepSpeed need a process group even for one process: a private one-rank gloo group."""
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
         os.environ.setdefault(key, value)  # DeepSpeed reads these even for one process
@@ -56,5 +53,5 @@ def parallelize(module, backend: str, env: DistEnv, *, optimizer_args: dict, bf1
     raise ValueError(f"unknown parallel.backend '{backend}' (expected auto, {', '.join(BACKENDS)})")
 
 
-__all__ = ["BACKENDS", "DistEnv", "Engine", "ensure_process_group", "init_distributed", "parallelize", "read_env",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "DistEnv", "Engine", "ensure_process_group", "free_port", "init_distributed", "parallelize",
+           "read_env", "resolve_backend"]

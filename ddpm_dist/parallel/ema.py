@@ -1,6 +1,6 @@
 """EMA of the weights, kept on the same shards as the parameters: DTensor clones under FSDP2, the local
 fp32 partition under ZeRO-3, full tensors otherwise. One foreach lerp per step, no communication;
-gathering happens only for export and sampling. Length is a half-life in images (EDM)."""
+gathering happens only for export, sampling and (under ZeRO) checkpoints. Length is a half-life in images (EDM)."""
 from __future__ import annotations
 
 import torch
@@ -30,19 +30,14 @@ class ShardedEMA:
         torch._foreach_lerp_(self._local, sources, 1.0 - beta)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.shadow))
+        """What a checkpoint holds, in the engine's shape (DTensors under FSDP2, gathered under ZeRO)."""
+        return self.engine.ema_state(self.names, self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.names) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for name, s in zip(self.names, self.shadow):
-                src = state[name]
-                if hasattr(s, "to_local") and hasattr(src, "to_local"):
-                    s.to_local().copy_(src.to_local())
-                else:
-                    s.copy_(src)
+        self.engine.load_ema_state(self.names, self.shadow, state)
 
     def local_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._local)

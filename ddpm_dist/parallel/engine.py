@@ -27,7 +27,6 @@ class Engine:
     """Single process: the module itself, autocast for bf16, torch AdamW, clip_grad_norm_."""
 
     name = "single"
-    sharded_ema = False  # True when EMA tensors are local shards (FSDP2, ZeRO-3)
 
     def __init__(self, module: nn.Module, device: torch.device, optimizer_args: dict, bf16: bool = False):
         self.module = module.to(device)
@@ -83,14 +82,29 @@ class Engine:
             out[n] = s.detach().float().cpu().clone()
         return out
 
-    # -- state -------------------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict:
+    def ema_state(self, names: list[str], shadow: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The EMA as DCP saves it: full tensors here, DTensors under FSDP2 (sharded writes, resharding loads)."""
+        return dict(zip(names, shadow))
+
+    def load_ema_state(self, names: list[str], shadow: list[torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+        """Copy an ema_state()-shaped state into the EMA tensors."""
+        with torch.no_grad():
+            for name, s in zip(names, shadow):
+                src = state[name]
+                if hasattr(s, "to_local") and hasattr(src, "to_local"):
+                    s.to_local().copy_(src.to_local())
+                else:
+                    s.copy_(src)
+
+    # -- state (a CheckpointManager component) ------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Model and optimizer state as DCP saves them (sharded under FSDP2)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def load_checkpoint_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

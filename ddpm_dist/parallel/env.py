@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,7 +24,6 @@ class DistEnv:
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    launcher: str = "none"  # torchrun | slurm | none
 
     @property
     def is_main(self) -> bool:
@@ -32,10 +32,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-    @property
-    def num_nodes(self) -> int:
-        return max(1, self.world_size // max(1, self.local_world_size))
 
     @property
     def device(self) -> torch.device:
@@ -70,7 +66,7 @@ def read_env(environ: Optional[dict] = None) -> DistEnv:
     if "RANK" in e and "WORLD_SIZE" in e:
         return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
                        int(e.get("LOCAL_WORLD_SIZE", e["WORLD_SIZE"])), e.get("MASTER_ADDR", "127.0.0.1"),
-                       int(e.get("MASTER_PORT", 29500)), "torchrun")
+                       int(e.get("MASTER_PORT", 29500)))
     if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
         job = int(e.get("SLURM_JOB_ID", "0"))
         ntasks = int(e["SLURM_NTASKS"])
@@ -78,7 +74,7 @@ def read_env(environ: Optional[dict] = None) -> DistEnv:
         local_ws = int(e.get("SLURM_NTASKS_PER_NODE", str(ntasks // max(1, nnodes))).split("(")[0])
         addr = e.get("MASTER_ADDR") or first_host(e.get("SLURM_JOB_NODELIST", e.get("SLURM_NODELIST", "127.0.0.1")))
         port = int(e.get("MASTER_PORT") or 20000 + job % 20000)  # one port per job: jobs sharing a node do not collide
-        return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), local_ws, addr, port, "slurm")
+        return DistEnv(int(e["SLURM_PROCID"]), ntasks, int(e.get("SLURM_LOCALID", 0)), local_ws, addr, port)
     return DistEnv()
 
 
@@ -131,8 +127,27 @@ def seed_device_rng(device: torch.device, seed: int) -> None:
         torch.default_generator.manual_seed(seed)
 
 
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over the ranks, in place (nothing to do in one process); returns it."""
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def all_reduce_max(value: float, device: torch.device) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return value
     t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -140,7 +155,7 @@ def all_reduce_max(value: float, device: torch.device) -> float:
 
 
 def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return values
     t = torch.tensor(values, device=device, dtype=torch.float64)
     dist.all_reduce(t)
@@ -148,8 +163,21 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
+
+
+def side_group():
+    """A second gloo group for background work (async checkpoint writes) that must not share the
+    trainer's collectives; None in one process."""
+    return dist.new_group(backend="gloo") if is_distributed() else None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def launched_externally() -> bool:
@@ -169,11 +197,6 @@ def spawn_local(fn, args: tuple, world_size: int) -> None:
     if launched_externally() or world_size <= 1:
         fn(*args)
         return
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_spawn_entry, args=(fn, args, world_size, port), nprocs=world_size, join=True)
+    mp.spawn(_spawn_entry, args=(fn, args, world_size, free_port()), nprocs=world_size, join=True)

@@ -23,7 +23,6 @@ def sharding_units(module: nn.Module) -> list[nn.Module]:
 
 class FSDPEngine(Engine):
     name = "fsdp"
-    sharded_ema = True
 
     def __init__(self, module, device, optimizer_args, bf16=False, *, world_size: int, local_world_size: int,
                  reshard_after_forward: bool = True, hybrid: bool = False):

@@ -8,6 +8,8 @@ itself (ZeRO-2/3 reduce-scatter every micro-step by design; ZeRO-1 reduces at th
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 import torch
 import torch.distributed as dist
@@ -15,10 +17,12 @@ from torch import nn
 
 from .engine import Engine, _norm_tensor, make_optimizer
 
+LAYOUT_FILE = "ddpm_zero.json"
+
 
 class ZeroEngine(Engine):
     name = "zero"
-    sharded_ema = True
+    native_format = "deepspeed"  # the CheckpointManager calls save_native / load_native instead of state_dict
 
     def __init__(self, module: nn.Module, device: torch.device, optimizer_args: dict, bf16: bool = False, *,
                  stage: int, micro_batch: int, accum_steps: int, world_size: int, grad_clip: float):
@@ -96,6 +100,13 @@ class ZeroEngine(Engine):
             out[n] = full.float().cpu().clone()
         return out
 
+    def ema_state(self, names, shadow):
+        """Gathered: plain local partitions would look replicated to DCP. Portable to any world size and engine."""
+        return self.gather_ema(names, shadow)
+
+    def load_ema_state(self, names, shadow, state):
+        super().load_ema_state(names, shadow, self.scatter_ema(state))
+
     def scatter_ema(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The local EMA shards for full EMA tensors (inverse of gather_ema): loads at any world size."""
         out = {}
@@ -119,10 +130,23 @@ class ZeroEngine(Engine):
         from deepspeed.utils import safe_get_full_fp32_param
         return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in self._params}
 
+    def state_dict(self):
+        raise NotImplementedError("DeepSpeed keeps its own checkpoint format: save_native / load_native")
+
     def save_native(self, directory: str) -> None:
+        """DeepSpeed's files (collective), and the world size they are bound to."""
         self.model.save_checkpoint(directory, tag="zero", save_latest=False)
+        if dist.get_rank() == 0:
+            with open(os.path.join(directory, LAYOUT_FILE), "w") as f:
+                json.dump({"world_size": dist.get_world_size(), "stage": self.stage}, f)
 
     def load_native(self, directory: str) -> None:
+        with open(os.path.join(directory, LAYOUT_FILE)) as f:
+            saved = json.load(f)
+        if saved["world_size"] != dist.get_world_size():
+            raise ValueError(f"a DeepSpeed ZeRO checkpoint of {saved['world_size']} ranks resumes only at that world "
+                             f"size, not {dist.get_world_size()} (its EMA and the run's export are portable; to reshard "
+                             f"the optimizer, convert it with DeepSpeed's ds_to_universal)")
         path, _ = self.model.load_checkpoint(directory, tag="zero", load_optimizer_states=True,
                                              load_lr_scheduler_states=False)
         if path is None:

@@ -1,9 +1,15 @@
-"""CheckpointManager: torch.distributed.checkpoint (or DeepSpeed's own format behind the same rules),
-written to a temporary directory and committed atomically; only committed checkpoints are loaded.
+"""CheckpointManager: built once with the run's named stateful components, it saves them all at a step and
+restores the newest committed checkpoint by itself. The layout is artifacts.py's.
+
+A component is anything with state_dict() / load_state_dict(state); the manager knows no backend:
+- a state with tensors (model, optimizer, EMA) goes to torch.distributed.checkpoint: sharded writes,
+  resharding loads;
+- a state without tensors (counters, data cursor, LR schedule) goes to meta.json: JSON, never pickled;
+- a component with a `native_format` (DeepSpeed's engine) writes its own files into its own sub-folder
+  with save_native(dir) and reads them back with load_native(dir).
 
 Commit (rank 0, after every rank finished writing): meta.json into the temp dir, rename the temp dir
-to step_XXXXXXXXX, then write the COMMITTED marker last. A directory without the marker is ignored.
-Non-tensor state (counters, data cursor, config) is JSON, never pickled."""
+to step_XXXXXXXXX, then write the COMMITTED marker last. A directory without the marker is ignored."""
 from __future__ import annotations
 
 import json
@@ -16,20 +22,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..parallel.env import barrier
+from ..artifacts import (CHECKPOINT_FORMAT, MARKER, META, PORTABLE_FORMATS, CheckpointError, committed_checkpoints,
+                         read_meta, step_name)
+from ..parallel.env import barrier, side_group
 
 log = logging.getLogger(__name__)
-MARKER = "COMMITTED"
-META = "meta.json"
-EMA_FILE = "ema.safetensors"  # DeepSpeed checkpoints: the gathered EMA (DCP ones keep it inside DCP)
-
-
-class CheckpointError(RuntimeError):
-    pass
+SAVE_ERRORS = (Exception, CheckpointException)  # DCP's CheckpointException is a BaseException
 
 
 def _fsync_dir(path: str) -> None:
@@ -47,29 +48,20 @@ def _write_file(path: str, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def step_name(step: int) -> str:
-    return f"step_{step:09d}"
+def _has_tensors(value) -> bool:
+    if torch.is_tensor(value):
+        return True
+    if isinstance(value, dict):
+        return any(_has_tensors(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_tensors(v) for v in value)
+    return False
 
 
-def committed_checkpoints(directory: str) -> list[str]:
-    """Committed checkpoint paths, oldest first; uncommitted ones are skipped (with a warning)."""
-    if not os.path.isdir(directory):
-        return []
-    out = []
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if not name.startswith("step_") or not os.path.isdir(path):
-            continue
-        if os.path.exists(os.path.join(path, MARKER)):
-            out.append(path)
-        else:
-            log.warning("ignoring uncommitted checkpoint %s", path)
-    return out
-
-
-def read_meta(path: str) -> dict:
-    with open(os.path.join(path, META)) as f:
-        return json.load(f)
+def _quiet_dcp(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one process: no process group, by design
+        return fn(*args, **kwargs)
 
 
 @dataclass
@@ -82,18 +74,16 @@ class _Pending:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str, *, rank: int, keep_last: int = 2, keep_every_step: int = 0,
-                 async_save: bool = False):
-        self.directory, self.rank, self.keep_last = directory, rank, keep_last
-        self.keep_every_step, self.async_save = keep_every_step, async_save
+    def __init__(self, directory: str, components: dict, *, rank: int, identity: Optional[dict] = None,
+                 keep_last: int = 2, keep_every_images: int = 0, async_save: bool = False):
+        """`identity` (backend, world size, model config, the resolved config) goes into every meta.json; a
+        checkpoint whose model_config differs is refused on load."""
+        self.directory, self.components, self.rank = directory, components, rank
+        self.identity = identity or {}
+        self.keep_last, self.keep_every_images, self.async_save = keep_last, keep_every_images, async_save
         self.pending: Optional[_Pending] = None
-        self.last_duration = 0.0
-        self.last_success_time = 0.0
-        self.last_stall = 0.0
-        self._pg = None
-        distributed = dist.is_available() and dist.is_initialized()
-        if async_save and distributed:  # the background write's collectives must not share the trainer's group
-            self._pg = dist.new_group(backend="gloo")
+        self.last_duration = self.last_success_time = self.last_stall = 0.0
+        self._group = side_group() if async_save else None  # the background write's collectives
         if rank == 0:
             os.makedirs(directory, exist_ok=True)
             for name in os.listdir(directory):  # leftovers of a run that died mid-save
@@ -105,9 +95,12 @@ class CheckpointManager:
         found = committed_checkpoints(self.directory)
         return found[-1] if found else None
 
+    def _native(self) -> dict:
+        return {n: c for n, c in self.components.items() if getattr(c, "native_format", None)}
+
     # -- save ----------------------------------------------------------------------------------------
-    def save(self, step: int, meta: dict, engine, ema, *, force_sync: bool = False) -> None:
-        """Save everything at `step`. Async saves return after staging; call poll()/wait() to commit."""
+    def save(self, step: int, images: int, *, force_sync: bool = False) -> None:
+        """Save every component at `step`. Async saves return after staging; poll()/wait() commit them."""
         self.wait()
         t0 = time.perf_counter()
         final = os.path.join(self.directory, step_name(step))
@@ -116,27 +109,30 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         barrier()
-        meta = dict(meta, step=step, format="deepspeed" if engine.name == "zero" else "dcp")
+        native = self._native()
+        meta = {"checkpoint_format": CHECKPOINT_FORMAT, "step": step, "images": images, **self.identity,
+                "formats": {n: c.native_format for n, c in native.items()}, "state": {}}
+        tensors = {}
         try:
-            if engine.name == "zero":
-                engine.save_native(tmp)
-                ema_full = ema.full_state()
-                if self.rank == 0:
-                    from safetensors.torch import save_file
-                    save_file(ema_full, os.path.join(tmp, EMA_FILE))
-                barrier()
-            else:
-                state = {**engine.checkpoint_state(), "ema": ema.state_dict()}
-                if self.async_save and not force_sync:
-                    future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._pg)
-                    self.pending = _Pending(future, tmp, final, meta, t0)
-                    self.last_stall = time.perf_counter() - t0
-                    return
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # single process: no process group, by design
-                    dcp.save(state, checkpoint_id=tmp)
-                barrier()
-        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            for name, component in native.items():
+                component.save_native(os.path.join(tmp, name))
+            for name, component in self.components.items():
+                if name in native:
+                    continue
+                state = component.state_dict()
+                if _has_tensors(state):
+                    tensors[name], meta["formats"][name] = state, "dcp"
+                else:
+                    meta["state"][name], meta["formats"][name] = state, "json"
+            json.dumps(meta)  # a non-JSON value fails here, before anything is committed
+            if self.async_save and not force_sync:
+                future = dcp.async_save(tensors, checkpoint_id=tmp, process_group=self._group)
+                self.pending = _Pending(future, tmp, final, meta, t0)
+                self.last_stall = time.perf_counter() - t0
+                return
+            _quiet_dcp(dcp.save, tensors, checkpoint_id=tmp)
+            barrier()
+        except SAVE_ERRORS as e:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"checkpoint at step {step} failed, previous one kept: {type(e).__name__}: {e}") from e
@@ -156,14 +152,25 @@ class CheckpointManager:
         log.info("checkpoint committed: %s", final)
         self._prune()
 
+    def kept(self, found: list[str]) -> set[str]:
+        """The last keep_last, and per period of keep_every_images the first checkpoint that reached it:
+        counted in images, so a batch size changed across a resume does not shift which ones stay."""
+        keep = set(found[-self.keep_last:])
+        if self.keep_every_images:
+            periods = set()
+            for path in found:  # oldest first: the first to reach a period keeps it
+                period = read_meta(path)["images"] // self.keep_every_images
+                if period >= 1 and period not in periods:
+                    periods.add(period)
+                    keep.add(path)
+        return keep
+
     def _prune(self) -> None:
         found = committed_checkpoints(self.directory)
-        keep = set(found[-self.keep_last:])
+        keep = self.kept(found)
         for path in found:
-            step = int(os.path.basename(path).split("_")[1])
-            if path in keep or (self.keep_every_step and step % self.keep_every_step == 0):
-                continue
-            shutil.rmtree(path, ignore_errors=True)
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def poll(self) -> bool:
         """Commit a finished async save (rank 0: its future completes only after every rank wrote).
@@ -174,7 +181,7 @@ class CheckpointManager:
         self.pending = None
         try:
             p.future.result()
-        except (Exception, CheckpointException) as e:  # noqa: BLE001 - the previous checkpoint stays; training goes on
+        except SAVE_ERRORS as e:  # noqa: BLE001 - the previous checkpoint stays; training goes on
             log.error("async checkpoint %s failed, previous one kept: %s", p.final, e)
             if self.rank == 0:
                 shutil.rmtree(p.tmp, ignore_errors=True)
@@ -191,62 +198,44 @@ class CheckpointManager:
             self.poll()
 
     # -- load ----------------------------------------------------------------------------------------
-    def load(self, path: str, engine, ema, expect: dict) -> dict:
-        """Restore engine and EMA from a committed checkpoint; returns its meta (counters, cursor)."""
+    def restore_latest(self) -> Optional[dict]:
+        """Restore every component from the newest committed checkpoint; its meta (with its 'path'), or None
+        when there is none."""
+        path = self.latest()
+        if path is None:
+            return None
+        return self.load(path)
+
+    def load(self, path: str) -> dict:
         meta = read_meta(path)
-        check_compatible(meta, expect, path)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if meta["format"] == "deepspeed" and meta.get("world_size") != world:
-            raise CheckpointError(f"checkpoint '{path}' is a DeepSpeed ZeRO checkpoint of {meta.get('world_size')} ranks; "
-                                  f"it resumes only at that world size, not {world} (its EMA and the run's export are "
-                                  f"portable; to reshard the optimizer, convert it with DeepSpeed's ds_to_universal)")
-        if meta["format"] == "deepspeed":
-            engine.load_native(path)
-            from safetensors.torch import load_file
-            ema.load_state_dict(engine.scatter_ema(load_file(os.path.join(path, EMA_FILE))))
-        else:
-            state = {**engine.checkpoint_state(), "ema": ema.state_dict()}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load(state, checkpoint_id=path)
-            engine.load_checkpoint_state(state)
-            ema.load_state_dict(state["ema"])
+        self._check_compatible(meta, path)
+        native = self._native()
+        try:
+            for name, component in native.items():
+                component.load_native(os.path.join(path, name))
+            portable = {n: c for n, c in self.components.items() if n not in native}
+            tensors = {n: c.state_dict() for n, c in portable.items() if meta["formats"][n] == "dcp"}
+            if tensors:
+                _quiet_dcp(dcp.load, tensors, checkpoint_id=path)
+            for name, component in portable.items():
+                component.load_state_dict(tensors[name] if name in tensors else meta["state"][name])
+        except SAVE_ERRORS as e:
+            raise CheckpointError(f"checkpoint '{path}': {type(e).__name__}: {e}") from e
         barrier()
-        return meta
+        return {**meta, "path": path}
 
-
-def check_compatible(meta: dict, expect: dict, path: str) -> None:
-    """A clear error when the checkpoint is for another model shape or checkpoint format."""
-    fmt = "deepspeed" if expect.get("backend") == "zero" else "dcp"
-    if meta.get("format") != fmt:
-        raise CheckpointError(f"checkpoint '{path}' was written by backend '{meta.get('backend')}' "
-                              f"({meta.get('format')} format); this run uses '{expect.get('backend')}' ({fmt}): "
-                              f"use a new run_dir or the same backend family")
-    old, new = meta.get("model_config", {}), expect.get("model_config", {})
-    diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if diff:
-        raise CheckpointError(f"checkpoint '{path}' is for another model ({'; '.join(diff)})")
-
-
-def load_checkpoint_weights(run_or_ckpt: str, which: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
-    """EMA ('ema') or raw ('model') weights of the newest committed checkpoint in a run dir (or of one
-    checkpoint dir), in one process without a process group: DCP reshards whatever world size wrote them."""
-    path = run_or_ckpt
-    if not os.path.exists(os.path.join(path, MARKER)):
-        found = committed_checkpoints(os.path.join(run_or_ckpt, "checkpoints"))
-        if not found:
-            raise FileNotFoundError(f"no committed checkpoint under '{run_or_ckpt}'")
-        path = found[-1]
-    meta = read_meta(path)
-    if meta["format"] == "deepspeed":
-        if which != "ema":
-            raise ValueError("raw weights of a DeepSpeed checkpoint: use the run's export.safetensors")
-        from safetensors.torch import load_file
-        return load_file(os.path.join(path, EMA_FILE)), meta
-    from ..models import build_model
-    model = build_model(meta["model_config"])
-    state = {which: {k: v.detach().clone().float() for k, v in model.state_dict().items()}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    return state[which], meta
+    def _check_compatible(self, meta: dict, path: str) -> None:
+        """A clear error for a checkpoint of another model shape, or one whose components are stored in
+        formats this run's components cannot read."""
+        old, new = meta.get("model_config", {}), self.identity.get("model_config", {})
+        diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diff:
+            raise CheckpointError(f"checkpoint '{path}' is for another model ({'; '.join(diff)})")
+        for name, component in self.components.items():
+            saved = meta["formats"].get(name)
+            mine = getattr(component, "native_format", None)
+            if saved is None or (saved if saved not in PORTABLE_FORMATS else None) != mine:
+                raise CheckpointError(
+                    f"checkpoint '{path}' holds '{name}' as {saved or 'nothing'} (backend '{meta.get('backend')}'); this "
+                    f"run's '{name}' uses {mine or 'DCP/JSON'} (backend '{self.identity.get('backend')}'): use a new "
+                    f"run_dir or the same backend family")

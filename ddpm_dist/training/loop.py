@@ -6,46 +6,32 @@ slots, so the run does not depend on world size or accumulation, and a resumed r
 noise the uninterrupted one would have (no RNG state saved)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
-from ..config import Config, check_batch, save_resolved, to_dict
+from ..config import Config, ConfigError, check_batch, save_resolved, to_dict
 from ..data import Layout, TrainStream, open_manifest
 from ..data.degrade import lowres_condition
-from ..diffusion import diffusion_loss, make_schedule
+from ..diffusion import diffusion_loss
 from ..models import UNet, resolve_model_config
+from ..obs.log import setup_logging
 from ..obs.metrics import Metrics
 from ..parallel import init_distributed, parallelize, read_env, resolve_backend
 from ..parallel.ema import ShardedEMA, ema_beta
-from ..parallel.env import all_reduce_mean, barrier, mix_seed, seed_device_rng, seed_everything, shutdown
+from ..parallel.env import all_reduce_mean, mix_seed, seed_device_rng, seed_everything, shutdown
+from . import outputs
 from .checkpoint import CheckpointManager
 from .preemption import REQUEUE_EXIT_CODE, Preemption, record_exit, register_worker
+from .state import LRSchedule, Progress
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Progress:
-    step: int = 0
-    images: int = 0
-
-
-def lr_at(images: int, cfg: Config) -> float:
-    """Linear warm-up over warmup_images, then constant or cosine decay to 0 at total_images."""
-    t = cfg.train
-    if t.warmup_images and images < t.warmup_images:
-        return t.lr * (images + t.global_batch) / t.warmup_images
-    if t.lr_schedule == "cosine":
-        span = max(t.total_images - t.warmup_images, 1)
-        frac = min(max(images - t.warmup_images, 0) / span, 1.0)
-        return t.lr * 0.5 * (1 + math.cos(math.pi * frac))
-    return t.lr
 
 
 def step_randomness(seed: int, step: int, global_batch: int, num_timesteps: int, image_shape, label_dropout: float,
@@ -107,12 +93,19 @@ def _batches(stream, cfg: Config):
 
 
 def train(cfg: Config) -> int:
-    """Run (or resume) training; returns the process exit code (REQUEUE_EXIT_CODE when preempted)."""
-    from ..cli_common import setup_logging
-
+    """Run (or resume) training; returns the process exit code (REQUEUE_EXIT_CODE when preempted). What it
+    starts (the Prometheus exporter, the discovery file, the signal handlers) is released also when it raises."""
     env = init_distributed(read_env(), cfg.parallel.dist_timeout_s)
     setup_logging(env.rank)
     register_worker(env.rank)
+    with contextlib.ExitStack() as started:
+        exit_code = _run(cfg, env, started)
+    record_exit(env.rank, exit_code)
+    shutdown()
+    return exit_code
+
+
+def _run(cfg: Config, env, started: contextlib.ExitStack) -> int:
     backend = resolve_backend(cfg.parallel.backend, env)
     micro, accum = check_batch(cfg, env.world_size)
     manifest = open_manifest(cfg.data.source)  # a missing manifest or shard fails here, before any work
@@ -121,8 +114,7 @@ def train(cfg: Config) -> int:
     if env.is_main:
         save_resolved(cfg, cfg.run_dir)
         os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps, cfg.diffusion.beta_start,
-                             cfg.diffusion.beta_end)
+    schedule = cfg.diffusion.make_schedule()
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     module = UNet(model_cfg)
@@ -134,34 +126,31 @@ def train(cfg: Config) -> int:
     ema = ShardedEMA(engine)
     stream = TrainStream(manifest, rank=env.rank, layout=Layout(env.world_size, micro, cfg.data.num_workers),
                          seed=cfg.seed, random_flip=cfg.data.random_flip, max_skip_fraction=cfg.data.max_skip_fraction)
-    ckpt = CheckpointManager(os.path.join(cfg.run_dir, "checkpoints"), rank=env.rank, keep_last=cfg.checkpoint.keep_last,
-                             keep_every_step=cfg.checkpoint.keep_every_images // cfg.train.global_batch,
-                             async_save=cfg.checkpoint.async_save)
-    expect = {"backend": backend, "model_config": dataclasses.asdict(model_cfg)}
-    progress = Progress()
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
-    if latest:
-        meta = ckpt.load(latest, engine, ema, expect)
-        progress = Progress(meta["step"], meta["images"])
-        stream.load_state_dict(meta["data"])
-        log.info("resumed from %s (step %d, %d images, written by %d rank(s))", latest, progress.step,
-                 progress.images, meta.get("world_size", 0))
+    progress, lr_schedule = Progress(), LRSchedule.from_config(cfg.train)
+    ckpt = CheckpointManager(
+        os.path.join(cfg.run_dir, "checkpoints"),
+        {"engine": engine, "ema": ema, "progress": progress, "data": stream, "lr_schedule": lr_schedule},
+        rank=env.rank, identity={"backend": backend, "world_size": env.world_size,
+                                 "model_config": dataclasses.asdict(model_cfg), "config": to_dict(cfg)},
+        keep_last=cfg.checkpoint.keep_last, keep_every_images=cfg.checkpoint.keep_every_images,
+        async_save=cfg.checkpoint.async_save)
+    resumed = ckpt.restore_latest() if cfg.checkpoint.resume else None
+    if resumed:
+        log.info("resumed from %s (step %d, %d images, written by %d rank(s))", resumed["path"], progress.step,
+                 progress.images, resumed["world_size"])
 
-    metrics = Metrics(cfg.run_dir, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size,
-                      log_every=cfg.train.log_every, jsonl=cfg.metrics.jsonl, prometheus=cfg.metrics.prometheus,
-                      prometheus_addr=cfg.metrics.prometheus_addr, prometheus_port=cfg.metrics.prometheus_port,
-                      job=cfg.metrics.job, run=cfg.name or os.path.basename(os.path.abspath(cfg.run_dir)),
-                      sd_dir=cfg.metrics.sd_dir)
+    metrics = started.enter_context(Metrics(
+        cfg.metrics, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size, run_dir=cfg.run_dir,
+        log_every=cfg.train.log_every, run=cfg.name or os.path.basename(os.path.abspath(cfg.run_dir))))
     preemption = Preemption(env.device, cfg.train.max_wall_seconds)
+    started.callback(preemption.restore)
     total_steps = math.ceil(cfg.train.total_images / cfg.train.global_batch)
     log.info("%s: %s, %d rank(s), global batch %d = %d x %d ranks x %d accumulation, %d steps, %.2fM parameters",
              cfg.run_dir, backend, env.world_size, cfg.train.global_batch, micro, env.world_size, accum, total_steps,
              num_params / 1e6)
 
     def save(force_sync: bool = False):
-        meta = {"images": progress.images, "data": stream.state_dict(), "backend": backend,
-                "world_size": env.world_size, "model_config": expect["model_config"], "config": to_dict(cfg)}
-        ckpt.save(progress.step, meta, engine, ema, force_sync=force_sync)
+        ckpt.save(progress.step, progress.images, force_sync=force_sync)
         if ckpt.pending is None:  # an async save reports when it commits (ckpt.poll below)
             metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time)
 
@@ -171,14 +160,14 @@ def train(cfg: Config) -> int:
     data = _batches(stream, cfg)
     evaluator = None
     exit_code = 0
-    last_saved_step = progress.step if latest else -1
+    last_saved_step = progress.step if resumed else -1
     while progress.step < total_steps:
         t_step = time.perf_counter()
         wait0 = stream.data_wait_seconds
         batches = [next(data) for _ in range(accum)]
         if cfg.data.audit:
             _audit(cfg.run_dir, env.rank, progress.step, batches)
-        lr = lr_at(progress.images, cfg)
+        lr = lr_schedule(progress.images)
         loss, grad_norm = run_step(engine, schedule, batches, step=progress.step, rank=env.rank,
                                    world_size=env.world_size, cfg=cfg, num_classes=model_cfg.num_classes, lr=lr)
         t_ema = time.perf_counter()
@@ -199,12 +188,12 @@ def train(cfg: Config) -> int:
             exit_code = 1
             break
         if due(cfg.train.sample_every_images):
-            _sample_grid(engine, ema, model_cfg, schedule, cfg, env, progress.images, metrics=metrics)
+            outputs.sample_grid(engine, ema, model_cfg, cfg, env.is_main, progress.images, metrics=metrics)
         if due(cfg.train.eval_every_images):
             if evaluator is None:
                 from .evaluation import InTrainingEval
-                evaluator = InTrainingEval(cfg, model_cfg, schedule, env.device, env.rank, env.world_size)
-            evaluator(_ema_model(engine, ema, model_cfg), progress.images, metrics)
+                evaluator = InTrainingEval(cfg, env.device, env.rank, env.world_size)
+            evaluator(outputs.ema_model(engine, ema, model_cfg), progress.images, metrics)
         if progress.step % cfg.train.stop_check_every == 0 and preemption.should_stop():
             log.info("stopping at step %d (%s): saving a checkpoint, exit %d = requeue", progress.step,
                      preemption.reason, REQUEUE_EXIT_CODE)
@@ -221,25 +210,18 @@ def train(cfg: Config) -> int:
         if last_saved_step != progress.step:
             save(force_sync=True)
         ckpt.wait()
-        _finish(engine, ema, model_cfg, schedule, cfg, env, progress)
+        outputs.finish(engine, ema, model_cfg, cfg, env.is_main, progress)
     ckpt.wait()
-    metrics.close()
-    preemption.restore()
-    record_exit(env.rank, exit_code)
-    shutdown()
     return exit_code
 
 
 def _audit(run_dir: str, rank: int, step: int, batches: list[dict]) -> None:
-    import json
     os.makedirs(os.path.join(run_dir, "data_audit"), exist_ok=True)
     with open(os.path.join(run_dir, "data_audit", f"rank{rank}.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, "index": [int(i) for b in batches for i in b["index"]]}) + "\n")
 
 
 def _check_data_matches_model(manifest, model_cfg, cfg: Config) -> None:
-    from ..config import ConfigError
-
     h, w = manifest.image_size
     if (h, w) != (model_cfg.image_size, model_cfg.image_size):
         raise ConfigError(f"data '{cfg.data.source}' has {h}x{w} images but model.image_size is {model_cfg.image_size}")
@@ -248,64 +230,3 @@ def _check_data_matches_model(manifest, model_cfg, cfg: Config) -> None:
                           f"{model_cfg.in_channels}")
     if model_cfg.num_classes and manifest.num_classes > model_cfg.num_classes:
         raise ConfigError(f"data has {manifest.num_classes} classes but model.num_classes is {model_cfg.num_classes}")
-
-
-def _ema_model(engine, ema, model_cfg) -> UNet:
-    """A plain single-device model with the EMA weights (gathering is collective; every rank calls it)."""
-    weights = ema.full_state()
-    model = UNet(model_cfg)
-    model.load_state_dict(weights)
-    return model.to(engine.device).eval()
-
-
-def _sample_grid(engine, ema, model_cfg, schedule, cfg: Config, env, images: int, name: str = "", metrics=None) -> None:
-    from ..diffusion import generate
-    from ..viz import auto_scale, save_grid
-
-    model = _ema_model(engine, ema, model_cfg)
-    if env.is_main:
-        s = cfg.sample
-        n = 100 if model_cfg.num_classes and cfg.train.sample_grid_classes else 64
-        labels = [i % model_cfg.num_classes for i in range(n)] if model_cfg.num_classes else None
-        if labels is not None:  # one row per class
-            labels = sorted(labels)
-        shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
-        kwargs = {}
-        if cfg.train.sr_factor:  # super-resolve the first training images
-            from ..data import read_all
-            real = torch.from_numpy(read_all(cfg.data.source, limit=n)[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            n = real.shape[0]
-            kwargs["cond"] = lowres_condition(real, cfg.train.sr_factor).to(engine.device)
-        t0 = time.perf_counter()
-        x = generate(model, schedule, list(range(n)), shape, device=engine.device, labels=labels, model_kwargs=kwargs,
-                     null_class=model_cfg.num_classes or None, sampler=s.sampler, steps=s.steps, eta=s.eta,
-                     spacing=s.spacing, guidance=s.guidance if labels is not None else 1.0,
-                     prediction=cfg.diffusion.prediction, var_type=s.var_type, clip_x0=s.clip_x0)
-        path = os.path.join(cfg.run_dir, "samples", name or f"grid_{images:09d}.png")
-        save_grid(x, path, nrow=10 if labels is not None else 8, scale=auto_scale(model_cfg.image_size))
-        log.info("sample grid: %s", path)
-        if metrics is not None:
-            from ..viz.figures import mean_pairwise_distance
-            metrics.sampling(images=n, images_per_s=n / max(time.perf_counter() - t0, 1e-9))
-            metrics.event("samples", images=images, diversity=mean_pairwise_distance(x), path=path)
-    barrier()
-
-
-def _finish(engine, ema, model_cfg, schedule, cfg: Config, env, progress: Progress) -> None:
-    """Export (EMA + raw weights, safetensors), a final sample grid and the training curves."""
-    from .export import save_export
-
-    ema_full, raw_full = ema.full_state(), engine.full_model_state()
-    if env.is_main:
-        path = save_export(os.path.join(cfg.run_dir, "export.safetensors"), ema_full, raw_full, model_cfg,
-                           {"step": progress.step, "images": progress.images, "diffusion": to_dict(cfg)["diffusion"],
-                            "sample": to_dict(cfg)["sample"]})
-        log.info("export: %s", path)
-    _sample_grid(engine, ema, model_cfg, schedule, cfg, env, progress.images, name="final_grid.png")
-    if env.is_main and cfg.metrics.jsonl:
-        from ..viz import plot_curves
-        try:
-            log.info("curves: %s", plot_curves(os.path.join(cfg.run_dir, "metrics.jsonl"),
-                                               os.path.join(cfg.run_dir, "curves.png")))
-        except ValueError as e:  # too short a run to have a logged row
-            log.info("no curves: %s", e)

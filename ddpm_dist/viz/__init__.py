@@ -1,6 +1,5 @@
-"""Pictures: sample grids, denoising trajectories, GIFs of the reverse process, curves and plots.
-
-Also `python -m ddpm_dist.viz ...` (see viz_cli) for comparisons and plots from a run directory."""
+"""Pictures: sample grids, denoising trajectories, GIFs of the reverse process, training curves; figures.py
+draws comparisons and diagnostics, `python -m ddpm_dist.viz ...` (__main__.py) makes them from a run."""
 from __future__ import annotations
 
 import json
@@ -12,11 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW float -> uint8 NHWC (the same quantisation as the sampler's PNG output)."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+from ..images import to_uint8
 
 
 def grid(images: np.ndarray, nrow: Optional[int] = None, pad: int = 1, scale: int = 1) -> np.ndarray:

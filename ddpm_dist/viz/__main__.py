@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..cli_common import run_cli
+from ..diffusion.options import SAMPLER_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,30 +43,28 @@ def main(argv: list[str]) -> int:
     if args.cmd == "schedules":
         path = figures.schedules(args.out, args.steps)
     elif args.cmd == "curves":
-        import os
         path = plot_curves(os.path.join(args.run, "metrics.jsonl"), args.out)
     elif args.cmd == "diversity":
-        import os
         path = figures.diversity(os.path.join(args.run, "metrics.jsonl"), args.out)
     else:
-        import torch
+        from ..artifacts import load_trained, run_data_source
+        from ..parallel.env import read_env
+        from ..sampling import labels_for, prepare
 
-        from ..eval.generate import load_setup
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        setup = load_setup(args.run or args.export, "ema", device)
+        setup = prepare(load_trained(args.run or args.export), read_env().device)
         if args.cmd == "compare":
             configs = []
             for item in args.samplers.split(","):
                 name, _, steps = item.partition(":")
-                if name not in ("ddpm", "ddim") or not steps.isdigit():
-                    raise ValueError(f"--samplers: '{item}' is not sampler:steps (ddpm or ddim)")
+                if name not in SAMPLER_NAMES or not steps.isdigit():
+                    raise ValueError(f"--samplers: '{item}' is not sampler:steps ({' or '.join(SAMPLER_NAMES)})")
                 configs.append((name, int(steps)))
+            labels = labels_for(list(range(args.num_images)), args.classes, setup.num_classes, args.seed)
             path = figures.compare_samplers(setup, configs, args.out, num_images=args.num_images, seed=args.seed,
-                                            classes=args.classes)
+                                            labels=labels)
         else:
             from ..data import read_all
-            from ..evaluate import _run_data
-            data = args.data or _run_data(args.run)
+            data = args.data or run_data_source(args.run)
             if not data:
                 raise ValueError("forward-reverse needs --data (a shard manifest of real images)")
             real, _ = read_all(data, limit=args.num_images)

@@ -7,6 +7,8 @@ import time
 import numpy as np
 import torch
 
+from ..images import to_model_range, to_uint8
+
 
 def _plt():
     import matplotlib
@@ -54,21 +56,18 @@ def schedules(out: str, num_steps: int = 1000) -> str:
 
 
 def compare_samplers(setup, configs: list[tuple[str, int]], out: str, *, num_images: int = 8, seed: int = 0,
-                     classes=None) -> str:
-    """The same initial noise (same per-image seeds) through each sampler/step count, with wall time per image."""
+                     labels=None) -> str:
+    """The same initial noise (same per-image seeds) through each sampler/step count, with wall time per image.
+    `setup` is a sampling.SamplingSetup; each row keeps its options but the sampler and step count."""
     from ..diffusion import generate, image_seed
-    from ..eval.generate import labels_for
-    from . import to_uint8
     plt = _plt()
     seeds = [image_seed(seed, i) for i in range(num_images)]
-    labels = labels_for(list(range(num_images)), classes, setup.num_classes, seed)
-    device = next(setup.model.parameters()).device
     fig, axes = plt.subplots(len(configs), 1, figsize=(1.0 * num_images + 2, 1.15 * len(configs)), squeeze=False)
     for ax, (sampler, steps) in zip(axes[:, 0], configs):
-        opts = {**setup.opts, "sampler": sampler, "steps": steps, "eta": 1.0 if sampler == "ddpm" else 0.0}
+        options = setup.options.updated(sampler=sampler, steps=steps)
         t0 = time.perf_counter()
-        x = generate(setup.model, setup.schedule, seeds, setup.shape, device=device, labels=labels,
-                     null_class=setup.num_classes or None, **opts)
+        x = generate(setup.model, setup.schedule, seeds, setup.shape, options, device=setup.device, labels=labels,
+                     null_class=setup.num_classes or None, prediction=setup.prediction)
         per_image = (time.perf_counter() - t0) / num_images
         _show(ax, to_uint8(x), f"{sampler.upper()} {steps} steps\n{per_image * 1e3:.0f} ms/img")
     fig.suptitle("same initial noise, different samplers", fontsize=10)
@@ -78,20 +77,19 @@ def compare_samplers(setup, configs: list[tuple[str, int]], out: str, *, num_ima
 def forward_reverse(setup, real: np.ndarray, out: str, *, steps: int = 8, seed: int = 0) -> str:
     """Left: the forward process q(x_t | x0) on real images; right: a reverse (DDPM) trajectory at the same t."""
     from ..diffusion import TrajectoryRecorder, generate, image_seed, make_timesteps, q_sample
-    from . import to_uint8
     plt = _plt()
-    device = next(setup.model.parameters()).device
+    device = setup.device
     T = setup.schedule.num_steps
     ts = make_timesteps(T, steps)  # ascending, includes 0 and T-1
-    x0 = torch.from_numpy(real).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    x0 = to_model_range(real).to(device)
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g, device=device)
     forward = [to_uint8(q_sample(setup.schedule, x0, torch.full((len(x0),), t, device=device), noise)) for t in ts]
     rec = TrajectoryRecorder(record_at=set(ts))
-    opts = {**setup.opts, "sampler": "ddpm", "steps": T, "eta": 1.0}
     labels = [i % setup.num_classes for i in range(len(x0))] if setup.num_classes else None
-    generate(setup.model, setup.schedule, [image_seed(seed, i) for i in range(len(x0))], setup.shape, device=device,
-             labels=labels, null_class=setup.num_classes or None, callback=rec, **opts)
+    generate(setup.model, setup.schedule, [image_seed(seed, i) for i in range(len(x0))], setup.shape,
+             setup.options.updated(sampler="ddpm", steps=T), device=device, labels=labels,
+             null_class=setup.num_classes or None, prediction=setup.prediction, callback=rec)
     reverse = {t: to_uint8(x) for t, x in zip(rec.steps, rec.x_t)}
     fig, axes = plt.subplots(len(x0), 2, figsize=(2 * len(ts) * 0.9 + 1, 1.1 * len(x0) + 0.6), squeeze=False)
     for i in range(len(x0)):
@@ -99,6 +97,20 @@ def forward_reverse(setup, real: np.ndarray, out: str, *, steps: int = 8, seed: 
         _show(axes[i, 1], np.stack([reverse[t][i] for t in reversed(ts)]))
     axes[0, 0].set_title(f"forward q(x_t | x0): t = {ts[0]} ... {ts[-1]}", fontsize=9)
     axes[0, 1].set_title(f"reverse p(x_(t-1) | x_t): t = {ts[-1]} ... {ts[0]}", fontsize=9)
+    return _save(fig, out)
+
+
+def recon_curves(rows: list[dict], out: str) -> str:
+    """PSNR and SSIM of one-step and DDIM reconstructions against the noise level t (rows of eval.recon)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    ts = [r["t"] for r in rows]
+    for ax, metric in zip(axes, ("psnr", "ssim")):
+        for name in ("one_step", "ddim"):
+            ax.plot(ts, [r[f"{name}_{metric}"] for r in rows], marker="o", label=name.replace("_", "-"))
+        ax.set_xlabel("noise level t")
+        ax.set_title(metric.upper())
+        ax.legend()
     return _save(fig, out)
 
 

@@ -1,0 +1,2 @@
+"""Measuring samples: feature statistics and Fréchet distances (FID), reconstruction metrics, the digits
+classifier used as a feature extractor for the embedded data set."""
