@@ -18,6 +18,7 @@ import numpy as np
 from .cli_common import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
 from .data import storage
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_dist.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,5 @@
 """Functions that run inside spawned gloo worker processes (top level, so spawn can pickle them)."""
+import dataclasses
 import json
 import os
 
@@ -102,10 +103,10 @@ def reshard_worker(rank, world_size, ckpt_path, out_file):
     """Load a DCP checkpoint into an FSDP2 engine at this world size; rank 0 writes the gathered full state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+    from ddpm_dist.artifacts import read_meta
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.ema import ShardedEMA
-    from ddpm_dist.artifacts import read_meta
     from ddpm_dist.training.checkpoint import CheckpointManager
 
     meta = read_meta(ckpt_path)
@@ -121,3 +122,66 @@ def reshard_worker(rank, world_size, ckpt_path, out_file):
     ema_full = ema.full_state()
     if rank == 0:
         torch.save({"engine": {"model": model_sd, "optim": optim_sd}, "ema": ema_full}, out_file)
+
+
+def resume_worker(rank, world_size, out_dir, backend, zero_stage):
+    """Components trained 3 steps and saved; fresh components (another initial seed) restored with the
+    manager's one call; both train 2 more steps. Rank 0 writes both ends for a bitwise comparison."""
+    from safetensors.torch import save_file
+
+    from ddpm_dist.config import load_config
+    from ddpm_dist.data import Layout, TrainStream, load_manifest
+    from ddpm_dist.models import UNet, resolve_model_config
+    from ddpm_dist.parallel import parallelize, read_env
+    from ddpm_dist.parallel.ema import ShardedEMA
+    from ddpm_dist.parallel.env import seed_everything
+    from ddpm_dist.training.checkpoint import CheckpointManager
+    from ddpm_dist.training.loop import run_step
+    from ddpm_dist.training.state import LRSchedule, Progress
+    from tests.conftest import DIGITS
+
+    cfg = load_config(None, ["model.preset=digits", "model.base_channels=16", "model.norm_groups=8",
+                             "train.global_batch=8", "train.warmup_images=64", "diffusion.num_steps=100"])
+    model_cfg = resolve_model_config(cfg.model)
+    schedule = cfg.diffusion.make_schedule()
+    micro = 8 // world_size
+
+    def build(seed):
+        seed_everything(seed)
+        engine = parallelize(UNet(model_cfg), backend, read_env(), optimizer_args=dict(lr=1e-3, betas=[0.9, 0.999],
+                             weight_decay=0.0), bf16=False, micro_batch=micro, accum_steps=1, grad_clip=1.0,
+                             zero_stage=zero_stage)
+        parts = {"engine": engine, "ema": ShardedEMA(engine), "progress": Progress(), "lr_schedule":
+                 LRSchedule.from_config(cfg.train), "data": TrainStream(load_manifest(DIGITS), rank=rank, seed=3,
+                                                                          layout=Layout(world_size, micro, 0))}
+        return parts, CheckpointManager(os.path.join(out_dir, "ck"), parts, rank=rank,
+                                        identity={"backend": backend, "model_config": dataclasses.asdict(model_cfg)})
+
+    def train(parts, batches, steps):
+        p = parts["progress"]
+        for _ in range(steps):
+            lr = parts["lr_schedule"](p.images)
+            run_step(parts["engine"], schedule, [next(batches)], step=p.step, rank=rank, world_size=world_size, cfg=cfg,
+                     num_classes=model_cfg.num_classes, lr=lr)
+            parts["ema"].update(0.9)
+            p.step, p.images = p.step + 1, p.images + 8
+
+    def dump(parts, name):
+        params, ema = parts["engine"].full_model_state(), parts["ema"].full_state()
+        if rank == 0:
+            save_file({**{f"model.{k}": v for k, v in params.items()}, **{f"ema.{k}": v for k, v in ema.items()}},
+                      os.path.join(out_dir, f"{name}.safetensors"))
+            with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+                json.dump({"progress": parts["progress"].state_dict(), "data": parts["data"].state_dict()}, f)
+
+    first, manager = build(0)
+    batches = iter(first["data"])
+    train(first, batches, 3)
+    manager.save(3, first["progress"].images)
+    train(first, batches, 2)
+    dump(first, "straight")
+    fresh, manager = build(1)
+    meta = manager.restore_latest()
+    assert meta["step"] == 3 and fresh["progress"].step == 3, meta["step"]
+    train(fresh, iter(fresh["data"]), 2)
+    dump(fresh, "resumed")

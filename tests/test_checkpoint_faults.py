@@ -85,10 +85,10 @@ def test_checkpoint_of_another_backend_is_a_clear_error(tmp_path):
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from ddpm_dist.artifacts import CheckpointError
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.ema import ShardedEMA
-    from ddpm_dist.artifacts import CheckpointError
     from ddpm_dist.training.checkpoint import CheckpointManager
 
     cfg = resolve_model_config("tiny")

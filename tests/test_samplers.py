@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from ddpm_dist.diffusion import (SamplerOptions, StackedRandomGenerator, TrajectoryRecorder, ddim, ddpm, generate, make_schedule,
-                                 make_timesteps)
+from ddpm_dist.diffusion import (
+    SamplerOptions,
+    StackedRandomGenerator,
+    TrajectoryRecorder,
+    ddim,
+    ddpm,
+    generate,
+    make_schedule,
+    make_timesteps,
+)
 from ddpm_dist.diffusion.samplers import classifier_free_guidance
 
 

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     """A class-conditional digits-shaped model with random (non-zero) weights, as an export file."""
-    from ddpm_dist.models import build_model
     from ddpm_dist.artifacts import save_export
+    from ddpm_dist.models import build_model
 
     torch.manual_seed(0)
     model = build_model({"preset": "digits", "base_channels": 16, "norm_groups": 8})

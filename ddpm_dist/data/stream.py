@@ -31,8 +31,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..images import to_model_range
 from ..rng import mix_seed
 from . import storage
-from .shards import (Manifest, ShardError, decode_image, decode_label, iter_tar_samples, load_manifest,
-                     manifest_from_pattern, samples_from_index)
+from .shards import (
+    Manifest,
+    ShardError,
+    decode_image,
+    decode_label,
+    iter_tar_samples,
+    load_manifest,
+    manifest_from_pattern,
+    samples_from_index,
+)
 
 log = logging.getLogger(__name__)
 MIN_SEEN_FOR_SKIP_CHECK = 100

@@ -1,8 +1,21 @@
 """The diffusion math: schedules, objective, samplers and their options. Nothing here knows about distribution."""
 from .objective import diffusion_loss, loss_weight, q_sample, target, to_x0_eps
 from .options import SAMPLER_DEFAULTS, SAMPLER_NAMES, SamplerOptions
-from .samplers import (SAMPLERS, STEPS, StackedRandomGenerator, TrajectoryRecorder, classifier_free_guidance, ddim, ddpm,
-                       generate, image_seed, make_step, make_timesteps, run_steps, sample)
+from .samplers import (
+                       SAMPLERS,
+                       STEPS,
+                       StackedRandomGenerator,
+                       TrajectoryRecorder,
+                       classifier_free_guidance,
+                       ddim,
+                       ddpm,
+                       generate,
+                       image_seed,
+                       make_step,
+                       make_timesteps,
+                       run_steps,
+                       sample,
+)
 from .schedule import KINDS, Schedule, make_schedule, respace
 
 __all__ = [

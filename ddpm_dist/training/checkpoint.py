@@ -25,8 +25,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..artifacts import (CHECKPOINT_FORMAT, MARKER, META, PORTABLE_FORMATS, CheckpointError, committed_checkpoints,
-                         read_meta, step_name)
+from ..artifacts import (
+    CHECKPOINT_FORMAT,
+    MARKER,
+    META,
+    PORTABLE_FORMATS,
+    CheckpointError,
+    committed_checkpoints,
+    read_meta,
+    step_name,
+)
 from ..parallel.env import barrier, side_group
 
 log = logging.getLogger(__name__)

@@ -144,9 +144,9 @@ def _run(cfg: Config, env, started: contextlib.ExitStack) -> int:
         log_every=cfg.train.log_every, run=cfg.name or os.path.basename(os.path.abspath(cfg.run_dir))))
     preemption = Preemption(env.device, cfg.train.max_wall_seconds)
     started.callback(preemption.restore)
-    total_steps = math.ceil(cfg.train.total_images / cfg.train.global_batch)
-    log.info("%s: %s, %d rank(s), global batch %d = %d x %d ranks x %d accumulation, %d steps, %.2fM parameters",
-             cfg.run_dir, backend, env.world_size, cfg.train.global_batch, micro, env.world_size, accum, total_steps,
+    steps_left = math.ceil(max(cfg.train.total_images - progress.images, 0) / cfg.train.global_batch)
+    log.info("%s: %s, %d rank(s), global batch %d = %d x %d ranks x %d accumulation, %d steps to go, %.2fM parameters",
+             cfg.run_dir, backend, env.world_size, cfg.train.global_batch, micro, env.world_size, accum, steps_left,
              num_params / 1e6)
 
     def save(force_sync: bool = False):
@@ -161,7 +161,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack) -> int:
     evaluator = None
     exit_code = 0
     last_saved_step = progress.step if resumed else -1
-    while progress.step < total_steps:
+    while progress.images < cfg.train.total_images:  # counted in images: the batch may change across a resume
         t_step = time.perf_counter()
         wait0 = stream.data_wait_seconds
         batches = [next(data) for _ in range(accum)]
