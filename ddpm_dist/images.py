@@ -21,6 +21,11 @@ def to_float255(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
 
 
+def from_float255(x255: torch.Tensor) -> torch.Tensor:
+    """float NCHW in 0..255 (an extractor's input) -> [-1, 1]."""
+    return x255 / 127.5 - 1
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """float NCHW in [-1, 1] -> uint8 NHWC, rounded to nearest (values outside [-1, 1] are clipped)."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

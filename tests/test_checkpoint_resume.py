@@ -1,6 +1,4 @@
 """Exact resume: 2N steps straight == N steps, stop, fresh process(es), N more (bitwise on the CPU)."""
-import os
-
 import pytest
 
 from tests.train_helpers import assert_bitwise_equal, audit, checkpoint_tensors, final_checkpoint, run_train
@@ -24,14 +22,14 @@ def test_exact_resume(tmp_path, backend, nproc, extra):
     for rank in range(nproc):
         assert audit(straight, rank) == audit(resumed, rank)  # the data stream saw the same samples
     if backend == "zero":
-        # DeepSpeed's own files: compare the consolidated fp32 weights and our EMA export bitwise.
+        # DeepSpeed's own files: compare the consolidated fp32 weights (the export) and the EMA bitwise.
         from safetensors.torch import load_file
-        for name in ("export.safetensors",):
-            a, b = load_file(straight / name), load_file(resumed / name)
-            assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-        a, b = load_file(os.path.join(final_checkpoint(straight), "ema.safetensors")), \
-            load_file(os.path.join(final_checkpoint(resumed), "ema.safetensors"))
-        assert all((a[k] == b[k]).all() for k in a)
+
+        from ddpm_dist.artifacts import load_checkpoint_weights
+        a, b = load_file(straight / "export.safetensors"), load_file(resumed / "export.safetensors")
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+        a, b = (load_checkpoint_weights(final_checkpoint(r), "ema")[0] for r in (straight, resumed))
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
         return
     assert_bitwise_equal(checkpoint_tensors(final_checkpoint(straight)), checkpoint_tensors(final_checkpoint(resumed)))
 

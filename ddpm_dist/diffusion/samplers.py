@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .objective import eps_from_x0, to_x0_eps
-from .options import SamplerOptions
+from .options import SAMPLER_DEFAULTS, SamplerOptions
 from .schedule import Schedule, gather, respace
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -56,7 +56,7 @@ def _as_rng(rng):
     return rng
 
 
-def make_timesteps(num_train_steps: int, steps: int, spacing: str = "uniform") -> list[int]:
+def make_timesteps(num_train_steps: int, steps: int, spacing: str = SamplerOptions.spacing) -> list[int]:
     """Ascending timesteps in [0, T) including T-1 (start from pure noise) and 0 (end at data)."""
     T = num_train_steps
     if not 1 <= steps <= T:
@@ -91,8 +91,8 @@ class DDPMStep:
     """Ancestral sampling from the posterior q(x_{t-1} | x_t, x0_hat); over a sub-sequence the schedule is
     respaced (improved DDPM). var_type 'small' = beta_tilde_t, 'large' = beta_t (DDPM section 3.2)."""
 
-    def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", eta=1.0, var_type="small",
-                 clip_x0=True, model_kwargs=None):
+    def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", eta=SAMPLER_DEFAULTS["ddpm"]["eta"],
+                 var_type=SamplerOptions.var_type, clip_x0=SamplerOptions.clip_x0, model_kwargs=None):
         self.model, self.schedule, self.timesteps = model, schedule, timesteps
         self.prediction, self.clip_x0, self.model_kwargs = prediction, clip_x0, model_kwargs or {}
         sub = respace(schedule, timesteps)
@@ -111,8 +111,8 @@ class DDPMStep:
 class DDIMStep:
     """DDIM (Song et al. 2021, eq. 12): eta=0 is deterministic, eta=1 over all steps is DDPM's posterior."""
 
-    def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", eta=0.0, var_type="small",
-                 clip_x0=True, model_kwargs=None):
+    def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", eta=SAMPLER_DEFAULTS["ddim"]["eta"],
+                 var_type=SamplerOptions.var_type, clip_x0=SamplerOptions.clip_x0, model_kwargs=None):
         self.model, self.schedule, self.timesteps, self.eta = model, schedule, timesteps, eta
         self.prediction, self.clip_x0, self.model_kwargs = prediction, clip_x0, model_kwargs or {}
 

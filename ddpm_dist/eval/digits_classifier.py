@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..images import from_float255
 from .fid import Extractor, module_checksum
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class DigitsNet(nn.Module):
         self.head = nn.Linear(128, num_classes)
 
     def features(self, x255: torch.Tensor) -> torch.Tensor:
-        return self.body(x255 / 127.5 - 1)
+        return self.body(from_float255(x255))
 
     def forward(self, x255: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x255))
