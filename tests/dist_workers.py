@@ -26,7 +26,8 @@ def _entry(rank, fn, world_size, port, args):
     init_distributed(read_env())
     try:
         fn(rank, world_size, *args)
-        torch.distributed.barrier()  # no rank tears down while another still works (DeepSpeed's shm once aborted)
+        if torch.distributed.is_initialized():  # no rank tears down while another still works (DeepSpeed once aborted)
+            torch.distributed.barrier()
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
