@@ -14,8 +14,9 @@ from .artifacts import CheckpointError
 from .config import ConfigError
 from .data import DataError, ShardError
 from .diffusion import SamplerOptions
+from .parallel.faults import PeerLost
 
-EXPECTED_ERRORS: tuple = (ConfigError, FileNotFoundError, ValueError, DataError, ShardError, CheckpointError)
+EXPECTED_ERRORS: tuple = (ConfigError, FileNotFoundError, ValueError, DataError, ShardError, CheckpointError, PeerLost)
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +51,8 @@ def run_cli(main: Callable[[list[str]], int], argv=None) -> None:
         code = main(sys.argv[1:] if argv is None else argv)
     except EXPECTED_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(2) if os.environ.get("DDPM_HARD_EXIT") else sys.exit(2)
+        # A process group with a lost peer cannot be torn down politely: leave without waiting on it.
+        os._exit(2) if os.environ.get("DDPM_HARD_EXIT") or isinstance(e, PeerLost) else sys.exit(2)
     sys.exit(code or 0)

@@ -107,7 +107,7 @@ class CheckpointConfig:
 class MetricsConfig:
     prometheus: bool = False
     prometheus_port: int = 9400  # + local rank
-    prometheus_addr: str = "127.0.0.1"
+    prometheus_addr: str = ""  # "": this host's address (its hostname resolved), which other hosts reach
     jsonl: bool = True
     job: str = ""  # label; defaults to SLURM_JOB_ID or "local"
     sd_dir: str = ""  # Prometheus file_sd folder: each rank writes its target there while it runs

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tar", action="store_true", help="also write WebDataset shards of the images under OUT/shards")
     p.add_argument("--prometheus-port", type=int, default=0,
                    help="export ddpm_sample_* metrics on this port + local rank (0: off)")
-    p.add_argument("--prometheus-addr", default="127.0.0.1")
+    p.add_argument("--prometheus-addr", default="", help="address to listen on (default: this host's address)")
     t = p.add_argument_group("tasks")
     t.add_argument("--task", choices=TASKS, default="generate",
                    help="generate (default), inpaint (RePaint), sr (super-resolution with an SR-trained model)")

@@ -103,9 +103,8 @@ class Job:
         import submitit
 
         job_env = submitit.JobEnvironment()
-        job_id = int(os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "0")))
-        os.environ.setdefault("MASTER_PORT", str(20000 + job_id % 20000))
-        submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
+        # Ranks, local ranks and the master (the first host of SLURM_JOB_NODELIST, a port from the job id) come
+        # from SLURM's own variables in ddpm_dist.parallel.env.read_env, as under a bare srun.
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if job_env.global_rank == 0:
             print(f"[launchers.slurm] job {job_env.job_id}: {self.verb} on {job_env.num_tasks} task(s), "

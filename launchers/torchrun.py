@@ -6,6 +6,7 @@ is 75 ("requeue me") when the workers stopped for a preemption after saving a ch
 Workers leave their PIDs and exit codes in a private folder named by DDPM_SIGNAL_DIR."""
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import shutil
@@ -37,6 +38,15 @@ def worker_exit_codes(folder: str) -> list[int]:
     return codes
 
 
+def _exit_with_launcher() -> None:
+    """In torchrun's process, before exec: SIGTERM it when this launcher dies (even by SIGKILL), so torchrun
+    stops its workers instead of leaving them orphaned (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -47,7 +57,8 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, lambda s, f: received.append(s))
     env = {**os.environ, "DDPM_SIGNAL_DIR": folder}
     # Its own session: a signal to our process group must not reach (and kill) torchrun directly.
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env, start_new_session=True,
+                            preexec_fn=_exit_with_launcher)
     delivered: dict[str, set] = {}
     try:
         while True:

@@ -41,7 +41,7 @@ def synthetic_batch(global_batch: int, channels=3, size=16, num_classes=0, seed=
 
 
 def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_batch=8, accum=1, bf16=False,
-                zero_stage=2, model="tiny", lr=1e-3, ema_beta=0.9):
+                zero_stage=2, model="tiny", lr=1e-3, ema_beta=0.9, hybrid=False):
     """Run `steps` optimizer steps on a fixed global batch; returns (losses, full params, full EMA) on every rank."""
     from ddpm_dist.config import load_config
     from ddpm_dist.diffusion import make_schedule
@@ -58,7 +58,7 @@ def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_ba
     micro = global_batch // (world_size * accum)
     engine = parallelize(UNet(model_cfg), backend, read_env(), optimizer_args=dict(lr=lr, betas=[0.9, 0.999],
                          weight_decay=0.0), bf16=bf16, micro_batch=micro, accum_steps=accum, grad_clip=1.0,
-                         zero_stage=zero_stage)
+                         zero_stage=zero_stage, hybrid_shard=hybrid)
     ema = ShardedEMA(engine)
     schedule = make_schedule("linear", 100)
     x, y = synthetic_batch(global_batch, model_cfg.in_channels, model_cfg.image_size, model_cfg.num_classes)
@@ -76,7 +76,9 @@ def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_ba
 
 
 def parity_worker(rank, world_size, out_dir, backend, kwargs):
-    losses, params, ema_full, _, _ = train_steps(backend, world_size, rank, **kwargs)
+    losses, params, ema_full, engine, _ = train_steps(backend, world_size, rank, **kwargs)
+    with open(os.path.join(out_dir, f"bytes-{rank}.json"), "w") as f:
+        json.dump(engine.local_bytes(), f)
     if rank == 0:
         from safetensors.torch import save_file
         save_file(params, os.path.join(out_dir, "params.safetensors"))

@@ -1,24 +1,28 @@
-"""A real single-node SLURM cluster on loopback (munged, slurmctld, slurmd from Debian), for system tests.
-Started in a private folder, stopped by PID; every wait is bounded."""
+"""Real SLURM clusters for system tests (munged, slurmctld, slurmd from Debian): one node on loopback, or
+one slurmd per host of a tests.netns_cluster. Started in a private folder, stopped by PID; every wait is
+bounded."""
+import contextlib
 import os
+import re
 import shutil
+import socket
 import subprocess
 import time
 
 import pytest
 
-CONF = """ClusterName=ddpmtest
-SlurmctldHost=localhost
+CONF = """ClusterName={name}
+SlurmctldHost={ctld_host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=cred_expire=5
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd.%n.pid
 SlurmctldLogFile={d}/slurmctld.log
-SlurmdLogFile={d}/slurmd.log
+SlurmdLogFile={d}/slurmd.%n.log
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 ProctrackType=proctrack/linuxproc
@@ -32,9 +36,12 @@ ReturnToService=2
 SchedulerParameters=bf_interval=1,sched_interval=2
 KillWait=5
 MinJobAge=300
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem}
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+GresTypes=gpu
+{nodes}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
+# CPU tasks asked for with --gpus-per-node: one "GPU" per node, backed by no real device.
+GRES = "AutoDetect=off\nNodeName={node_names} Name=gpu File=/dev/null\n"
 
 
 def wait_for(predicate, timeout, what):
@@ -53,20 +60,57 @@ def _pid(path):
         return None
 
 
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
+def submit(tmp_path, verb, entry_args, *launcher_args, tasks=("--tasks-per-node", "2")):
+    """`python -m launchers.slurm VERB ...`: the job id, after checking what the launcher prints."""
+    from tests.conftest import PYTHON, ROOT
+    from tests.train_helpers import child_env
+
+    env = child_env()
+    r = subprocess.run([PYTHON, "-m", "launchers.slurm", verb, *tasks, "--cpus-per-task", "1", "--time", "30",
+                        "--log-folder", str(tmp_path / "logs" / "%j"), *launcher_args, "--", *entry_args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    assert "follow: tail -f" in r.stdout and "logs:" in r.stdout
+    return job
+
+
+def job_state(job):
+    r = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    state = re.search(r"JobState=(\S+)", r.stdout)
+    restarts = re.search(r"Restarts=(\d+)", r.stdout)
+    return (state.group(1) if state else "GONE"), int(restarts.group(1)) if restarts else 0
+
+
+def logs(tmp_path, job):
+    text = ""
+    folder = tmp_path / "logs" / job
+    for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
+        if name.endswith((".out", ".err")):
+            text += open(folder / name, errors="replace").read()
+    return text
+
+
+@contextlib.contextmanager
+def slurm_cluster(d, nodes: list[tuple[str, str, list[str]]], ctld_addr: str = "127.0.0.1", name: str = "ddpmtest"):
+    """slurmctld here and one slurmd per (node name, address, command prefix that runs on that node); yields the
+    environment (SLURM_CONF) with every node idle; stops every daemon it started by PID."""
     if not shutil.which("slurmctld") or not shutil.which("munged"):
         pytest.fail("SLURM is not installed: run `make system-deps` (the Makefile's test target does)")
     from tests.conftest import free_port
 
-    d = tmp_path_factory.mktemp("slurm")
     for sub in ("state", "spool"):
         (d / sub).mkdir()
-    mem = int(open("/proc/meminfo").readline().split()[1]) // 1024 - 2048
+    mem = (int(open("/proc/meminfo").readline().split()[1]) // 1024 - 2048) // len(nodes)
+    lines = [f"NodeName={n} NodeAddr={a} CPUs={os.cpu_count()} RealMemory={mem} Gres=gpu:1" for n, a, _ in nodes]
+    names = ",".join(n for n, _, _ in nodes)
+    ctld_host = "localhost" if ctld_addr == "127.0.0.1" else f"{socket.gethostname()}({ctld_addr})"
     conf = d / "slurm.conf"
-    conf.write_text(CONF.format(d=d, cpus=os.cpu_count(), mem=mem, ctld_port=free_port(), d_port=free_port()))
+    conf.write_text(CONF.format(d=d, name=name, ctld_host=ctld_host, ctld_port=free_port(), d_port=free_port(),
+                                nodes="\n".join(lines), node_names=names))
+    (d / "gres.conf").write_text(GRES.format(node_names=names))
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    started = []
+    pidfiles = [d / "slurmctld.pid"] + [d / f"slurmd.{n}.pid" for n, _, _ in nodes]
     munge_pid = None
     if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
         os.makedirs("/run/munge", exist_ok=True)
@@ -74,15 +118,14 @@ def slurm(tmp_path_factory):
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
         wait_for(lambda: _pid("/run/munge/munged.pid"), 10, "munged")
         munge_pid = _pid("/run/munge/munged.pid")
-    subprocess.run(["slurmctld"], env=env, check=True)
-    started.append(d / "slurmctld.pid")
-    subprocess.run(["slurmd", "-N", "localhost"], env=env, check=True)
-    started.append(d / "slurmd.pid")
-    wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.strip()
-          == "idle", 30, "slurm node")
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     try:
+        subprocess.run(["slurmctld"], env=env, check=True)
+        for node, _, prefix in nodes:
+            subprocess.run([*prefix, "slurmd", "-N", node], env=env, check=True)
+        wait_for(lambda: set(subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
+                                            text=True).stdout.split()) == {"idle"}, 60, "slurm nodes idle")
         yield env
     finally:
         if old is None:
@@ -90,7 +133,7 @@ def slurm(tmp_path_factory):
         else:
             os.environ["SLURM_CONF"] = old
         subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
-        for pidfile in reversed(started):
+        for pidfile in reversed(pidfiles):
             pid = _pid(pidfile)
             if pid:
                 try:
@@ -102,3 +145,9 @@ def slurm(tmp_path_factory):
                 os.kill(munge_pid, 15)
             except ProcessLookupError:
                 pass
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    with slurm_cluster(tmp_path_factory.mktemp("slurm"), [("localhost", "127.0.0.1", [])]) as env:
+        yield env

@@ -7,39 +7,12 @@ import subprocess
 import pytest
 
 from tests.conftest import PYTHON, ROOT
-from tests.slurm_cluster import slurm, wait_for  # noqa: F401 - fixture
+from tests.slurm_cluster import job_state, logs, slurm, submit, wait_for  # noqa: F401 - fixture
 from tests.train_helpers import FAST, assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint, run_train
 
 pytestmark = pytest.mark.system
 STEPS = 150
 OPTS = ["parallel.backend=fsdp"]
-
-
-def submit(tmp_path, verb, entry_args, *launcher_args):
-    env = child_env()
-    r = subprocess.run([PYTHON, "-m", "launchers.slurm", verb, "--tasks-per-node", "2", "--cpus-per-task", "1",
-                        "--time", "30", "--log-folder", str(tmp_path / "logs" / "%j"), *launcher_args, "--", *entry_args],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    job = re.search(r"submitted job (\d+)", r.stdout).group(1)
-    assert "follow: tail -f" in r.stdout and "logs:" in r.stdout
-    return job
-
-
-def job_state(job):
-    r = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
-    state = re.search(r"JobState=(\S+)", r.stdout)
-    restarts = re.search(r"Restarts=(\d+)", r.stdout)
-    return (state.group(1) if state else "GONE"), int(restarts.group(1)) if restarts else 0
-
-
-def logs(tmp_path, job):
-    text = ""
-    folder = tmp_path / "logs" / job
-    for name in sorted(os.listdir(folder)) if folder.is_dir() else []:
-        if name.endswith((".out", ".err")):
-            text += open(folder / name, errors="replace").read()
-    return text
 
 
 def test_training_job_is_preempted_requeued_and_resumes_exactly(tmp_path, slurm):  # noqa: F811

@@ -21,8 +21,13 @@ def child_env(**extra):
     return env
 
 
+def train_args(run_dir, steps, *extra) -> list[str]:
+    """ddpm_dist.train's arguments: the digits config made fast, `steps` steps of 16 images, then `extra`."""
+    return ["--config", "configs/digits.yaml", f"run_dir={run_dir}", *FAST, f"train.total_images={16 * steps}", *extra]
+
+
 def train_cmd(run_dir, steps, *extra, nproc=1, launcher="python"):
-    args = ["--config", "configs/digits.yaml", f"run_dir={run_dir}", *FAST, f"train.total_images={16 * steps}", *extra]
+    args = train_args(run_dir, steps, *extra)
     if nproc == 1 and launcher == "python":
         return [PYTHON, "-m", "ddpm_dist.train", *args]
     module = "launchers.torchrun" if launcher == "launcher" else "torch.distributed.run"

@@ -69,8 +69,9 @@ def _training_data(job: FrechetJob, provenance: dict) -> Optional[str]:
 
 def frechet_worker(job: FrechetJob) -> None:
     """Every rank: features of its own images into float64 sums; all-reduce; rank 0 scores and writes."""
-    env = init_distributed(read_env())
+    env = read_env()
     setup_logging(env.rank)
+    env = init_distributed(env)
     try:
         _score(job, env)
     finally:

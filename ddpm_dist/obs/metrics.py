@@ -23,15 +23,14 @@ class Metrics:
         self.prom = None
         self.sd_file = None
         if cfg.prometheus:
-            from .prometheus import PrometheusSink, write_sd_target
+            from .prometheus import PrometheusSink, host_address, write_sd_target
             job = cfg.job or os.environ.get("SLURM_JOB_ID", "local")
-            port = cfg.prometheus_port + local_rank
-            self.prom = PrometheusSink(addr=cfg.prometheus_addr, port=port, rank=rank, job=job, run=run)
+            port, addr = cfg.prometheus_port + local_rank, cfg.prometheus_addr or host_address()
+            self.prom = PrometheusSink(addr=addr, port=port, rank=rank, job=job, run=run)
             self.prom.world_size.set(world_size)
             self.prom.update_process()
             if cfg.sd_dir:
-                self.sd_file = write_sd_target(cfg.sd_dir, addr=cfg.prometheus_addr, port=port, rank=rank, job=job,
-                                               run=run)
+                self.sd_file = write_sd_target(cfg.sd_dir, addr=addr, port=port, rank=rank, job=job, run=run)
         self._window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter(), wait=0.0)
         self._last_skipped = 0
 
@@ -97,6 +96,13 @@ class Metrics:
             if success_time:
                 self.prom.ckpt_success.set(success_time)
         self.write({"event": "checkpoint", "duration_s": duration, "stall_s": stall, "time": time.time()})
+
+    def state_bytes(self, per_rank: list[dict[str, int]]) -> None:
+        """Bytes of model state on every rank (params, optimizer, EMA): a gauge per rank, one row in metrics.jsonl."""
+        if self.prom:
+            for kind, value in per_rank[self.rank].items():
+                self.prom.state_bytes.labels(**self.prom.labels, kind=kind).set(value)
+        self.write({"event": "state_bytes", "per_rank": per_rank, "time": time.time()})
 
     def sampling(self, *, images: int, images_per_s: float) -> None:
         if self.prom:

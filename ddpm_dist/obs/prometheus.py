@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import socket
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -46,6 +47,8 @@ class PrometheusSink:
         self.cuda_memory = gauge("ddpm_cuda_memory_allocated_bytes", "CUDA memory allocated by this process (0 on CPU).")
         self.world_size = gauge("ddpm_world_size", "Number of ranks in the job.")
         self.requeues = gauge("ddpm_requeue_count", "Times this job was requeued (SLURM restart count).")
+        self.state_bytes = Gauge("ddpm_state_bytes", "Bytes of model state this rank holds, by kind (params, "
+                                 "optimizer, ema), after the first step.", LABELS + ("kind",), registry=r)
         self.labels = lv
         self.server, self.thread = start_http_server(port, addr=addr, registry=r)
         log.info("prometheus exporter on http://%s:%d/metrics", addr, port)
@@ -70,11 +73,18 @@ def sd_target_path(sd_dir: str, job: str, run: str, rank: int) -> str:
     return os.path.join(sd_dir, safe + ".json")
 
 
+def host_address() -> str:
+    """This host's address as the others reach it: its hostname resolved (loopback if it does not resolve)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
 def write_sd_target(sd_dir: str, *, addr: str, port: int, rank: int, job: str, run: str) -> str:
     """Prometheus file-based service discovery: this rank's target, written atomically, removed at exit.
-    Multi-node jobs need nothing else: every rank names its own host."""
+    Multi-node jobs need nothing else: every rank names the address it listens on."""
     import json
-    import socket
 
     host = socket.gethostname() if addr in ("0.0.0.0", "::", "") else addr
     os.makedirs(sd_dir, exist_ok=True)

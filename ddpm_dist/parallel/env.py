@@ -4,6 +4,7 @@ when CUDA is present, gloo on the CPU."""
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import socket
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..rng import mix_seed  # noqa: F401 - re-exported for the trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,6 +84,10 @@ def read_env(environ: Optional[dict] = None) -> DistEnv:
 def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600) -> DistEnv:
     """Join the process group (when there is more than one process) and bind this rank's device."""
     env = env or read_env()
+    if env.distributed or launched_externally():
+        from .faults import exit_with_parent
+
+        exit_with_parent()  # before the rendezvous: a worker never outlives its launcher
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     else:
@@ -97,6 +104,12 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600) -> Dis
                                 rank=env.rank, world_size=env.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=env.device if env.device.type == "cuda" else None)
+        from .faults import hosts_summary, share_hosts
+
+        share_hosts(env.device)
+        if env.rank == 0:
+            log.info("%d ranks on %s; rendezvous %s:%d", env.world_size, hosts_summary(), env.master_addr,
+                     env.master_port)
     return env
 
 
@@ -144,6 +157,16 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     if is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's `values` (the same length on each), in rank order."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    if not is_distributed():
+        return [mine.tolist()]
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, mine)
+    return [r.tolist() for r in rows]
 
 
 def all_reduce_max(value: float, device: torch.device) -> float:

@@ -50,8 +50,9 @@ class SampleJob:
 
 def sample_to_folder(job: SampleJob) -> None:
     """One rank's share: load the model, generate its batches, write PNGs; rank 0 finishes the extras."""
-    env = init_distributed(read_env())
+    env = read_env()
     setup_logging(env.rank)
+    env = init_distributed(env)
     metrics = None
     try:
         trained = load_trained(job.source, job.weights)

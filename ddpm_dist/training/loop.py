@@ -25,7 +25,8 @@ from ..obs.log import setup_logging
 from ..obs.metrics import Metrics
 from ..parallel import init_distributed, parallelize, read_env, resolve_backend
 from ..parallel.ema import ShardedEMA, ema_beta
-from ..parallel.env import all_reduce_mean, mix_seed, seed_device_rng, seed_everything, shutdown
+from ..parallel.env import all_gather_ints, all_reduce_mean, mix_seed, seed_device_rng, seed_everything, shutdown
+from ..parallel.faults import PeerLost, describe_lost_peer
 from . import outputs
 from .checkpoint import CheckpointManager
 from .preemption import REQUEUE_EXIT_CODE, Preemption, record_exit, register_worker
@@ -95,17 +96,26 @@ def _batches(stream, cfg: Config):
 def train(cfg: Config) -> int:
     """Run (or resume) training; returns the process exit code (REQUEUE_EXIT_CODE when preempted). What it
     starts (the Prometheus exporter, the discovery file, the signal handlers) is released also when it raises."""
-    env = init_distributed(read_env(), cfg.parallel.dist_timeout_s)
+    env = read_env()
     setup_logging(env.rank)
+    env = init_distributed(env, cfg.parallel.dist_timeout_s)
     register_worker(env.rank)
+    progress = Progress()
     with contextlib.ExitStack() as started:
-        exit_code = _run(cfg, env, started)
+        try:
+            exit_code = _run(cfg, env, started, progress)
+        except Exception as e:
+            lost = describe_lost_peer(e, cfg.parallel.dist_timeout_s)
+            if lost is None:
+                raise
+            raise PeerLost(f"{lost}; at step {progress.step}: relaunch to resume from the newest committed "
+                           f"checkpoint") from e
     record_exit(env.rank, exit_code)
     shutdown()
     return exit_code
 
 
-def _run(cfg: Config, env, started: contextlib.ExitStack) -> int:
+def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) -> int:
     backend = resolve_backend(cfg.parallel.backend, env)
     micro, accum = check_batch(cfg, env.world_size)
     manifest = open_manifest(cfg.data.source)  # a missing manifest or shard fails here, before any work
@@ -126,7 +136,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack) -> int:
     ema = ShardedEMA(engine)
     stream = TrainStream(manifest, rank=env.rank, layout=Layout(env.world_size, micro, cfg.data.num_workers),
                          seed=cfg.seed, random_flip=cfg.data.random_flip, max_skip_fraction=cfg.data.max_skip_fraction)
-    progress, lr_schedule = Progress(), LRSchedule.from_config(cfg.train)
+    lr_schedule = LRSchedule.from_config(cfg.train)
     ckpt = CheckpointManager(
         os.path.join(cfg.run_dir, "checkpoints"),
         {"engine": engine, "ema": ema, "progress": progress, "data": stream, "lr_schedule": lr_schedule},
@@ -161,6 +171,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack) -> int:
     evaluator = None
     exit_code = 0
     last_saved_step = progress.step if resumed else -1
+    first_step = progress.step
     while progress.images < cfg.train.total_images:  # counted in images: the batch may change across a resume
         t_step = time.perf_counter()
         wait0 = stream.data_wait_seconds
@@ -176,6 +187,9 @@ def _run(cfg: Config, env, started: contextlib.ExitStack) -> int:
         ema_seconds = time.perf_counter() - t_ema
         progress.step += 1
         progress.images += cfg.train.global_batch
+        if progress.step == first_step + 1:  # optimizer state exists now: what each rank holds
+            sizes = {**engine.local_bytes(), "ema": ema.local_bytes()}
+            metrics.state_bytes([dict(zip(sizes, row)) for row in all_gather_ints(list(sizes.values()), env.device)])
         if ckpt.poll():
             metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time)
         row = metrics.train_step(step=progress.step, images=progress.images, loss=loss, lr=lr, grad_norm=grad_norm,
