@@ -25,11 +25,13 @@ demo: install
 	$(BIN)/python -m ddpm_dist.evaluate frechet --run $(RUN) --num-images 500 --classes 0,1,2,3,4,5,6,7,8,9 --guidance 2.0
 	@echo "pictures: $(RUN)/samples/final/grid.png $(RUN)/samples/final/trajectory.png $(RUN)/samples/final/reverse.gif $(RUN)/curves.png"
 
-# SLURM, munge and Prometheus for the system tests (Debian packages; needs root, as CI has).
+# SLURM, munge, Prometheus and iproute2 (test hosts in network namespaces) for the system tests (Debian
+# packages; needs root, as CI has).
 system-deps:
-	@if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v prometheus >/dev/null; then echo "system packages present"; \
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v prometheus >/dev/null \
+	  && command -v ip >/dev/null && command -v nsenter >/dev/null; then echo "system packages present"; \
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	  slurmctld slurmd slurm-client munge prometheus >/dev/null; fi
+	  slurmctld slurmd slurm-client munge prometheus iproute2 util-linux >/dev/null; fi
 
 test: install system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import pytest
 
@@ -10,6 +11,16 @@ PYTHON = sys.executable
 DIGITS = os.path.join(ROOT, "shards", "digits", "manifest.json")
 
 
+def wait_for(predicate, timeout: float, what: str, every: float = 0.1) -> None:
+    """Poll `predicate` until it holds; a TimeoutError naming `what` after `timeout` seconds."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(every)
+    raise TimeoutError(f"{what} (after {timeout}s)")
+
+
 @pytest.fixture
 def cpu_env(monkeypatch):
     """A child-process environment: one thread per process, no inherited launcher variables."""
@@ -18,3 +29,30 @@ def cpu_env(monkeypatch):
     env["PYTHONPATH"] = ROOT
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Two hosts in network namespaces (tests/netns_cluster.py), removed by name and PID at the end."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
+        pytest.fail("the multi-host tests need root, iproute2 and nsenter (`make system-deps` installs them)")
+    from tests.netns_cluster import Cluster
+
+    c = Cluster(2).up()
+    try:
+        yield c
+    finally:
+        c.down()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-rank FSDP2 run on loopback: interrupted runs across hosts must end bitwise equal to it."""
+    from tests.multinode_helpers import COMMON, LOSS_STEPS
+    from tests.train_helpers import run_train
+
+    run = tmp_path_factory.mktemp("reference") / "run"
+    run_train(run, LOSS_STEPS, "parallel.backend=fsdp", *COMMON, nproc=2)
+    return run

@@ -147,6 +147,11 @@ class Cluster:
         if os.path.isdir(self.dir):
             sh("umount", self.dir, check=False)
             shutil.rmtree(self.dir, ignore_errors=True)
+        for parent in (STATE_ROOT, "/etc/netns"):  # made for us if empty now
+            try:
+                os.rmdir(parent)
+            except OSError:
+                pass
 
     @classmethod
     def load(cls, tag: str) -> "Cluster":

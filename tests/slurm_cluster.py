@@ -7,9 +7,10 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 
 import pytest
+
+from tests.conftest import wait_for
 
 CONF = """ClusterName={name}
 SlurmctldHost={ctld_host}
@@ -44,13 +45,6 @@ PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 GRES = "AutoDetect=off\nNodeName={node_names} Name=gpu File=/dev/null\n"
 
 
-def wait_for(predicate, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} (after {timeout}s)")
 
 
 def _pid(path):
@@ -91,6 +85,23 @@ def logs(tmp_path, job):
     return text
 
 
+def preempt_and_finish(tmp_path, job: str, run, after_steps: int) -> tuple[str, int]:
+    """Once the job's rank 0 has taken `after_steps` steps, `scancel --signal=USR2`; wait for the requeue and
+    the completion; (the job's logs, the step every rank stopped at), after checking the resume from it."""
+    audit_file = run / "data_audit" / "rank0.jsonl"
+    wait_for(lambda: audit_file.exists() and sum(1 for _ in open(audit_file)) >= after_steps, 240,
+             "job did not start training", every=0.5)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for(lambda: job_state(job)[1] >= 1, 120, "job was not requeued", every=0.5)
+    wait_for(lambda: job_state(job)[0] == "COMPLETED", 300, f"job did not complete: {job_state(job)}", every=0.5)
+    text = logs(tmp_path, job)
+    stop = re.search(r"stopping at step (\d+) \(signal SIGUSR2\)", text)
+    assert stop, text[-3000:]
+    step = int(stop.group(1))
+    assert f"requeuing job {job}" in text and f"resumed from {run}/checkpoints/step_{step:09d}" in text, text[-3000:]
+    return text, step
+
+
 @contextlib.contextmanager
 def slurm_cluster(d, nodes: list[tuple[str, str, list[str]]], ctld_addr: str = "127.0.0.1", name: str = "ddpmtest"):
     """slurmctld here and one slurmd per (node name, address, command prefix that runs on that node); yields the
@@ -116,7 +127,7 @@ def slurm_cluster(d, nodes: list[tuple[str, str, list[str]]], ctld_addr: str = "
         os.makedirs("/run/munge", exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
-        wait_for(lambda: _pid("/run/munge/munged.pid"), 10, "munged")
+        wait_for(lambda: _pid("/run/munge/munged.pid"), 10, "munged", every=0.5)
         munge_pid = _pid("/run/munge/munged.pid")
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
@@ -125,7 +136,7 @@ def slurm_cluster(d, nodes: list[tuple[str, str, list[str]]], ctld_addr: str = "
         for node, _, prefix in nodes:
             subprocess.run([*prefix, "slurmd", "-N", node], env=env, check=True)
         wait_for(lambda: set(subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
-                                            text=True).stdout.split()) == {"idle"}, 60, "slurm nodes idle")
+                                            text=True).stdout.split()) == {"idle"}, 60, "slurm nodes idle", every=0.5)
         yield env
     finally:
         if old is None:

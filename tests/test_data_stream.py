@@ -84,9 +84,10 @@ def _shards_with_corrupt(tmp_path, bad_every):
     npz = tmp_path / "d.npz"
     np.savez(npz, images=images[:400], labels=labels[:400])
     m = build_shards(iter_numpy(str(npz)), str(out), samples_per_shard=100, progress=False, shuffle_seed=None)
-    from ddpm_dist.data.shards import iter_tar_samples
     import hashlib
     import json
+
+    from ddpm_dist.data.shards import iter_tar_samples
     for info in m.shards:
         path = out / info.url
         samples = list(iter_tar_samples(path.read_bytes()))

@@ -8,68 +8,14 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 
 import pytest
 
-from tests.conftest import DIGITS, PYTHON, ROOT, free_port
-from tests.netns_cluster import Cluster
-from tests.train_helpers import assert_bitwise_equal, checkpoint_tensors, child_env, final_checkpoint, run_train, train_args
+from tests.conftest import DIGITS, PYTHON, ROOT
+from tests.multinode_helpers import COMMON, LOSS_STEPS, TIMEOUT, audit_lines, launch, log_of, wait_all, wait_for
+from tests.train_helpers import assert_bitwise_equal, checkpoint_tensors, child_env, final_checkpoint, train_args
 
 pytestmark = pytest.mark.system
-PARITY_STEPS, LOSS_STEPS = 20, 40
-COMMON = ["checkpoint.every_images=128", "parallel.dist_timeout_s=15"]  # a checkpoint every 8 steps
-TIMEOUT = 15
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/ip") and not os.path.exists("/sbin/ip"):
-        pytest.fail("the multi-host tests need root and iproute2 (`make system-deps` installs it)")
-    c = Cluster(2).up()
-    try:
-        yield c
-    finally:
-        c.down()
-
-
-def launch(cluster, run_dir, steps, nproc, *extra, launcher="torch.distributed.run", env=None, module=None):
-    """One torchrun per host, c10d rendezvous on n1, training the digits config (or `module` with `extra` as its
-    arguments): the Popen per host, output in RUN.HOST.log beside run_dir."""
-    rdzv, rdzv_id, procs = f"{free_port()}", uuid.uuid4().hex[:8], []
-    target = [module, *extra] if module else ["ddpm_dist.train", *train_args(run_dir, steps, *extra)]
-    for i, h in enumerate(cluster.hosts):
-        cmd = [PYTHON, "-m", launcher, "--nnodes", str(len(cluster.hosts)), "--nproc-per-node", str(nproc),
-               "--node-rank", str(i), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"n1:{rdzv}",
-               "--rdzv-id", rdzv_id, "-m", *target]
-        log = open(f"{run_dir}.{h.name}.log", "a")
-        procs.append(cluster.popen(h, cmd, cwd=ROOT, env=child_env(**(env or {})), stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
-def wait_all(procs, timeout=600) -> list[int]:
-    end = time.time() + timeout
-    for p in procs:
-        p.wait(timeout=max(1, end - time.time()))
-    return [p.returncode for p in procs]
-
-
-def log_of(run_dir, host) -> str:
-    return open(f"{run_dir}.{host}.log", errors="replace").read()
-
-
-def audit_lines(run_dir) -> int:
-    path = os.path.join(run_dir, "data_audit", "rank0.jsonl")
-    return sum(1 for _ in open(path)) if os.path.exists(path) else 0
-
-
-def wait_for(predicate, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} (after {timeout}s)")
 
 
 @pytest.fixture(scope="module")
@@ -164,14 +110,6 @@ def test_torchrun_trains_the_digits_config_across_hosts(cluster, s3_on_n1, tmp_p
     if nproc == 2:
         assert per_rank[0]["params"] == per_rank[2]["params"] and per_rank[1]["params"] == per_rank[3]["params"]
         assert 0.49 <= per_rank[0]["params"] / (per_rank[0]["params"] + per_rank[1]["params"]) <= 0.51
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted 2-rank FSDP2 run on loopback: interrupted runs across hosts must end bitwise equal to it."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    run_train(run, LOSS_STEPS, "parallel.backend=fsdp", *COMMON, nproc=2)
-    return run
 
 
 @pytest.mark.parametrize("fault", ["host killed", "link down"])

@@ -152,6 +152,7 @@ def test_redact_removes_credentials_and_queries():
 def test_memory_url_and_webdataset_opener():
     """Shards on memory:// (any fsspec protocol); webdataset.WebDataset reads them through the registered opener."""
     import webdataset as wds
+
     from ddpm_dist.data.storage import register_webdataset_opener
     m = build_shards(iter_digits(16), "memory://ddpm-test/digits", samples_per_shard=500, progress=False,
                      overwrite=True)

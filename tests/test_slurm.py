@@ -1,17 +1,16 @@
 """System tests on a real single-node SLURM cluster: a 2-task training job preempted with scancel --signal,
 requeued, resumed, finishing equal to an uninterrupted run; a 2-task sampling job."""
 import os
-import re
 import subprocess
 
 import pytest
 
 from tests.conftest import PYTHON, ROOT
-from tests.slurm_cluster import job_state, logs, slurm, submit, wait_for  # noqa: F401 - fixture
+from tests.slurm_cluster import job_state, logs, preempt_and_finish, slurm, submit, wait_for  # noqa: F401 - fixture
 from tests.train_helpers import FAST, assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint, run_train
 
 pytestmark = pytest.mark.system
-STEPS = 150
+STEPS = 60  # the preemption signal goes out after 20 steps, from evidence
 OPTS = ["parallel.backend=fsdp"]
 
 
@@ -21,17 +20,7 @@ def test_training_job_is_preempted_requeued_and_resumes_exactly(tmp_path, slurm)
     run = tmp_path / "run"
     entry = ["--config", "configs/digits.yaml", f"run_dir={run}", *FAST, f"train.total_images={16 * STEPS}", *OPTS]
     job = submit(tmp_path, "train", entry)
-    audit_file = run / "data_audit" / "rank0.jsonl"
-    wait_for(lambda: audit_file.exists() and sum(1 for _ in open(audit_file)) >= 20, 180, "job did not start training")
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    wait_for(lambda: job_state(job)[1] >= 1, 120, "job was not requeued")
-    wait_for(lambda: job_state(job)[0] == "COMPLETED", 300, f"job did not complete: {job_state(job)}\n{logs(tmp_path, job)[-3000:]}")
-    text = logs(tmp_path, job)
-    stop = re.search(r"stopping at step (\d+) \(signal SIGUSR2\)", text)
-    assert stop, text[-3000:]
-    step = int(stop.group(1))
-    assert f"requeuing job {job}" in text
-    assert f"resumed from {run}/checkpoints/step_{step:09d}" in text
+    preempt_and_finish(tmp_path, job, run, after_steps=20)
     assert job_state(job)[1] == 1
     assert_bitwise_equal(checkpoint_tensors(final_checkpoint(ref)), checkpoint_tensors(final_checkpoint(run)))
     for rank in (0, 1):

@@ -53,8 +53,8 @@ def test_sample_cli_from_export_and_run(short_run, tmp_path):
             assert extra in names
         assert json.load(open(out / "sampling.json"))["labels"] == [3] * 6
     # EMA weights from the run directory's checkpoint equal those of the export: same images.
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     a = np.asarray(Image.open(tmp_path / "export" / "000004.png"))
     b = np.asarray(Image.open(tmp_path / "run" / "000004.png"))
     assert np.array_equal(a, b)

@@ -2,8 +2,8 @@
 
 It drives an Engine (single, DDP, FSDP2 or ZeRO) without knowing which. Randomness of a step (timesteps,
 label dropout, noise) is drawn for the whole global batch from (seed, step) and each rank takes its own
-slots, so the run does not depend on world size or accumulation, and a resumed run draws exactly the
-noise the uninterrupted one would have (no RNG state saved)."""
+slots, so the noise of a slot does not depend on world size or accumulation, and a resumed run draws
+exactly the noise the uninterrupted one would have (no RNG state saved)."""
 from __future__ import annotations
 
 import contextlib
