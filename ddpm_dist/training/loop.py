@@ -1,9 +1,8 @@
 """The training loop, top to bottom: set up, resume, step, log, sample, checkpoint, stop.
 
-It drives an Engine (single, DDP, FSDP2 or ZeRO) without knowing which. Randomness of a step (timesteps,
-label dropout, noise) is drawn for the whole global batch from (seed, step) and each rank takes its own
-slots, so the noise of a slot does not depend on world size or accumulation, and a resumed run draws
-exactly the noise the uninterrupted one would have (no RNG state saved)."""
+It drives an Engine (single, DDP, FSDP2 or ZeRO) without knowing which. The randomness of a step (timesteps,
+label dropout, noise) is a function of (seed, step, global slot): each rank draws only its own slots
+(randomness.py), and a resumed run draws exactly what the uninterrupted one would have."""
 from __future__ import annotations
 
 import contextlib
@@ -30,19 +29,10 @@ from ..parallel.faults import PeerLost, describe_lost_peer
 from . import outputs
 from .checkpoint import CheckpointManager
 from .preemption import REQUEUE_EXIT_CODE, Preemption, record_exit, register_worker
+from .randomness import rank_slots, slot_randomness
 from .state import LRSchedule, Progress
 
 log = logging.getLogger(__name__)
-
-
-def step_randomness(seed: int, step: int, global_batch: int, num_timesteps: int, image_shape, label_dropout: float,
-                    device: torch.device):
-    """(t, drop, noise) for every slot of the step's global batch, from (seed, step) only."""
-    g = torch.Generator(device).manual_seed(mix_seed(seed, step, 0x7A11))
-    t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
-    drop = torch.rand(global_batch, generator=g, device=device) < label_dropout
-    noise = torch.randn((global_batch, *image_shape), generator=g, device=device)
-    return t, drop, noise
 
 
 def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: int, world_size: int, cfg: Config,
@@ -52,25 +42,23 @@ def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: in
     device = engine.device
     accum = len(micro_batches)
     micro = micro_batches[0]["image"].shape[0]
-    global_batch = micro * world_size * accum
-    t_all, drop_all, noise_all = step_randomness(cfg.seed, step, global_batch, schedule.num_steps,
-                                                 micro_batches[0]["image"].shape[1:], cfg.train.label_dropout, device)
     total = torch.zeros((), device=device)
     dropout = getattr(getattr(engine.module, "config", None), "dropout", 1.0) > 0
     for i, batch in enumerate(micro_batches):
-        slots = slice((i * world_size + rank) * micro, (i * world_size + rank + 1) * micro)
         x0 = batch["image"].to(device, non_blocking=True)
+        t, drop, noise = slot_randomness(cfg.seed, step, rank_slots(i, rank, world_size, micro), schedule.num_steps,
+                                         x0.shape[1:], cfg.train.label_dropout, device)
         kwargs = {}
         if num_classes:
             y = batch["label"].to(device)
-            kwargs["y"] = torch.where(drop_all[slots], torch.full_like(y, num_classes), y)
+            kwargs["y"] = torch.where(drop, torch.full_like(y, num_classes), y)
         if cfg.train.sr_factor:  # super-resolution: the condition is made from the batch itself
             kwargs["cond"] = lowres_condition(x0, cfg.train.sr_factor)
         if dropout:  # dropout masks from the global RNG: reseed per (step, micro-step, rank) for exact resume
             seed_device_rng(device, mix_seed(cfg.seed, step, i, rank))
         last = i == accum - 1
         with engine.sync_gradients(last):
-            loss = diffusion_loss(engine.forward, schedule, x0, t_all[slots], noise_all[slots],
+            loss = diffusion_loss(engine.forward, schedule, x0, t, noise,
                                   prediction=cfg.diffusion.prediction, weighting=cfg.diffusion.loss_weighting,
                                   min_snr_gamma=cfg.diffusion.min_snr_gamma, model_kwargs=kwargs)
             engine.backward(loss, accum, last)
