@@ -53,6 +53,7 @@ class DataConfig:
     random_flip: bool = False
     num_workers: int = 0
     max_skip_fraction: float = 0.01  # corrupt samples tolerated before the run stops
+    shard_buffer_mb: int = 256  # a DataLoader worker's resident shard bytes, whatever the shard size
     audit: bool = False  # write data_audit/rank<r>.jsonl: the sample indices of every step (to check resumes)
 
 
@@ -260,6 +261,8 @@ def validate(cfg: Config) -> None:
         cfg.sample.validate()
     except ValueError as e:
         raise ConfigError(f"sample.{e}") from None
+    if cfg.data.shard_buffer_mb < 1:
+        raise ConfigError(f"data.shard_buffer_mb: must be at least 1, got {cfg.data.shard_buffer_mb}")
     if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
         raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
     if cfg.parallel.zero_stage not in (1, 2, 3):

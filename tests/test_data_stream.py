@@ -7,6 +7,7 @@ import pytest
 import webdataset as wds
 
 from ddpm_dist.data import DataError, EpochPlan, Layout, TrainStream, build_shards, load_manifest
+from ddpm_dist.data.stream import block_spans
 from ddpm_dist.data.sources import iter_numpy
 from tests.conftest import DIGITS
 
@@ -128,13 +129,15 @@ def test_missing_shard_fails_before_training(tmp_path):
         make_stream(0, 1, 0, url=str(out / "manifest.json"))
 
 
-def test_shards_without_an_index_read_through_webdataset():
-    """A brace pattern (no manifest, no index) streams the same samples as the indexed manifest."""
+@pytest.mark.parametrize("buffer", [256 << 20, 64 << 10])
+def test_shards_without_an_index_read_through_webdataset(buffer):
+    """A brace pattern (no manifest, no index) streams the same samples as the indexed manifest, also a
+    block at a time (one pass over each visited tar)."""
     from ddpm_dist.data import open_manifest
     pattern = open_manifest(os.path.join(os.path.dirname(DIGITS), "digits-{000000..000007}.tar"))
     assert not any(s.index for s in pattern.shards)
-    a = TrainStream(pattern, rank=0, layout=Layout(1, 32, 0), seed=7)
-    assert keys(take(a, 60)) == keys(take(make_stream(0, 1, 0), 60))
+    a = TrainStream(pattern, rank=0, layout=Layout(1, 32, 0), seed=7, buffer_bytes=buffer)
+    assert keys(take(a, 60)) == keys(take(make_stream(0, 1, 0, buffer_bytes=buffer), 60))
 
 
 def test_random_flip_is_deterministic_and_flips_about_half():
@@ -144,3 +147,56 @@ def test_random_flip_is_deterministic_and_flips_about_half():
     flipped = sum(not np.array_equal(x, y) for ba, bc in zip(a, c) for x, y in zip(ba["image"].numpy(), bc["image"].numpy()))
     assert all((x["image"] == y["image"]).all() for x, y in zip(a, b))
     assert 0.3 < flipped / (5 * 32) < 0.7
+
+
+SMALL_BUFFER = 64 << 10  # digits shards hold 256 samples of ~2 KB: blocks of 15 samples
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
+def test_resident_blocks_resume_exactly_and_cover_the_epoch(world, workers):
+    total, cut = 60, 23
+    for rank in range(world):
+        straight = make_stream(rank, world, workers, buffer_bytes=SMALL_BUFFER)
+        assert straight.layout.block == 15
+        expected = keys(take(straight, total))
+        first = make_stream(rank, world, workers, buffer_bytes=SMALL_BUFFER)
+        part1 = take(first, cut)
+        second = make_stream(rank, world, workers, buffer_bytes=SMALL_BUFFER)
+        second.load_state_dict(first.state_dict())
+        assert keys(part1) + keys(take(second, total - cut)) == expected
+    # a changed buffer is a changed layout: the rest of the epoch is re-planned, nothing repeats
+    s = make_stream(0, 1, 0)
+    seen = keys(take(s, 10))
+    small = make_stream(0, 1, 0, buffer_bytes=SMALL_BUFFER)
+    small.load_state_dict(s.state_dict())
+    rest = keys(take(small, small._plan().batches_per_rank))
+    assert len(set(seen + rest)) == len(seen + rest) > 1797 - 32
+
+
+def test_a_block_is_one_range_request_within_the_buffer(monkeypatch):
+    """Every request of an epoch is one block of consecutive samples of one shard, at most half the buffer
+    (the fetched bytes and their per-sample copies both fit), and the block's samples come out shuffled."""
+    import fsspec.implementations.local as local
+
+    requests = []
+    real = local.LocalFileSystem.cat_file
+
+    def counting(self, path, start=None, end=None, **kw):
+        requests.append((os.path.basename(path), start, end))
+        return real(self, path, start=start, end=end, **kw)
+
+    monkeypatch.setattr(local.LocalFileSystem, "cat_file", counting)
+    s = make_stream(0, 1, 0, batch=16, buffer_bytes=SMALL_BUFFER)
+    plan = s._plan()
+    order = take(s, plan.batches_per_rank)
+    positions = np.concatenate([b["index"].numpy() for b in order])
+    shard_of = np.searchsorted(plan.offsets, positions, side="right") - 1
+    spans = list(block_spans(shard_of, 15))
+    assert len(requests) == len(spans) == sum(-(-n // 15) for n in np.bincount(shard_of) if n)
+    assert all(end - start <= SMALL_BUFFER // 2 for _, start, end in requests)
+    in_order = 0
+    for i, j in spans:  # each block a permutation of consecutive positions of one shard
+        block = positions[i:j].tolist()
+        assert sorted(block) == list(range(min(block), min(block) + j - i))
+        in_order += j - i > 3 and block == sorted(block)
+    assert in_order == 0

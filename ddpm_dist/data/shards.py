@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
+import fsspec
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
@@ -89,14 +90,35 @@ def manifest_from_pattern(pattern: str) -> Manifest:
     for url in urls:
         if not storage.exists(url):
             raise ShardError(f"shard '{storage.redact(url)}' does not exist")
-        data = storage.read_bytes(url)
-        samples = list(iter_tar_samples(data))
-        if shape is None and samples:
-            shape = decode_image(samples[0]).shape
-        infos.append(ShardInfo(url, len(samples), len(data), hashlib.sha256(data).hexdigest()))
+        with fsspec.open(url, "rb") as f:  # one streamed pass: counted and hashed, never held whole
+            hashed = _Hashing(f)
+            count = 0
+            for sample in iter_tar_samples(hashed, url):
+                if shape is None:
+                    shape = decode_image(sample).shape
+                count += 1
+            hashed.drain()
+        infos.append(ShardInfo(url, count, hashed.size, hashed.sha256.hexdigest()))
     if shape is None:
         raise ShardError(f"pattern '{pattern}' has no samples")
     return Manifest(infos, [shape[0], shape[1]], shape[2], 0, "png", "")
+
+
+class _Hashing:
+    """A read-only stream that hashes and counts what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:  # the tar reader stops at the end marker: hash the padding after it too
+        while self.read(1 << 20):
+            pass
 
 
 def encode_image(img: np.ndarray, fmt: str) -> bytes:
@@ -127,9 +149,11 @@ def decode_label(sample: dict) -> int:
     return int(sample["cls"]) if "cls" in sample else -1
 
 
-def iter_tar_samples(data: bytes, url: str = "") -> Iterator[dict]:
-    """Samples of one tar held in memory, through webdataset's tar reader and key grouping."""
-    files = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}], eof_value=None)
+def iter_tar_samples(data, url: str = "") -> Iterator[dict]:
+    """Samples of one tar (its bytes, or a binary stream read front to back), through webdataset's tar reader
+    and key grouping."""
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
     yield from wds.tariterators.group_by_keys(files)
 
 

@@ -7,8 +7,9 @@ Plan of one epoch (index math only, no data read):
   2. the shard order is a permutation seeded by (seed, epoch); due positions follow it;
   3. rank r takes the r-th contiguous run of nb*B positions (nb = due // (world*B): every rank gets the
      same number of batches; the < world*B tail is dropped, as drop_last does);
-  4. a rank's run is cut, at batch boundaries, into one contiguous run per DataLoader worker, and each
-     worker permutes the positions of each shard it touches (a shard-sized shuffle buffer);
+  4. a rank's run is cut, at batch boundaries, into one contiguous run per DataLoader worker; the worker cuts
+     its run of each shard it visits into blocks of at most `layout.block` positions (what fits
+     data.shard_buffer_mb; 0 = the whole run) and permutes each block: a shuffle over what is resident;
   5. the DataLoader returns worker batches round robin, so rank batch j is worker (j mod nw)'s batch j // nw.
 The cursor is (epoch, pool, layout, batches consumed). Same layout: workers skip what was consumed.
 New world size / workers / batch: the positions consumed so far are recomputed from the old plan and
@@ -18,6 +19,7 @@ and at most new_world*B - 1 positions (the epoch's drop_last tail) go unseen in 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import time
@@ -31,15 +33,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..images import to_model_range
 from ..rng import mix_seed
 from . import storage
+from .reader import read_blocks
 from .shards import (
     Manifest,
     ShardError,
     decode_image,
     decode_label,
-    iter_tar_samples,
     load_manifest,
     manifest_from_pattern,
-    samples_from_index,
 )
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Layout:
     world_size: int
     batch_size: int  # per rank, per micro-step
     num_workers: int  # DataLoader workers (0 = in the main process, planned as one worker)
+    block: int = 0  # positions of one shard resident at a time, shuffled together (0: a worker's whole run)
 
     @property
     def lanes(self) -> int:
@@ -86,14 +88,9 @@ class EpochPlan:
         start = rank * nb * B + first * B
         seq = self.ordered[start:start + self.worker_batches(lane) * B].copy()
         shard = np.searchsorted(self.offsets, seq, side="right") - 1
-        i = 0
-        while i < len(seq):  # permute each run of one shard's positions
-            j = i
-            while j < len(seq) and shard[j] == shard[i]:
-                j += 1
+        for i, j in block_spans(shard, self.layout.block):  # permute each block of one shard's positions
             rng = np.random.default_rng(mix_seed(self.seed, self.epoch, shard[i], seq[i], j - i))
             seq[i:j] = seq[i:j][rng.permutation(j - i)]
-            i = j
         return seq
 
     def consumed_per_lane(self, batches_done: int, lane: int) -> int:
@@ -109,6 +106,27 @@ class EpochPlan:
                 if c:
                     parts.append(self.worker_sequence(rank, lane)[:c * B])
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def block_spans(shard_of: np.ndarray, block: int, begin: int = 0) -> Iterator[tuple[int, int]]:
+    """[i, j) spans of a worker's sequence: each run of one shard cut every `block` positions (0: uncut). With
+    `begin`, the spans from there on (the first one clipped), as a resumed worker reads them."""
+    edges = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(shard_of)]
+    for i, end in zip(edges[:-1], edges[1:]):
+        step = block or end - i
+        for a in range(i, end, step):
+            b = min(a + step, end)
+            if b > begin:
+                yield max(a, begin), b
+
+
+def block_size(manifest: Manifest, buffer_bytes: int) -> int:
+    """Positions per resident block so a worker's shard bytes stay within `buffer_bytes`: a block is fetched
+    and then cut into per-sample copies, so twice its bytes are resident at the peak. Sized by the mean bytes
+    per sample of the manifest (a block of many samples averages out). 0 when a whole shard fits."""
+    per_sample = -(-sum(s.bytes for s in manifest.shards) // max(manifest.num_samples, 1))
+    block = max(1, buffer_bytes // (2 * per_sample))
+    return 0 if block >= max(s.num_samples for s in manifest.shards) else block
 
 
 def _flip_bit(seed: int, epoch: int, pos: int) -> bool:
@@ -149,73 +167,71 @@ class _LaneDataset(IterableDataset):
             slot += plan.batches_per_rank - done
             epoch, pool, done = epoch + 1, None, 0
 
-    def _read_piece(self, plan: EpochPlan, shard: int, wanted: np.ndarray) -> dict[int, tuple]:
-        """Decoded (image, label, key) for the wanted positions of one shard; None for undecodable ones."""
-        base = int(plan.offsets[shard])
-        local = set((wanted - base).tolist())
-        last = max(local)
-        out: dict[int, Optional[tuple]] = {}
-        url = self.manifest.shard_url(shard)
-        try:
-            data = storage.read_bytes(url)
-        except FileNotFoundError:
-            raise DataError(f"shard '{storage.redact(url)}' does not exist") from None
-        try:
-            for i, sample in self._samples(shard, data, local, last):
-                try:
-                    img = decode_image(sample)
-                    if img.shape != self.expected_shape:
-                        raise ShardError(f"shape {img.shape} != {self.expected_shape}")
-                    out[base + i] = (img, decode_label(sample), sample["__key__"])
-                except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
-                    out[base + i] = None
-        except Exception as e:  # noqa: BLE001 - a truncated tar: what is missing counts as corrupt
-            log.warning("shard %s unreadable after some samples: %s", storage.redact(url), e)
-        return out
-
-    def _samples(self, shard: int, data: bytes, local: set, last: int):
-        """(position in shard, sample) for the wanted positions: sliced by the shard's index when it has
-        one (no tar header parsing), else through webdataset's tar reader."""
+    def _index(self, shard: int) -> Optional[list]:
+        """The shard's per-sample index, or None (a foreign tar: streamed). Only the current shard's is kept."""
         idx_url = self.manifest.index_url(shard)
-        if idx_url:
-            index = self._index_cache.get(idx_url)
-            if index is None:
-                index = self._index_cache[idx_url] = json.loads(storage.read_bytes(idx_url))
-            yield from samples_from_index(data, index, local)
-            return
-        for i, sample in enumerate(iter_tar_samples(data)):
-            if i in local:
-                yield i, sample
-            if i >= last:
-                break
+        if not idx_url:
+            return None
+        if idx_url not in self._index_cache:
+            self._index_cache = {idx_url: json.loads(storage.read_bytes(idx_url))}
+        return self._index_cache[idx_url]
+
+    def _blocks(self, plan: EpochPlan, seq: np.ndarray, begin: int) -> Iterator[tuple[int, np.ndarray, dict]]:
+        """(shard, positions in plan order, {position: raw sample}) per block from `begin` on: each visit of a
+        shard reads its blocks in one pass (one stream for a foreign tar), one block resident at a time."""
+        shard_of = np.searchsorted(plan.offsets, seq, side="right") - 1
+        spans = list(block_spans(shard_of, self.layout.block, begin))
+        k = 0
+        while k < len(spans):
+            shard = int(shard_of[spans[k][0]])
+            visit = [spans[k]]
+            while k + len(visit) < len(spans) and shard_of[spans[k + len(visit)][0]] == shard and \
+                    spans[k + len(visit)][0] == visit[-1][1]:
+                visit.append(spans[k + len(visit)])
+            base, url = int(plan.offsets[shard]), self.manifest.shard_url(shard)
+            local = [np.sort(seq[i:j]) - base for i, j in visit]
+            try:
+                for (i, j), raw in zip(visit, read_blocks(url, self._index(shard), local)):
+                    yield shard, seq[i:j], {base + p: sample for p, sample in raw.items()}
+            except FileNotFoundError:
+                raise DataError(f"shard '{storage.redact(url)}' does not exist") from None
+            k += len(visit)
+
+    def _decode(self, sample: Optional[dict]) -> Optional[tuple]:
+        """(image, label, key), or None for a sample that is missing or undecodable."""
+        if sample is None:
+            return None
+        try:
+            img = decode_image(sample)
+            if img.shape != self.expected_shape:
+                raise ShardError(f"shape {img.shape} != {self.expected_shape}")
+            return img, decode_label(sample), sample["__key__"]
+        except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
+            return None
 
     def _batches(self, plan: EpochPlan, seq: np.ndarray, start_batch: int) -> Iterator[dict]:
         B = self.layout.batch_size
-        shard_of = np.searchsorted(plan.offsets, seq, side="right") - 1
         last_good = None
-        i = start_batch * B
         pending: list = []
         pending_skipped = 0
-        while i < len(seq):
-            j = i
-            while j < len(seq) and shard_of[j] == shard_of[i]:
-                j += 1
-            piece = seq[i:j]
-            decoded = self._read_piece(plan, int(shard_of[i]), piece)
-            items = [decoded.get(int(p)) for p in piece]
-            good = [k for k, it in enumerate(items) if it is not None]
+        for shard, piece, raw in self._blocks(plan, seq, start_batch * B):
+            decoded: dict[int, Optional[tuple]] = {}  # decoded on demand: only encoded bytes stay resident
+
+            def item_at(k: int) -> Optional[tuple]:
+                if k not in decoded:
+                    decoded[k] = self._decode(raw.get(int(piece[k])))
+                return decoded[k]
+
             for k, pos in enumerate(piece):
-                item = items[k]
+                item = item_at(k)
                 self.seen += 1
-                if item is None:  # stand in the nearest decodable sample so every batch stays full
+                if item is None:  # stand in the next decodable sample of the block so every batch stays full
                     self.skipped += 1
                     pending_skipped += 1
-                    if good:
-                        item = items[min(good, key=lambda g: (g - k) % len(items))]
-                    elif last_good is not None:
-                        item = last_good
-                    else:
-                        raise DataError(f"no decodable sample in shard '{self.manifest.shards[int(shard_of[i])].url}'")
+                    item = next((it for g in range(1, len(piece)) if (it := item_at((k + g) % len(piece)))), last_good)
+                    if item is None:
+                        raise DataError(f"no decodable sample in shard '{self.manifest.shards[shard].url}'")
+                decoded.pop(k, None)
                 last_good = item
                 pending.append((int(pos), item))
                 if len(pending) == B:
@@ -223,8 +239,7 @@ class _LaneDataset(IterableDataset):
                     pending, pending_skipped = [], 0
             if self.seen >= MIN_SEEN_FOR_SKIP_CHECK and self.skipped > self.max_skip_fraction * self.seen:
                 raise DataError(f"{self.skipped} of {self.seen} samples were corrupt, more than data.max_skip_fraction="
-                                f"{self.max_skip_fraction} (last in shard '{self.manifest.shards[int(shard_of[i])].url}')")
-            i = j
+                                f"{self.max_skip_fraction} (last in shard '{self.manifest.shards[shard].url}')")
         if self.skipped and self.skipped > self.max_skip_fraction * max(self.seen, 1):
             raise DataError(f"{self.skipped} of {self.seen} samples were corrupt, more than data.max_skip_fraction="
                             f"{self.max_skip_fraction}")
@@ -258,7 +273,8 @@ class TrainStream:
     """Endless iterator of this rank's batches across epochs, with state_dict/load_state_dict (JSON-safe)."""
 
     def __init__(self, manifest: Manifest, *, rank: int, layout: Layout, seed: int = 0, random_flip: bool = False,
-                 max_skip_fraction: float = 0.01, check_shards: bool = True):
+                 max_skip_fraction: float = 0.01, check_shards: bool = True, buffer_bytes: int = 256 << 20):
+        layout = dataclasses.replace(layout, block=block_size(manifest, buffer_bytes))
         self.manifest, self.rank, self.layout, self.seed = manifest, rank, layout, seed
         self.random_flip, self.max_skip_fraction = random_flip, max_skip_fraction
         self.shape = (manifest.image_size[0], manifest.image_size[1], manifest.channels)
@@ -309,7 +325,8 @@ class TrainStream:
         pool = None if self.pool is None else base64.b64encode(np.packbits(self.pool).tobytes()).decode()
         return {"epoch": self.epoch, "batches_done": self.batches_done, "pool": pool, "seed": self.seed,
                 "world_size": self.layout.world_size, "batch_size": self.layout.batch_size,
-                "num_workers": self.layout.num_workers, "num_samples": self.manifest.num_samples,
+                "num_workers": self.layout.num_workers, "block": self.layout.block,
+                "num_samples": self.manifest.num_samples,
                 "skipped_total": self.skipped_total}
 
     def load_state_dict(self, state: dict) -> None:
@@ -319,9 +336,9 @@ class TrainStream:
         if state["pool"] is not None:
             bits = np.frombuffer(base64.b64decode(state["pool"]), dtype=np.uint8)
             pool = np.unpackbits(bits)[: state["num_samples"]].astype(bool)
-        old = Layout(state["world_size"], state["batch_size"], state["num_workers"])
+        old = Layout(state["world_size"], state["batch_size"], state["num_workers"], state.get("block", 0))
         self.epoch, self.seed, self.skipped_total = state["epoch"], state["seed"], state.get("skipped_total", 0)
-        if old.lanes == self.layout.lanes and old.world_size == self.layout.world_size and old.batch_size == self.layout.batch_size:
+        if dataclasses.replace(old, num_workers=old.lanes) == dataclasses.replace(self.layout, num_workers=self.layout.lanes):
             self.pool, self.batches_done = pool, state["batches_done"]
             return
         # Layout changed: drop what the old layout consumed, re-plan the rest of the epoch.

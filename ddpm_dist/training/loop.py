@@ -123,7 +123,8 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
                          optimizer_args=dict(lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay))
     ema = ShardedEMA(engine)
     stream = TrainStream(manifest, rank=env.rank, layout=Layout(env.world_size, micro, cfg.data.num_workers),
-                         seed=cfg.seed, random_flip=cfg.data.random_flip, max_skip_fraction=cfg.data.max_skip_fraction)
+                         seed=cfg.seed, random_flip=cfg.data.random_flip, max_skip_fraction=cfg.data.max_skip_fraction,
+                         buffer_bytes=cfg.data.shard_buffer_mb << 20)
     lr_schedule = LRSchedule.from_config(cfg.train)
     ckpt = CheckpointManager(
         os.path.join(cfg.run_dir, "checkpoints"),
