@@ -75,6 +75,7 @@ class TrainConfig:
     log_every: int = 50  # steps
     sample_every_images: int = 0  # 0: only at the end
     sample_grid_classes: bool = True
+    sample_grid_images: int = 64  # images in an unconditional grid (a class-conditional one has a row per class)
     overfit_batches: int = 0  # >0: train on that many fixed batches (pipeline check)
     sr_factor: int = 0  # >0: super-resolution; the model sees the x-factor low-res image as model.cond_channels
     max_wall_seconds: float = 0.0  # 0: no budget; else save and exit "requeue" before it runs out

@@ -34,7 +34,7 @@ def sample_grid(engine, ema, model_cfg, cfg: Config, is_main: bool, images: int,
     if is_main:
         setup = SamplingSetup.for_model(model, cfg.diffusion, cfg.sample, "EMA")
         classes = model_cfg.num_classes
-        n = 100 if classes and cfg.train.sample_grid_classes else 64
+        n = 100 if classes and cfg.train.sample_grid_classes else cfg.train.sample_grid_images
         labels = sorted(i % classes for i in range(n)) if classes else None  # rows of 10: one class per row
         task = Generate()
         if cfg.train.sr_factor:
