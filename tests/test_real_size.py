@@ -71,3 +71,18 @@ def test_cifar10_preset_trains_with_fsdp_bf16_resumes_bitwise_and_samples(tmp_pa
     assert pngs == [f"{i:06d}.png" for i in range(4)]
     imgs = np.stack([np.asarray(Image.open(out / p)) for p in pngs])
     assert imgs.shape == (4, 32, 32, 3) and imgs.std() > 5
+
+
+def test_the_smoke_config_runs_on_the_cpu_as_documented(tmp_path):
+    """configs/smoke.yaml's commands (train with a resume half-way, sample, evaluate), unchanged but the sizes."""
+    run = tmp_path / "smoke"
+    train = [PYTHON, "-m", "ddpm_dist.train", "--config", "configs/smoke.yaml", f"run_dir={run}"]
+    for cmd in (train + ["train.total_images=2048"], train,
+                [PYTHON, "-m", "ddpm_dist.sample", "--run", str(run), "--out", str(run / "check"), "--num-images", "16"],
+                [PYTHON, "-m", "ddpm_dist.evaluate", "frechet", "--samples", str(run / "check")]):
+        r = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+    assert sorted(os.listdir(run / "checkpoints"))[-2:] == ["step_000000064", "step_000000128"]
+    assert (run / "export.safetensors").exists() and (run / "samples" / "final_grid.png").exists()
+    result = json.loads((run / "check" / "frechet.json").read_text())
+    assert result["n"] == 16 and result["value"] > 0 and "step 128" in result["source"]
