@@ -7,16 +7,19 @@ import argparse
 import dataclasses
 import os
 import sys
+import traceback
 import typing
 from typing import Callable
 
 from .artifacts import CheckpointError
 from .config import ConfigError
-from .data import DataError, ShardError
+from .data import DataError, ShardError, StorageError
 from .diffusion import SamplerOptions
 from .parallel.faults import PeerLost
+from .redact import redact
 
-EXPECTED_ERRORS: tuple = (ConfigError, FileNotFoundError, ValueError, DataError, ShardError, CheckpointError, PeerLost)
+EXPECTED_ERRORS: tuple = (ConfigError, FileNotFoundError, ValueError, DataError, ShardError, StorageError, CheckpointError,
+                          PeerLost)
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,13 +49,17 @@ def is_rank0() -> bool:
 
 
 def run_cli(main: Callable[[list[str]], int], argv=None) -> None:
-    """Run `main`; a known error becomes `error: <one line>` on stderr with exit code 2."""
+    """Run `main`; a known error becomes `error: <one line>` on stderr with exit code 2. Whatever reaches the
+    terminal is redacted, an unexpected traceback too (exit code 1, as Python's own)."""
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except EXPECTED_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        print(f"error: {redact(msg)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # A process group with a lost peer cannot be torn down politely: leave without waiting on it.
         os._exit(2) if os.environ.get("DDPM_HARD_EXIT") or isinstance(e, PeerLost) else sys.exit(2)
+    except Exception:  # noqa: BLE001 - printed like Python would, minus the secrets
+        print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
+        sys.exit(1)
     sys.exit(code or 0)

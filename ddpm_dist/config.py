@@ -15,6 +15,7 @@ import yaml
 
 from .diffusion.options import SamplerOptions
 from .models.unet import UNetConfig
+from .redact import redact_data
 
 
 class ConfigError(ValueError):
@@ -296,7 +297,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML, redacted: credentials in URLs never reach a file or a terminal."""
+    return yaml.safe_dump(redact_data(to_dict(cfg)), sort_keys=False)
 
 
 def save_resolved(cfg: Config, run_dir: str) -> str:

@@ -10,13 +10,13 @@ recon      PSNR / SSIM of one-step x0 predictions and DDIM reconstructions from 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
 
 from .cli_common import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
 from .data import storage
+from .redact import to_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,8 +108,8 @@ def recon(args) -> int:
                                                ddim_steps=args.ddim_steps, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "recon.json"), "w") as f:
-        json.dump({"source": setup.source, "data": data, "n": len(images), "rows": rows, "lpips": why or "alex"}, f,
-                  indent=1)
+        f.write(to_json({"source": setup.source, "data": data, "n": len(images), "rows": rows, "lpips": why or "alex"},
+                        indent=1))
     recon_curves(rows, os.path.join(args.out, "recon.png"))
     ex = np.concatenate(examples)
     save_image(grid(ex, nrow=min(8, len(images)), scale=auto_scale(ex.shape[1])), os.path.join(args.out, "recon_examples.png"))

@@ -1,9 +1,13 @@
 """A real S3 API server (moto) on loopback for tests, stopped by the fixture that started it."""
+import contextlib
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +33,25 @@ def s3_endpoint():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def s3_server_process(**server_env):
+    """An S3 API server (moto) in its own process, e.g. INITIAL_NO_AUTH_ACTION_COUNT="0" to check credentials;
+    yields its URL; stopped by PID."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, **server_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def answers():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                assert server.poll() is None, "the S3 API server exited"
+                return False
+        wait_for(answers, 60, "the S3 API server to listen")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait(timeout=30)

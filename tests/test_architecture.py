@@ -13,18 +13,19 @@ ENTRY_POINTS = {"ddpm_dist.train", "ddpm_dist.sample", "ddpm_dist.evaluate", "dd
 ALLOWED = {
     "rng": set(),
     "images": set(),
+    "redact": set(),
     "diffusion": set(),
     "models": set(),
-    "config": {"diffusion", "models"},
-    "data": {"rng", "images"},
-    "obs": {"config"},
+    "config": {"diffusion", "models", "redact"},
+    "data": {"rng", "images", "redact"},
+    "obs": {"config", "redact"},
     "parallel": {"rng"},
     "viz": {"images", "diffusion"},
     "artifacts": {"config", "diffusion", "models"},
-    "sampling": {"artifacts", "config", "data", "diffusion", "images", "models", "obs", "parallel", "viz"},
-    "eval": {"artifacts", "data", "diffusion", "images", "obs", "parallel", "sampling"},
-    "training": {"artifacts", "config", "data", "diffusion", "eval", "images", "models", "obs", "parallel", "rng",
-                 "sampling", "viz"},
+    "sampling": {"artifacts", "config", "data", "diffusion", "images", "models", "obs", "parallel", "redact", "viz"},
+    "eval": {"artifacts", "data", "diffusion", "images", "obs", "parallel", "redact", "sampling"},
+    "training": {"artifacts", "config", "data", "diffusion", "eval", "images", "models", "obs", "parallel", "redact",
+                 "rng", "sampling", "viz"},
 }
 
 

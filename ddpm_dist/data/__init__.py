@@ -1,6 +1,7 @@
 """Shards (build / inspect / verify) and the resumable training stream."""
 from .shards import Manifest, ShardError, build_shards, load_manifest, read_all, verify
+from .storage import StorageError
 from .stream import DataError, EpochPlan, Layout, TrainStream, open_manifest
 
-__all__ = ["DataError", "EpochPlan", "Layout", "Manifest", "ShardError", "TrainStream", "build_shards",
+__all__ = ["DataError", "EpochPlan", "Layout", "Manifest", "ShardError", "StorageError", "TrainStream", "build_shards",
            "load_manifest", "open_manifest", "read_all", "verify"]

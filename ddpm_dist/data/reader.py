@@ -37,13 +37,12 @@ def byte_runs(index: list, positions: Iterable[int], max_gap: int = MERGE_GAP) -
 
 
 def _indexed_blocks(url: str, index: list, blocks: list[np.ndarray]) -> Iterator[dict[int, dict]]:
-    fs, path = fsspec.core.url_to_fs(url)
     for block in blocks:
         out: dict[int, dict] = {}
         for start, end, members in byte_runs(index, block.tolist()):
             try:
-                data = fs.cat_file(path, start=start, end=end)
-            except FileNotFoundError:
+                data = storage.read_range(url, start, end)
+            except (FileNotFoundError, storage.StorageError):
                 raise
             except Exception as e:  # noqa: BLE001 - e.g. a range past a truncated object: those samples are corrupt
                 log.warning("shard %s: bytes %d-%d unreadable: %s", storage.redact(url), start, end, e)
@@ -60,7 +59,7 @@ def _indexed_blocks(url: str, index: list, blocks: list[np.ndarray]) -> Iterator
 
 def _streamed_blocks(url: str, blocks: list[np.ndarray]) -> Iterator[dict[int, dict]]:
     """One pass over the tar; a truncated or unreadable tar ends the pass (what is missing counts as corrupt)."""
-    with fsspec.open(url, "rb") as f:
+    with storage.translated(url), fsspec.open(url, "rb") as f:
         samples = enumerate(iter_tar_samples(f, url))
         done = False
         for block in blocks:

@@ -69,7 +69,7 @@ class Manifest:
 
 def load_manifest(url: str) -> Manifest:
     if not storage.exists(url):
-        raise ShardError(f"manifest '{storage.redact(url)}' does not exist")
+        raise ShardError(f"manifest '{storage.redact(url)}' does not exist{storage.missing_hint(url)}")
     try:
         data = json.loads(storage.read_bytes(url))
         shards = [ShardInfo(**s) for s in data["shards"]]
@@ -89,8 +89,8 @@ def manifest_from_pattern(pattern: str) -> Manifest:
     infos, shape = [], None
     for url in urls:
         if not storage.exists(url):
-            raise ShardError(f"shard '{storage.redact(url)}' does not exist")
-        with fsspec.open(url, "rb") as f:  # one streamed pass: counted and hashed, never held whole
+            raise ShardError(f"shard '{storage.redact(url)}' does not exist{storage.missing_hint(url)}")
+        with storage.translated(url), fsspec.open(url, "rb") as f:  # one streamed pass: counted and hashed, never held whole
             hashed = _Hashing(f)
             count = 0
             for sample in iter_tar_samples(hashed, url):

@@ -1,13 +1,15 @@
 """fsspec helpers: resolve URLs relative to a manifest, atomic writes, and webdataset's opener."""
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
-import re
 import tempfile
 import uuid
 
 import fsspec
+
+from ..redact import redact as redact_text
 
 
 def _umask() -> int:
@@ -37,23 +39,86 @@ def dirname(url: str) -> str:
 
 
 def redact(url: str) -> str:
-    """A URL safe for logs and metric labels: credentials and query strings removed."""
-    url = re.sub(r"//[^/@]*@", "//", url)
-    return url.split("?", 1)[0]
+    """A URL safe for logs, errors and files: credentials and query strings removed (ddpm_dist.redact)."""
+    return redact_text(url)
+
+
+class StorageError(OSError):
+    """A storage failure the user can fix (credentials, permissions, bucket, endpoint); one-line message."""
+
+
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectTimeout", "ClientConnectorError",
+                "ServerDisconnectedError", "ConnectionRefusedError", "ReadTimeoutError"}
+
+
+def _explain(url: str, e: BaseException) -> str | None:
+    """What to check, for the failures a user causes; None for anything else (raised as it is)."""
+    chain, x = [], e
+    while x is not None and len(chain) < 8:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    names, text, where = {type(x).__name__ for x in chain}, " ".join(str(x) for x in chain), redact(url)
+    if names & {"NoCredentialsError", "PartialCredentialsError"}:
+        return f"no credentials for '{where}': set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+    if any(isinstance(x, PermissionError) for x in chain) or \
+            names & {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}:
+        return f"access denied to '{where}': check the credentials and the bucket's policy"
+    if "NoSuchBucket" in names or "bucket does not exist" in text:
+        return f"no such bucket for '{where}': check the bucket name and AWS_ENDPOINT_URL"
+    if names & _UNREACHABLE or any(isinstance(x, ConnectionError) for x in chain):
+        return f"cannot reach the storage endpoint for '{where}': check AWS_ENDPOINT_URL and the network"
+    return None
+
+
+@contextlib.contextmanager
+def translated(url: str):
+    """Turn a storage failure the user can fix into a StorageError that names the redacted URL."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        why = _explain(url, e)
+        if why is None:
+            raise
+        raise StorageError(why) from None
 
 
 def exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
+    with translated(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.exists(path)
+
+
+def missing_hint(url: str) -> str:
+    """Why an object-store URL is missing when its bucket is ("" when the bucket exists or for local paths)."""
+    if is_local(url) or "://" not in url:
+        return ""
+    with translated(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        bucket = path.split("/", 1)[0]
+        return "" if fs.exists(bucket) else f" (bucket '{bucket}' does not exist: check the name and AWS_ENDPOINT_URL)"
 
 
 def read_bytes(url: str) -> bytes:
-    with fsspec.open(url, "rb") as f:
+    with translated(url), fsspec.open(url, "rb") as f:
         return f.read()
+
+
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of an object: one ranged request on an object store."""
+    with translated(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.cat_file(path, start=start, end=end)
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Never leave a half-written file visible: temp + rename locally; object stores publish whole objects."""
+    with translated(url):
+        _write_bytes_atomic(url, data)
+
+
+def _write_bytes_atomic(url: str, data: bytes) -> None:
     if is_local(url):
         path = local_path(url)
         d = os.path.dirname(path) or "."
@@ -82,10 +147,11 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
 
 
 def list_prefix(url: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        return []
-    return fs.ls(path, detail=False) if fs.isdir(path) else [path]
+    with translated(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            return []
+        return fs.ls(path, detail=False) if fs.isdir(path) else [path]
 
 
 def register_webdataset_opener() -> None:

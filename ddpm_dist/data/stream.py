@@ -262,7 +262,7 @@ class _LaneDataset(IterableDataset):
 def open_manifest(source: str) -> Manifest:
     """A manifest URL, or a brace pattern / single tar URL. Errors (before training) if anything is missing."""
     try:
-        if source.endswith(".json"):
+        if source.split("?", 1)[0].endswith(".json"):  # a presigned manifest URL ends in its query
             return load_manifest(source)
         return manifest_from_pattern(source)
     except ShardError as e:
@@ -312,7 +312,13 @@ class TrainStream:
         it = iter(loader)
         while True:
             t0 = time.perf_counter()
-            batch = next(it)
+            try:
+                batch = next(it)
+            except (DataError, storage.StorageError) as e:  # from a worker: its own one-line message, not the wrapper
+                lines = str(e).strip().splitlines()
+                if len(lines) > 1 and lines[0].startswith("Caught "):
+                    raise type(e)(lines[-1].split(": ", 1)[-1]) from None
+                raise
             self.data_wait_seconds += time.perf_counter() - t0
             assert (batch["epoch"], batch["batch"]) == (self.epoch, self.batches_done), "stream out of order"
             self.batches_done += 1

@@ -19,6 +19,7 @@ from ..data import storage
 from ..images import to_float255
 from ..obs.log import setup_logging
 from ..parallel.env import all_reduce_sum_, init_distributed, read_env, shutdown
+from ..redact import to_json
 from ..sampling import folder
 from ..sampling.generate import generate_share, prepare
 from ..sampling.plan import plan_batches, rank_share
@@ -128,7 +129,7 @@ def _score(job: FrechetJob, env) -> None:
               "resize_mode": extractor.resize_mode, "class_accuracy": correct / labelled if labelled else None,
               "seconds": time.perf_counter() - t0,
               **{k: provenance.get(k) for k in ("source", "sampler", "steps", "eta", "guidance", "seed", "classes")}}
-    storage.write_bytes_atomic(job.result_path(), json.dumps(result, indent=1).encode())
+    storage.write_bytes_atomic(job.result_path(), to_json(result, indent=1).encode())
 
 
 def read_result(job: FrechetJob) -> dict:

@@ -3,13 +3,13 @@ Prometheus (every rank, optional). Training and sampling report raw facts; this 
 the only writer of every sink."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from typing import Optional
 
 from ..config import MetricsConfig
+from ..redact import to_json
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Metrics:
     def write(self, row: dict) -> None:
         if self.jsonl_path:
             with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(to_json(row) + "\n")
 
     def train_step(self, *, step: int, images: int, loss, lr: float, grad_norm, step_seconds: float,
                    data_wait: float, ema_seconds: float, rank_images: int, skipped_total: int, epoch: int,

@@ -9,6 +9,8 @@ import socket
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ..redact import redact, to_json
+
 log = logging.getLogger(__name__)
 LABELS = ("rank", "job", "run")
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -17,7 +19,7 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 class PrometheusSink:
     def __init__(self, *, addr: str, port: int, rank: int, job: str, run: str):
         self.registry = r = CollectorRegistry()
-        lv = dict(rank=str(rank), job=job, run=run)
+        lv = dict(rank=str(rank), job=redact(job), run=redact(run))  # label values are published: redacted
 
         def counter(name, doc):
             return Counter(name, doc, LABELS, registry=r).labels(**lv)
@@ -84,13 +86,12 @@ def host_address() -> str:
 def write_sd_target(sd_dir: str, *, addr: str, port: int, rank: int, job: str, run: str) -> str:
     """Prometheus file-based service discovery: this rank's target, written atomically, removed at exit.
     Multi-node jobs need nothing else: every rank names the address it listens on."""
-    import json
 
     host = socket.gethostname() if addr in ("0.0.0.0", "::", "") else addr
     os.makedirs(sd_dir, exist_ok=True)
     path = sd_target_path(sd_dir, job, run, rank)
     entry = [{"targets": [f"{host}:{port}"], "labels": {"ddpm_run": run, "ddpm_job": job, "ddpm_rank": str(rank)}}]
     with open(path + ".tmp", "w") as f:
-        json.dump(entry, f)
+        f.write(to_json(entry))
     os.replace(path + ".tmp", path)
     return path

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..data import storage
 from ..images import decode_image, png_bytes
+from ..redact import to_json
 
 PROVENANCE = "sampling.json"
 
@@ -52,7 +53,7 @@ def remove_debris(out: str) -> None:
 
 
 def write_provenance(out: str, info: dict) -> None:
-    storage.write_bytes_atomic(storage.join(out, PROVENANCE), json.dumps(info).encode())
+    storage.write_bytes_atomic(storage.join(out, PROVENANCE), to_json(info).encode())
 
 
 def read_provenance(folder: str) -> dict:

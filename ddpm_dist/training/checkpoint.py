@@ -36,6 +36,7 @@ from ..artifacts import (
     step_name,
 )
 from ..parallel.env import barrier, side_group
+from ..redact import to_json
 
 log = logging.getLogger(__name__)
 SAVE_ERRORS = (Exception, CheckpointException)  # DCP's CheckpointException is a BaseException
@@ -151,7 +152,7 @@ class CheckpointManager:
         self.last_success_time = time.time()
 
     def _commit(self, tmp: str, final: str, meta: dict) -> None:
-        _write_file(os.path.join(tmp, META), json.dumps(meta, indent=1))
+        _write_file(os.path.join(tmp, META), to_json(meta, indent=1))
         if os.path.exists(final):  # an uncommitted leftover with the same step
             shutil.rmtree(final)
         os.rename(tmp, final)
