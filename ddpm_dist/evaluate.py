@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_sampler_arguments(f)
         f.add_argument("--world-size", type=int, default=1, help="local workers to spawn (ignored under torchrun/SLURM)")
         f.add_argument("--inception", help="path to inception-2015-12-05.pt (fid)")
+        f.add_argument("--allow-unverified-inception", action="store_true",
+                       help="use an Inception file other than the pinned one (its FID is not comparable)")
         f.add_argument("--out", help="result JSON (default: next to the samples or in the run directory)")
     r = sub.add_parser("ref-stats", help="reference feature statistics of a shard set")
     r.add_argument("--data", required=True, help="shard manifest URL")
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--extractor", choices=("inception", "digits"), default="inception",
                    help="digits: the digits classifier trained on --data (the extractor of `frechet`)")
     r.add_argument("--inception", help="path to inception-2015-12-05.pt")
+    r.add_argument("--allow-unverified-inception", action="store_true",
+                   help="use an Inception file other than the pinned one")
     r.add_argument("--batch-size", type=int, default=64)
     c = sub.add_parser("recon", help="reconstruction PSNR/SSIM per noise level")
     c.add_argument("--run", help="run directory")
@@ -65,7 +69,8 @@ def fid(args) -> int:
 
     job = FrechetJob(args.cmd, samples=args.samples, source=args.run or args.export, ref=args.ref, data=args.data,
                      num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, classes=args.classes,
-                     sampler=sampler_overrides(args), inception=args.inception, out=args.out)
+                     sampler=sampler_overrides(args), inception=args.inception, out=args.out,
+                     allow_unverified_inception=args.allow_unverified_inception)
     spawn_local(frechet_worker, (job,), args.world_size)
     if is_rank0():
         r = read_result(job)
@@ -80,7 +85,8 @@ def ref_stats(args) -> int:
     from .eval.frechet import make_extractor
     from .parallel.env import read_env
 
-    extractor = make_extractor(args.extractor, inception=args.inception, data=args.data, device=read_env().device)
+    extractor = make_extractor(args.extractor, inception=args.inception, data=args.data, device=read_env().device,
+                               allow_unverified=args.allow_unverified_inception)
     ref = compute_ref_stats(args.data, extractor, args.batch_size)
     ref.save(args.out)
     print(f"reference statistics of {ref.n} images ({extractor.name}, {extractor.resize_mode} resize) -> {args.out}")

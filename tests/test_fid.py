@@ -110,3 +110,32 @@ def test_fid_without_inception_file_says_where_to_put_it(tmp_path, folders):
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: Inception weights 'inception-2015-12-05.pt' not found") and "--inception PATH" in line
+
+
+def test_an_inception_file_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch):
+    """No primary source publishes the file's checksum: the first verified use pins it; a different file is
+    refused before it is loaded (TorchScript carries code), with one line, unless explicitly allowed."""
+    from ddpm_dist.eval.fid import UnverifiedWeights, file_checksum, verify_inception
+
+    pin = tmp_path / "pin.sha256"
+    monkeypatch.setenv("DDPM_INCEPTION_PIN", str(pin))
+    first, other = tmp_path / "first.pt", tmp_path / "inception-2015-12-05.pt"
+    first.write_bytes(b"the file used first")
+    other.write_bytes(b"a planted file")
+    verify_inception(str(first), file_checksum(str(first)))
+    assert pin.read_text().strip() == file_checksum(str(first))
+    verify_inception(str(first), file_checksum(str(first)))  # the same file again: fine
+    with pytest.raises(UnverifiedWeights, match="not the checksum pinned in"):
+        verify_inception(str(other), file_checksum(str(other)))
+    verify_inception(str(other), file_checksum(str(other)), allow_unverified=True)  # allowed: warned, not pinned
+    assert pin.read_text().strip() == file_checksum(str(first))
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path), "DDPM_INCEPTION_PIN": str(pin)}
+    r = subprocess.run([PYTHON, "-m", "ddpm_dist.evaluate", "ref-stats", "--data",
+                        os.path.join(ROOT, "shards/digits/manifest.json"), "--out", str(tmp_path / "ref.npz"),
+                        "--inception", str(other)], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: Inception file '{other}' has sha256 ") and "--allow-unverified-inception" in line
+    assert not (tmp_path / "ref.npz").exists()

@@ -30,10 +30,10 @@ IN_MEMORY_DEFAULT = 1000
 
 
 def make_extractor(kind: str, *, inception: Optional[str] = None, data: Optional[str] = None,
-                   device: torch.device = torch.device("cpu")) -> Extractor:
-    """'inception' (clean-fid's network from a local file) or 'digits' (a classifier trained on `data`)."""
+                   device: torch.device = torch.device("cpu"), allow_unverified: bool = False) -> Extractor:
+    """'inception' (clean-fid's network from a local, verified file) or 'digits' (a classifier trained on `data`)."""
     if kind == "inception":
-        return inception_extractor(inception, device)
+        return inception_extractor(inception, device, allow_unverified)
     if not data:
         raise ValueError("the digits extractor needs --data (a labelled shard manifest) to train or load the classifier")
     from .digits_classifier import digits_extractor
@@ -53,6 +53,7 @@ class FrechetJob:
     classes: Optional[str] = None
     sampler: dict = field(default_factory=dict)  # SamplerOptions fields overriding the run's
     inception: Optional[str] = None
+    allow_unverified_inception: bool = False
     out: Optional[str] = None
 
     def result_path(self) -> str:
@@ -84,6 +85,7 @@ def _score(job: FrechetJob, env) -> None:
     provenance = folder.read_provenance(job.samples) if job.samples else {}
     data = _training_data(job, provenance)
     extractor = make_extractor("inception" if job.metric == "fid" else "digits", inception=job.inception, data=data,
+                               allow_unverified=job.allow_unverified_inception,
                                device=device)
     classifier = None
     if job.metric == "frechet":
