@@ -38,7 +38,7 @@ def images(n: int, size: int):
 
 
 def worker_peak_rss_mb() -> list[float]:
-    """VmHWM of this process's children (the DataLoader workers), in MB."""
+    """VmHWM of this process's children (the DataLoader workers; not the S3 server), in MB."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -46,13 +46,16 @@ def worker_peak_rss_mb() -> list[float]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != os.getpid():
+            if ppid != os.getpid() or int(pid) in SERVERS:
                 continue
             with open(f"/proc/{pid}/status") as f:
                 out.append(int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024)
         except (OSError, AttributeError):
             continue
     return out
+
+
+SERVERS: set[int] = set()  # child processes that are not DataLoader workers
 
 
 def measure(batches, n_images: int) -> tuple[float, list[float]]:
@@ -155,6 +158,7 @@ def s3(args, tmp) -> None:
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                   stdout=log, stderr=subprocess.STDOUT)
+    SERVERS.add(server.pid)
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -30,7 +30,8 @@ def byte_runs(index: list, positions: Iterable[int], max_gap: int = MERGE_GAP) -
     for p in sorted(positions):
         start, end = sample_span(index[p][1])
         if runs and start - runs[-1][1] <= max_gap:
-            runs[-1] = (runs[-1][0], max(end, runs[-1][1]), runs[-1][2] + [p])
+            runs[-1][2].append(p)
+            runs[-1] = (runs[-1][0], max(end, runs[-1][1]), runs[-1][2])
         else:
             runs.append((start, end, [p]))
     return runs
