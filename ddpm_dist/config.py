@@ -72,6 +72,8 @@ class TrainConfig:
     ema_halflife_images: float = 50_000.0
     ema_warmup_ratio: float = 0.05  # half-life grows with images seen until it reaches the setting (EDM)
     bf16: bool = False
+    compile: bool = False  # torch.compile: the whole model (single, DDP, ZeRO), each sharded block under FSDP2
+    channels_last: bool = False  # NHWC weights and inputs (faster convolutions on some GPUs and CPUs)
     label_dropout: float = 0.1  # classifier-free guidance: drop labels to the null class
     log_every: int = 50  # steps
     sample_every_images: int = 0  # 0: only at the end
@@ -138,6 +140,7 @@ CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
     "parallel.backend": ("auto", "single", "ddp", "fsdp", "zero"),
     "model.time_conditioning": (None, "scale_shift", "add"),
+    "model.activation_checkpointing": (None, "", "block", "level"),
     "train.eval_extractor": ("digits", "inception"),
 }
 
@@ -236,7 +239,7 @@ def validate(cfg: Config) -> None:
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
-            shown = ", ".join(a for a in allowed if a is not None)
+            shown = ", ".join(a or "''" for a in allowed if a is not None)
             raise ConfigError(f"{dotted}: '{value}' is not one of {shown}")
     positive = {
         "diffusion.num_steps": cfg.diffusion.num_steps,

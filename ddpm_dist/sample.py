@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid.png, trajectory.png, reverse.gif (auto: when num-images <= 1000 and --out is local)")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (uint8 NHWC + labels)")
     p.add_argument("--tar", action="store_true", help="also write WebDataset shards of the images under OUT/shards")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (compiling takes minutes on a CPU; pays off for many images)")
     p.add_argument("--prometheus-port", type=int, default=0,
                    help="export ddpm_sample_* metrics on this port + local rank (0: off)")
     p.add_argument("--prometheus-addr", default="", help="address to listen on (default: this host's address)")
@@ -60,7 +62,7 @@ def job_from_args(args: argparse.Namespace) -> SampleJob:
         source=args.run or args.export, out=args.out, weights=args.weights, num_images=args.num_images,
         batch_size=args.batch_size, seed=args.seed, classes=args.classes, sampler=sampler_overrides(args),
         task=TaskSpec(args.task, args.image, args.image_index, args.mask, args.resample, args.sr_factor),
-        extras=args.extras, grid_width=args.grid_rows, npz=args.npz, tar=args.tar,
+        extras=args.extras, grid_width=args.grid_rows, npz=args.npz, tar=args.tar, compile=args.compile,
         metrics=MetricsConfig(prometheus=args.prometheus_port > 0, prometheus_port=args.prometheus_port,
                               prometheus_addr=args.prometheus_addr, jsonl=False))
 

@@ -41,7 +41,8 @@ def synthetic_batch(global_batch: int, channels=3, size=16, num_classes=0, seed=
 
 
 def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_batch=8, accum=1, bf16=False,
-                zero_stage=2, model="tiny", lr=1e-3, ema_beta=0.9, hybrid=False):
+                zero_stage=2, model="tiny", lr=1e-3, ema_beta=0.9, hybrid=False, compile=False, channels_last=False,
+                overrides=()):
     """Run `steps` optimizer steps on a fixed global batch; returns (losses, full params, full EMA) on every rank."""
     from ddpm_dist.config import load_config
     from ddpm_dist.diffusion import make_schedule
@@ -52,13 +53,13 @@ def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_ba
     from ddpm_dist.training.loop import run_step
 
     cfg = load_config(None, [f"model.preset={model}", f"train.global_batch={global_batch}", "train.grad_clip=1.0",
-                             "train.label_dropout=0.1", "diffusion.num_steps=100"])
+                             "train.label_dropout=0.1", "diffusion.num_steps=100", *overrides])
     model_cfg = resolve_model_config(cfg.model)
     seed_everything(0)
     micro = global_batch // (world_size * accum)
     engine = parallelize(UNet(model_cfg), backend, read_env(), optimizer_args=dict(lr=lr, betas=[0.9, 0.999],
                          weight_decay=0.0), bf16=bf16, micro_batch=micro, accum_steps=accum, grad_clip=1.0,
-                         zero_stage=zero_stage, hybrid_shard=hybrid)
+                         zero_stage=zero_stage, hybrid_shard=hybrid, compile=compile, channels_last=channels_last)
     ema = ShardedEMA(engine)
     schedule = make_schedule("linear", 100)
     x, y = synthetic_batch(global_batch, model_cfg.in_channels, model_cfg.image_size, model_cfg.num_classes)
@@ -85,6 +86,21 @@ def parity_worker(rank, world_size, out_dir, backend, kwargs):
         save_file({k: v.contiguous() for k, v in ema_full.items()}, os.path.join(out_dir, "ema.safetensors"))
         with open(os.path.join(out_dir, "losses.json"), "w") as f:
             json.dump(losses, f)
+
+
+def compiled_parity_worker(rank, world_size, out_dir, backend, kwargs, compile_backend):
+    """parity_worker with every torch.compile on `compile_backend` (e.g. aot_eager: dynamo and autograd tracing
+    through the engine's hooks without inductor's C++ code generation, which takes minutes on 2 cores); also
+    writes how many graphs dynamo captured and how many graph breaks it took."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    torch.compile = functools.partial(torch.compile, backend=compile_backend)  # nn.Module.compile calls torch.compile
+    parity_worker(rank, world_size, out_dir, backend, kwargs)
+    if rank == 0:
+        with open(os.path.join(out_dir, "dynamo.json"), "w") as f:
+            json.dump({"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values())}, f)
 
 
 def memory_worker(rank, world_size, out_dir, backend, zero_stage):

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any, Union
 
 from .presets import PRESETS
-from .unet import UNet, UNetConfig
+from .unet import AC_MODES, RUNTIME_FIELDS, UNet, UNetConfig
 
 
 def resolve_model_config(spec: Union[str, dict, Any, UNetConfig]) -> UNetConfig:
@@ -41,4 +41,4 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["PRESETS", "UNet", "UNetConfig", "build_model", "count_parameters", "resolve_model_config"]
+__all__ = ["AC_MODES", "PRESETS", "RUNTIME_FIELDS", "UNet", "UNetConfig", "build_model", "count_parameters", "resolve_model_config"]

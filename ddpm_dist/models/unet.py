@@ -1,6 +1,10 @@
 """The DDPM UNet (Ho et al. 2020) for one device: residual blocks conditioned on the timestep
 (FiLM scale-shift, or the paper's additive bias), self-attention at chosen resolutions, optional
-class embedding with a null class for classifier-free guidance, optional conditioning channels."""
+class embedding with a null class for classifier-free guidance, optional conditioning channels.
+
+Activation checkpointing (`activation_checkpointing`: "block" or "level") recomputes the chosen modules'
+activations in backward instead of keeping them. It runs inside each module's own forward, so on a module FSDP
+shards, its hooks stay outside the recomputed region (as torchtitan's checkpoint wrapper inside fully_shard)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +14,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+AC_MODES = ("", "block", "level")  # off | each ResBlock and attention block | each level and middle block
+# Fields that change how the network runs, not its weights: a checkpoint resumes across a change of them.
+RUNTIME_FIELDS = ("activation_checkpointing",)
 
 
 @dataclass
@@ -26,6 +35,7 @@ class UNetConfig:
     norm_groups: int = 32
     num_classes: int = 0  # 0 = unconditional; otherwise index num_classes is the null class
     cond_channels: int = 0  # channels concatenated to the input (e.g. an upsampled low-res image)
+    activation_checkpointing: str = ""  # "" off | "block" | "level": recompute in backward, training only
 
     def validate(self) -> None:
         if self.image_size % (2 ** (len(self.channel_mults) - 1)):
@@ -37,6 +47,9 @@ class UNetConfig:
                 raise ValueError(f"model.num_heads={self.num_heads} does not divide {self.base_channels * m} channels")
         if self.time_conditioning not in ("scale_shift", "add"):
             raise ValueError(f"model.time_conditioning: '{self.time_conditioning}' is not scale_shift or add")
+        if self.activation_checkpointing not in AC_MODES:
+            raise ValueError(f"model.activation_checkpointing: '{self.activation_checkpointing}' is not '', block or "
+                             "level")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -54,7 +67,20 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-class ResBlock(nn.Module):
+class Checkpointable(nn.Module):
+    """A module whose forward (`_forward`) is recomputed in backward when `checkpointed` is set, in training only.
+    Non-reentrant checkpoint: keyword arguments, no-grad inputs and compile work; the RNG state (dropout) is
+    restored for the recomputation, so the gradients equal those without it."""
+
+    checkpointed = False
+
+    def forward(self, *args, **kwargs):
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False, **kwargs)
+        return self._forward(*args, **kwargs)
+
+
+class ResBlock(Checkpointable):
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int, scale_shift: bool):
         super().__init__()
         self.scale_shift = scale_shift
@@ -66,7 +92,7 @@ class ResBlock(nn.Module):
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         cond = self.temb(F.silu(temb))[:, :, None, None]
         if self.scale_shift:  # FiLM: norm(h) * (1 + scale) + shift
@@ -78,7 +104,7 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class Attention(nn.Module):
+class Attention(Checkpointable):
     def __init__(self, ch: int, heads: int, groups: int):
         super().__init__()
         self.heads = heads
@@ -86,7 +112,7 @@ class Attention(nn.Module):
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = _zero(nn.Conv2d(ch, ch, 1))
 
-    def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
         out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, c/heads)
@@ -111,7 +137,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Level(nn.Module):
+class Level(Checkpointable):
     """The blocks of one resolution (res blocks, each optionally followed by attention) plus the resampler.
     It is the unit FSDP shards; for the up path, it also pops the skip connections it consumes."""
 
@@ -122,7 +148,7 @@ class Level(nn.Module):
         self.resample = resample if resample is not None else nn.Identity()
         self.up = up
 
-    def forward(self, h, temb, skips: tuple = ()):
+    def _forward(self, h, temb, skips: tuple = ()):
         """Down: returns (h, the skip tensors it made). Up: consumes `skips` (last first), returns h.
         Functional on purpose: FSDP's hooks may copy arguments, so a list mutated in place would be lost."""
         made, pending = [], list(skips)
@@ -184,6 +210,11 @@ class UNet(nn.Module):
                 size *= 2
         self.norm_out = nn.GroupNorm(groups, cur)
         self.conv_out = _zero(nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
+        ac = cfg.activation_checkpointing  # "level": the levels and the middle blocks; "block": each res/attention
+        for m in self.modules():
+            if isinstance(m, Checkpointable):
+                m.checkpointed = (ac == "block" and not isinstance(m, Level)) or \
+                    (ac == "level" and (isinstance(m, Level) or any(m is b for b in self.mid)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:

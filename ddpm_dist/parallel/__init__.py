@@ -30,26 +30,27 @@ def ensure_process_group(env: DistEnv) -> None:
 
 def parallelize(module, backend: str, env: DistEnv, *, optimizer_args: dict, bf16: bool, micro_batch: int,
                 accum_steps: int, grad_clip: float, zero_stage: int = 2, reshard_after_forward: bool = True,
-                hybrid_shard: bool = False) -> Engine:
-    """Wrap a single-device module in the engine named by `backend`."""
+                hybrid_shard: bool = False, compile: bool = False, channels_last: bool = False) -> Engine:
+    """Wrap a single-device module in the engine named by `backend`; `compile` and `channels_last` as in Engine."""
     backend = resolve_backend(backend, env)
+    fast = {"compile": compile, "channels_last": channels_last}
     if backend == "single":
         if env.distributed:
             raise ValueError(f"parallel.backend=single cannot run with {env.world_size} processes (use ddp, fsdp or zero)")
-        return Engine(module, env.device, optimizer_args, bf16)
+        return Engine(module, env.device, optimizer_args, bf16, **fast)
     ensure_process_group(env)
     if backend == "ddp":
         from .ddp import DDPEngine
-        return DDPEngine(module, env.device, optimizer_args, bf16)
+        return DDPEngine(module, env.device, optimizer_args, bf16, **fast)
     if backend == "fsdp":
         from .fsdp import FSDPEngine
         return FSDPEngine(module, env.device, optimizer_args, bf16, world_size=env.world_size,
                           local_world_size=env.local_world_size, reshard_after_forward=reshard_after_forward,
-                          hybrid=hybrid_shard)
+                          hybrid=hybrid_shard, **fast)
     if backend == "zero":
         from .zero import ZeroEngine
         return ZeroEngine(module, env.device, optimizer_args, bf16, stage=zero_stage, micro_batch=micro_batch,
-                          accum_steps=accum_steps, world_size=env.world_size, grad_clip=grad_clip)
+                          accum_steps=accum_steps, world_size=env.world_size, grad_clip=grad_clip, **fast)
     raise ValueError(f"unknown parallel.backend '{backend}' (expected auto, {', '.join(BACKENDS)})")
 
 

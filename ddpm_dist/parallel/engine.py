@@ -23,20 +23,49 @@ def _norm_tensor(norm) -> torch.Tensor:
     return norm.detach() if torch.is_tensor(norm) else torch.tensor(math.nan if norm is None else float(norm))
 
 
+def to_memory_format(module: nn.Module, channels_last: bool) -> nn.Module:
+    """NHWC 4-D weights (Engine.forward converts the inputs; a convolution's output takes the layout of its input or
+    weight, so the activations follow): the layout tensor-core convolutions want."""
+    return module.to(memory_format=torch.channels_last) if channels_last else module
+
+
+def _nhwc(v):
+    return v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
+
+
 class Engine:
-    """Single process: the module itself, autocast for bf16, torch AdamW, clip_grad_norm_."""
+    """Single process: the module itself, autocast for bf16, torch AdamW, clip_grad_norm_.
+
+    compile=True compiles in place (nn.Module.compile: the state_dict keys stay those of the plain module, so
+    checkpoints and exports move freely between compiled and eager runs); FSDP2 compiles each sharded block."""
 
     name = "single"
+    nhwc_weights = True  # channels_last converts the weights too (sharding engines keep theirs contiguous)
 
-    def __init__(self, module: nn.Module, device: torch.device, optimizer_args: dict, bf16: bool = False):
-        self.module = module.to(device)
+    def __init__(self, module: nn.Module, device: torch.device, optimizer_args: dict, bf16: bool = False, *,
+                 compile: bool = False, channels_last: bool = False):
+        self.module = to_memory_format(module.to(device), channels_last and self.nhwc_weights)
         self.device = device
-        self.bf16 = bf16
+        self.bf16, self.compile, self.channels_last = bf16, compile, channels_last
         self.model = self.wrap(self.module)  # what forward calls
+        if compile:
+            self.compile_model()
         self.optimizer = make_optimizer(self.module.parameters(), **optimizer_args)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
+
+    def compile_model(self) -> None:
+        """The whole wrapped model, in place (under DDP, dynamo splits the graph at the gradient buckets so their
+        all-reduce overlaps backward). Static shapes: another batch shape compiles anew, which is rare in training;
+        inductor failed on this UNet's dynamic-shape graphs (torch 2.14, CPU)."""
+        self.model.compile(dynamic=False)
+
+    def inputs(self, x: torch.Tensor, kw: dict) -> tuple[torch.Tensor, dict]:
+        """The model's inputs in the engine's memory format (image-shaped tensors: x and e.g. `cond`)."""
+        if not self.channels_last:
+            return x, kw
+        return _nhwc(x), {k: _nhwc(v) for k, v in kw.items()}
 
     # -- forward/backward ------------------------------------------------------------------------
     def autocast(self):
@@ -45,6 +74,7 @@ class Engine:
         return contextlib.nullcontext()
 
     def forward(self, x, t, **kw):
+        x, kw = self.inputs(x, kw)
         with self.autocast():
             return self.model(x, t, **kw)
 
@@ -79,7 +109,7 @@ class Engine:
         out = {}
         for n, s in zip(names, shadow):
             s = s.full_tensor() if hasattr(s, "full_tensor") else s
-            out[n] = s.detach().float().cpu().clone()
+            out[n] = s.detach().float().cpu().clone(memory_format=torch.contiguous_format)  # NCHW under channels_last
         return out
 
     def ema_state(self, names: list[str], shadow: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,7 +141,8 @@ class Engine:
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Unsharded fp32 weights on CPU (every rank must call it for sharded engines)."""
-        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach().float().cpu().clone(memory_format=torch.contiguous_format)
+                for k, v in self.module.state_dict().items()}
 
     def local_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients and optimizer state (for the memory test)."""

@@ -43,10 +43,15 @@ class SamplingSetup:
         return next(self.model.parameters()).device
 
 
-def prepare(trained: TrainedModel, device: torch.device, overrides: Optional[dict] = None) -> SamplingSetup:
-    """A trained model on `device`, sampled with its run's sampler settings updated by `overrides`."""
+def prepare(trained: TrainedModel, device: torch.device, overrides: Optional[dict] = None, *,
+            compile: bool = False) -> SamplingSetup:
+    """A trained model on `device`, sampled with its run's sampler settings updated by `overrides`; `compile`
+    compiles the network in place (torch.compile: pays off over many steps and batches, not for a handful)."""
     options = trained.sampler.updated(**(overrides or {}))
-    return SamplingSetup.for_model(trained.model.to(device), trained.diffusion, options, trained.source)
+    model = trained.model.to(device)
+    if compile:
+        model.compile(dynamic=False)  # a graph per batch shape (inductor failed on dynamic ones here)
+    return SamplingSetup.for_model(model, trained.diffusion, options, trained.source)
 
 
 def generate_batch(setup: SamplingSetup, indices: list[int], *, seed: int, labels: Optional[list[int]] = None,

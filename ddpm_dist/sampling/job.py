@@ -41,6 +41,7 @@ class SampleJob:
     grid_width: int = 0  # images per grid row (0: square)
     npz: bool = False
     tar: bool = False
+    compile: bool = False  # torch.compile the network
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(jsonl=False))
 
     def validate(self) -> None:
@@ -56,7 +57,7 @@ def sample_to_folder(job: SampleJob) -> None:
     metrics = None
     try:
         trained = load_trained(job.source, job.weights)
-        setup = prepare(trained, env.device, job.sampler)
+        setup = prepare(trained, env.device, job.sampler, compile=job.compile)
         task = build_task(job.task, trained.config, job.seed)
         if env.rank == 0:
             log.info("sampling %d images (%s) from %s: %s, %d worker(s), batch %d", job.num_images, task.kind,

@@ -32,9 +32,11 @@ from ..artifacts import (
     PORTABLE_FORMATS,
     CheckpointError,
     committed_checkpoints,
+    load_dcp,
     read_meta,
     step_name,
 )
+from ..models import RUNTIME_FIELDS
 from ..parallel.env import barrier, side_group
 from ..redact import to_json
 
@@ -225,9 +227,11 @@ class CheckpointManager:
             portable = {n: c for n, c in self.components.items() if n not in native}
             tensors = {n: c.state_dict() for n, c in portable.items() if meta["formats"][n] == "dcp"}
             if tensors:
-                _quiet_dcp(dcp.load, tensors, checkpoint_id=path)
+                _quiet_dcp(load_dcp, tensors, path)  # unpickles nothing but DCP's metadata classes
             for name, component in portable.items():
                 component.load_state_dict(tensors[name] if name in tensors else meta["state"][name])
+        except CheckpointError:
+            raise
         except SAVE_ERRORS as e:
             raise CheckpointError(f"checkpoint '{path}': {type(e).__name__}: {e}") from e
         barrier()
@@ -237,7 +241,8 @@ class CheckpointManager:
         """A clear error for a checkpoint of another model shape, or one whose components are stored in
         formats this run's components cannot read."""
         old, new = meta.get("model_config", {}), self.identity.get("model_config", {})
-        diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k) and k not in RUNTIME_FIELDS]  # e.g. activation checkpointing: same weights
         if diff:
             raise CheckpointError(f"checkpoint '{path}' is for another model ({'; '.join(diff)})")
         for name, component in self.components.items():

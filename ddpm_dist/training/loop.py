@@ -120,6 +120,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
     engine = parallelize(module, backend, env, bf16=cfg.train.bf16, micro_batch=micro, accum_steps=accum,
                          grad_clip=cfg.train.grad_clip, zero_stage=cfg.parallel.zero_stage,
                          reshard_after_forward=cfg.parallel.reshard_after_forward, hybrid_shard=cfg.parallel.hybrid_shard,
+                         compile=cfg.train.compile, channels_last=cfg.train.channels_last,
                          optimizer_args=dict(lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay))
     ema = ShardedEMA(engine)
     stream = TrainStream(manifest, rank=env.rank, layout=Layout(env.world_size, micro, cfg.data.num_workers),
