@@ -142,7 +142,10 @@ def _safe_dcp() -> tuple[type, type]:
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
             rank = kwargs.get("rank")  # DCP's fallback to rank-local metadata when there is no global one
-            md = read_dcp_metadata(os.path.join(self.path, ".metadata" if rank is None else f"__{rank}.metadata"))
+            file = os.path.join(self.path, ".metadata" if rank is None else f"__{rank}.metadata")
+            if getattr(self, "_checked", (None,))[0] != file:  # load_dcp reads it first: unpickle it once
+                self._checked = (file, read_dcp_metadata(file))
+            md = self._checked[1]
             if md.storage_meta is None:
                 md.storage_meta = StorageMeta()
             md.storage_meta.load_id = self.load_id

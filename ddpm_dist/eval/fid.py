@@ -118,8 +118,10 @@ def verify_inception(path: str, checksum: str, allow_unverified: bool = False) -
         return
     if expected is None:
         os.makedirs(os.path.dirname(pin_file) or ".", exist_ok=True)
-        with open(pin_file, "w") as f:
+        tmp = f"{pin_file}.tmp-{os.getpid()}"  # every rank pins the same file: none may read a half-written pin
+        with open(tmp, "w") as f:
             f.write(checksum + "\n")
+        os.replace(tmp, pin_file)
         log.info("Inception file %s (sha256 %s...) pinned in %s: another file will be refused", path, checksum[:12],
                  pin_file)
     elif checksum != expected:
