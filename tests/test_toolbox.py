@@ -142,7 +142,7 @@ def test_every_plot_command_writes_a_picture(small_run, tmp_path):
 def test_overfit_one_batch(tmp_path):
     """train.overfit_batches=1: the loss falls far and DDIM samples land on the batch's own images."""
     run = tmp_path / "overfit"
-    run_train(run, 1500, "train.overfit_batches=1", "train.global_batch=4", "train.total_images=6000",
+    run_train(run, 2000, "train.overfit_batches=1", "train.global_batch=4", "train.total_images=8000",
               "train.lr=0.001", "train.warmup_images=0", "train.grad_clip=0", "model.num_classes=10",
               "model.base_channels=32", "train.label_dropout=0.0", "train.ema_halflife_images=400",
               "train.log_every=50", "checkpoint.every_images=0")
@@ -163,5 +163,6 @@ def test_overfit_one_batch(tmp_path):
     rms = (16 * 16) ** 0.5
     nearest = torch.cdist(x.flatten(1), batch.flatten(1)).min(1).values / rms
     typical = torch.cdist(batch.flatten(1), batch.flatten(1)).sum() / 12 / rms  # between the batch's images
-    # measured: median 0.07, max 0.23 against 0.74 between distinct batch images
+    # 1,500 steps sufficed with the old global-batch noise (median 0.07, max 0.23 against 0.74); with per-slot noise
+    # one of 8 samples was still at 0.49x after 1,500 steps (deterministically), so the run is 2,000 steps
     assert nearest.median() < 0.2 * typical and nearest.max() < 0.45 * typical, (nearest, typical)
