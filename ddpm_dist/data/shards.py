@@ -175,16 +175,6 @@ def tar_index(data: bytes) -> list:
     return index
 
 
-def samples_from_index(data: bytes, index: list, wanted: Optional[set] = None) -> Iterator[tuple[int, dict]]:
-    """(position in shard, sample dict) for the wanted positions, sliced by the index."""
-    for i, (key, files) in enumerate(index):
-        if wanted is None or i in wanted:
-            sample = {"__key__": key}
-            for ext, (off, size) in files.items():
-                sample[ext] = data[off:off + size]
-            yield i, sample
-
-
 def _write_shard(url: str, samples: list[dict]) -> ShardInfo:
     buf = io.BytesIO()
     # A fixed integer mtime makes builds reproducible (same sha256) and avoids a PAX header per file.
