@@ -72,12 +72,15 @@ def _explain(url: str, e: BaseException) -> str | None:
 
 @contextlib.contextmanager
 def translated(url: str):
-    """Turn a storage failure the user can fix into a StorageError that names the redacted URL."""
+    """Turn a storage failure the user can fix into a StorageError that names the redacted URL. Object stores
+    only: a local OSError already says what is wrong (and is no matter of credentials or buckets)."""
     try:
         yield
     except StorageError:
         raise
     except Exception as e:
+        if is_local(url):
+            raise
         why = _explain(url, e)
         if why is None:
             raise
