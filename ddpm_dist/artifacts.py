@@ -17,6 +17,7 @@ import functools
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -63,6 +64,12 @@ def committed_checkpoints(directory: str) -> list[str]:
         else:
             log.warning("ignoring uncommitted checkpoint %s", path)
     return out
+
+
+def committed_time(path: str) -> float:
+    """Unix time a checkpoint was committed (its marker's record)."""
+    with open(os.path.join(path, MARKER)) as f:
+        return float(json.load(f)["time"])
 
 
 def read_meta(path: str) -> dict:
@@ -199,20 +206,42 @@ def load_dcp(state: dict, path: str, **kwargs) -> None:
         raise
 
 
-def newest_checkpoint(run_or_ckpt: str) -> str:
-    """A checkpoint directory itself, or the newest committed one under RUN/checkpoints."""
+def eval_score(meta: dict) -> Optional[float]:
+    """The in-training Fréchet distance measured on a checkpoint's EMA weights, if one was."""
+    value = (meta.get("eval") or {}).get("frechet_distance")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def best_checkpoint(paths: list[str]) -> Optional[str]:
+    """The checkpoint with the lowest in-training Fréchet distance (the oldest of equals), or None."""
+    scored = [(score, i, p) for i, p in enumerate(paths) if (score := eval_score(read_meta(p))) is not None]
+    return min(scored)[2] if scored else None
+
+
+def newest_checkpoint(run_or_ckpt: str, choice: str = "latest") -> str:
+    """A checkpoint directory itself, or under RUN/checkpoints the newest committed one ('latest') or the one
+    with the best in-training Fréchet distance ('best', kept by checkpoint.keep_best)."""
     if os.path.exists(os.path.join(run_or_ckpt, MARKER)):
         return run_or_ckpt
     found = committed_checkpoints(os.path.join(run_or_ckpt, "checkpoints"))
     if not found:
         raise FileNotFoundError(f"no committed checkpoint under '{run_or_ckpt}'")
+    if choice == "best":
+        best = best_checkpoint(found)
+        if best is None:
+            raise FileNotFoundError(f"no checkpoint under '{run_or_ckpt}' has an in-training Fréchet distance "
+                                    f"(train with train.eval_every_images and checkpoint.keep_best=true)")
+        return best
+    if choice != "latest":
+        raise ValueError(f"checkpoint choice '{choice}': expected latest or best")
     return found[-1]
 
 
-def load_checkpoint_weights(run_or_ckpt: str, which: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
-    """EMA ('ema') or raw ('model') weights of a checkpoint, in one process without a process group: DCP
-    reshards whatever world size wrote them."""
-    path = newest_checkpoint(run_or_ckpt)
+def load_checkpoint_weights(run_or_ckpt: str, which: str = "ema", choice: str = "latest"
+                            ) -> tuple[dict[str, torch.Tensor], dict]:
+    """EMA ('ema') or raw ('model') weights of a checkpoint (`choice`: latest or best), in one process without
+    a process group: DCP reshards whatever world size wrote them."""
+    path = newest_checkpoint(run_or_ckpt, choice)
     meta = read_meta(path)
     keys = DCP_WEIGHTS[which]
     if meta["formats"].get(keys[0]) not in PORTABLE_FORMATS:
@@ -298,15 +327,16 @@ class TrainedModel:
         return self.model.config
 
 
-def load_trained(source: str, which: str = "ema") -> TrainedModel:
-    """An export file, or a run directory (its newest committed checkpoint); which = 'ema' or 'model'."""
+def load_trained(source: str, which: str = "ema", checkpoint: str = "latest") -> TrainedModel:
+    """An export file, or a run directory (its newest committed checkpoint, or with checkpoint='best' the one
+    with the best in-training Fréchet distance); which = 'ema' or 'model'."""
     if os.path.isfile(source):
         weights, model_cfg, info = load_export(source, which)
         diffusion, sample = info.get("diffusion"), info.get("sample")
         desc = f"{source} ({which})"
     else:
         run_cfg = run_config(source)
-        weights, meta = load_checkpoint_weights(source, which)
+        weights, meta = load_checkpoint_weights(source, which, checkpoint)
         model_cfg, diffusion, sample = meta["model_config"], run_cfg.get("diffusion"), run_cfg.get("sample")
         desc = f"{source} step {meta['step']} ({which})"
     model = UNet(resolve_model_config(model_cfg))

@@ -6,6 +6,7 @@ entry points turn it into `error: ...` and a non-zero exit.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class CheckpointConfig:
     keep_every_images: int = 0  # also keep every checkpoint at this period (0: none)
     async_save: bool = False
     resume: bool = True  # resume from the newest committed checkpoint in the run directory
+    keep_best: bool = False  # also keep the checkpoint with the lowest in-training Fréchet distance (train.eval_every_images)
 
 
 @dataclass
@@ -116,6 +118,7 @@ class MetricsConfig:
     jsonl: bool = True
     job: str = ""  # label; defaults to SLURM_JOB_ID or "local"
     sd_dir: str = ""  # Prometheus file_sd folder: each rank writes its target there while it runs
+    tensorboard: bool = False  # rank 0 writes TensorBoard events to run_dir/tensorboard (needs `pip install tensorboard`)
 
 
 @dataclass
@@ -277,8 +280,20 @@ def validate(cfg: Config) -> None:
                           "not super-resolution (train.sr_factor); use `python -m ddpm_dist.evaluate recon`")
     if cfg.train.sr_factor and (cfg.model.cond_channels or 0) == 0:
         raise ConfigError("train.sr_factor needs model.cond_channels = the image channels (the low-res condition)")
+    if cfg.metrics.tensorboard and not _importable("tensorboard"):
+        raise ConfigError("metrics.tensorboard=true needs the tensorboard package: pip install tensorboard")
+    if cfg.checkpoint.keep_best and not cfg.train.eval_every_images:
+        raise ConfigError("checkpoint.keep_best needs train.eval_every_images > 0 (the Fréchet distance it keeps the best of)")
     if len(cfg.train.betas) != 2:
         raise ConfigError("train.betas: expected two numbers [beta1, beta2]")
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def check_batch(cfg: Config, world_size: int) -> tuple[int, int]:

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="run directory (newest committed checkpoint)")
     src.add_argument("--export", help="export.safetensors written at the end of training")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--checkpoint", choices=("latest", "best"), default="latest",
+                   help="with --run: the newest committed checkpoint, or the one with the best in-training Frechet "
+                        "distance (checkpoint.keep_best)")
     p.add_argument("--out", required=True, help="output folder or fsspec URL (s3://..., memory://...)")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def job_from_args(args: argparse.Namespace) -> SampleJob:
     return SampleJob(
-        source=args.run or args.export, out=args.out, weights=args.weights, num_images=args.num_images,
+        source=args.run or args.export, out=args.out, weights=args.weights, checkpoint=args.checkpoint,
+        num_images=args.num_images,
         batch_size=args.batch_size, seed=args.seed, classes=args.classes, sampler=sampler_overrides(args),
         task=TaskSpec(args.task, args.image, args.image_index, args.mask, args.resample, args.sr_factor),
         extras=args.extras, grid_width=args.grid_rows, npz=args.npz, tar=args.tar, compile=args.compile,

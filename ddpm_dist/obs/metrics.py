@@ -1,6 +1,6 @@
 """One metrics processor, several sinks: console (a log line every N steps), metrics.jsonl (rank 0),
-Prometheus (every rank, optional). Training and sampling report raw facts; this module aggregates and is
-the only writer of every sink."""
+Prometheus (every rank, optional), TensorBoard (rank 0, optional). Training and sampling report raw facts;
+this module aggregates and is the only writer of every sink."""
 from __future__ import annotations
 
 import logging
@@ -16,9 +16,15 @@ log = logging.getLogger(__name__)
 
 class Metrics:
     def __init__(self, cfg: MetricsConfig, *, rank: int, local_rank: int, world_size: int, run: str,
-                 run_dir: Optional[str] = None, log_every: int = 50):
-        """Sinks from `cfg` (the config's metrics section); metrics.jsonl in run_dir (rank 0) when given."""
+                 run_dir: Optional[str] = None, log_every: int = 50, config_yaml: str = ""):
+        """Sinks from `cfg` (the config's metrics section); metrics.jsonl and TensorBoard events in run_dir
+        (rank 0) when given; `config_yaml` (the resolved config) is shown in TensorBoard."""
         self.rank, self.world_size, self.log_every = rank, world_size, log_every
+        self.tb = None
+        if cfg.tensorboard and run_dir and rank == 0:
+            from .tensorboard import TensorBoardSink  # the config check made sure the package is there
+            self.tb = TensorBoardSink(os.path.join(run_dir, "tensorboard"), config_yaml)
+        self.last_checkpoint_time: Optional[float] = None  # unix time of the newest committed checkpoint
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl") if (run_dir and cfg.jsonl and rank == 0) else None
         self.prom = None
         self.sd_file = None
@@ -31,8 +37,12 @@ class Metrics:
             self.prom.update_process()
             if cfg.sd_dir:
                 self.sd_file = write_sd_target(cfg.sd_dir, addr=addr, port=port, rank=rank, job=job, run=run)
-        self._window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter(), wait=0.0)
+        self._window = self._new_window()
         self._last_skipped = 0
+
+    @staticmethod
+    def _new_window() -> dict:
+        return dict(loss=0.0, n=0, images=0, t0=time.perf_counter(), wait=0.0, step_seconds=0.0)
 
     def __enter__(self) -> "Metrics":
         return self
@@ -55,6 +65,7 @@ class Metrics:
         w["n"] += 1
         w["images"] += rank_images
         w["wait"] += data_wait
+        w["step_seconds"] += step_seconds
         if self.prom:
             p = self.prom
             p.images.inc(rank_images)
@@ -75,7 +86,10 @@ class Metrics:
         ips = w["images"] / max(elapsed, 1e-9)
         row = {"event": "train", "step": step, "images": images, "epoch": epoch, "loss": mean_loss, "lr": lr,
                "grad_norm": grad_norm, "images_per_s": ips * self.world_size,
-               "data_wait_share": w["wait"] / max(elapsed, 1e-9), "skipped": skipped_total, "time": time.time()}
+               "data_wait_share": w["wait"] / max(elapsed, 1e-9), "step_seconds": w["step_seconds"] / max(w["n"], 1),
+               "skipped": skipped_total, "time": time.time()}
+        if self.last_checkpoint_time is not None:
+            row["checkpoint_age_s"] = row["time"] - self.last_checkpoint_time
         if self.prom:
             self.prom.images_per_second.set(ips)
             self.prom.loss.set(mean_loss)
@@ -86,16 +100,23 @@ class Metrics:
             log.info("step %d  images %d  loss %.4f  lr %.2e  grad %.3f  %.0f img/s  data wait %.0f%%", step, images,
                      mean_loss, lr, grad_norm, row["images_per_s"], 100 * row["data_wait_share"])
             self.write(row)
-        self._window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter(), wait=0.0)
+            if self.tb:
+                self.tb.row("train", row, images)
+        self._window = self._new_window()
         return row
 
-    def checkpoint(self, *, duration: float, stall: float, success_time: float) -> None:
+    def checkpoint(self, *, duration: float, stall: float, success_time: float, images: int) -> None:
         if self.prom:
             self.prom.ckpt_seconds.set(duration)
             self.prom.ckpt_stall.set(stall)
             if success_time:
                 self.prom.ckpt_success.set(success_time)
-        self.write({"event": "checkpoint", "duration_s": duration, "stall_s": stall, "time": time.time()})
+        if success_time:
+            self.last_checkpoint_time = success_time
+        row = {"event": "checkpoint", "images": images, "duration_s": duration, "stall_s": stall, "time": time.time()}
+        self.write(row)
+        if self.tb:
+            self.tb.row("checkpoint", row, images)
 
     def state_bytes(self, per_rank: list[dict[str, int]]) -> None:
         """Bytes of model state on every rank (params, optimizer, EMA): a gauge per rank, one row in metrics.jsonl."""
@@ -112,8 +133,17 @@ class Metrics:
     def frechet(self, value: float, extractor: str, images: int, n: int) -> None:
         if self.prom:
             self.prom.frechet.labels(**self.prom.labels, extractor=extractor).set(value)
-        self.write({"event": "eval", "frechet_distance": value, "extractor": extractor, "images": images, "n": n,
-                    "time": time.time()})
+        row = {"event": "eval", "frechet_distance": value, "extractor": extractor, "images": images, "n": n,
+               "time": time.time()}
+        self.write(row)
+        if self.tb:
+            self.tb.row("eval", row, images)
+
+    def samples(self, *, images: int, diversity: float, path: str) -> None:
+        """A sample grid was written (rank 0): a row, and the picture in TensorBoard."""
+        self.event("samples", images=images, diversity=diversity, path=path)
+        if self.tb:
+            self.tb.image(path, images)
 
     def event(self, kind: str, **fields) -> None:
         self.write({"event": kind, **fields, "time": time.time()})
@@ -126,3 +156,7 @@ class Metrics:
         if self.sd_file and os.path.exists(self.sd_file):
             os.unlink(self.sd_file)
         self.sd_file = None
+        if self.tb:
+            self.tb.close()
+            self.tb = None
+

@@ -71,6 +71,13 @@ def hosts_summary() -> str:
     return ", ".join(f"{h} (rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))})" for h, rs in by_host.items())
 
 
+def host_names() -> list[str]:
+    """The hosts the ranks run on, in rank order (this host alone before any process group)."""
+    if not _hosts:
+        return [socket.gethostname()]
+    return list(dict.fromkeys(host for _, (host, _) in sorted(_hosts.items())))
+
+
 def _ranks_at(addr: str) -> list[int]:
     me = dist.get_rank() if dist.is_initialized() else -1
     return [r for r, (host, a) in _hosts.items() if (a == addr or host == addr) and r != me]

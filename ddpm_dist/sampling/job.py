@@ -31,6 +31,7 @@ class SampleJob:
     source: str  # a run directory (newest committed checkpoint) or an export file
     out: str  # a folder or fsspec URL
     weights: str = "ema"  # or "model" (raw weights)
+    checkpoint: str = "latest"  # of a run directory: latest, or best (lowest in-training Fréchet distance)
     num_images: int = 64
     batch_size: int = 64
     seed: int = 0
@@ -47,6 +48,8 @@ class SampleJob:
     def validate(self) -> None:
         if self.num_images <= 0 or self.batch_size <= 0:
             raise ValueError("--num-images and --batch-size must be positive")
+        if self.checkpoint != "latest" and os.path.isfile(self.source):
+            raise ValueError(f"--checkpoint {self.checkpoint} chooses among a run's checkpoints: use --run DIR")
 
 
 def sample_to_folder(job: SampleJob) -> None:
@@ -56,7 +59,7 @@ def sample_to_folder(job: SampleJob) -> None:
     env = init_distributed(env)
     metrics = None
     try:
-        trained = load_trained(job.source, job.weights)
+        trained = load_trained(job.source, job.weights, job.checkpoint)
         setup = prepare(trained, env.device, job.sampler, compile=job.compile)
         task = build_task(job.task, trained.config, job.seed)
         if env.rank == 0:

@@ -31,6 +31,7 @@ from ..artifacts import (
     META,
     PORTABLE_FORMATS,
     CheckpointError,
+    best_checkpoint,
     committed_checkpoints,
     load_dcp,
     read_meta,
@@ -86,14 +87,17 @@ class _Pending:
 
 class CheckpointManager:
     def __init__(self, directory: str, components: dict, *, rank: int, identity: Optional[dict] = None,
-                 keep_last: int = 2, keep_every_images: int = 0, async_save: bool = False):
+                 keep_last: int = 2, keep_every_images: int = 0, keep_best: bool = False, async_save: bool = False):
         """`identity` (backend, world size, model config, the resolved config) goes into every meta.json; a
-        checkpoint whose model_config differs is refused on load."""
+        checkpoint whose model_config differs is refused on load. keep_best: pruning also spares the checkpoint
+        with the lowest in-training Fréchet distance (its meta.json 'eval', given to save())."""
         self.directory, self.components, self.rank = directory, components, rank
         self.identity = identity or {}
         self.keep_last, self.keep_every_images, self.async_save = keep_last, keep_every_images, async_save
+        self.keep_best = keep_best
         self.pending: Optional[_Pending] = None
         self.last_duration = self.last_success_time = self.last_stall = 0.0
+        self.last_images = 0  # images seen by the newest committed checkpoint
         self._group = side_group() if async_save else None  # the background write's collectives
         if rank == 0:
             os.makedirs(directory, exist_ok=True)
@@ -110,8 +114,9 @@ class CheckpointManager:
         return {n: c for n, c in self.components.items() if getattr(c, "native_format", None)}
 
     # -- save ----------------------------------------------------------------------------------------
-    def save(self, step: int, images: int, *, force_sync: bool = False) -> None:
-        """Save every component at `step`. Async saves return after staging; poll()/wait() commit them."""
+    def save(self, step: int, images: int, *, force_sync: bool = False, evaluation: Optional[dict] = None) -> None:
+        """Save every component at `step`. Async saves return after staging; poll()/wait() commit them.
+        `evaluation` ({'frechet_distance', 'extractor', 'images'} of these very weights) goes into meta.json."""
         self.wait()
         t0 = time.perf_counter()
         final = os.path.join(self.directory, step_name(step))
@@ -123,6 +128,8 @@ class CheckpointManager:
         native = self._native()
         meta = {"checkpoint_format": CHECKPOINT_FORMAT, "step": step, "images": images, **self.identity,
                 "formats": {n: c.native_format for n, c in native.items()}, "state": {}}
+        if evaluation:
+            meta["eval"] = evaluation
         tensors = {}
         try:
             for name, component in native.items():
@@ -151,7 +158,7 @@ class CheckpointManager:
             self._commit(tmp, final, meta)
         barrier()
         self.last_stall = self.last_duration = time.perf_counter() - t0
-        self.last_success_time = time.time()
+        self.last_success_time, self.last_images = time.time(), images
 
     def _commit(self, tmp: str, final: str, meta: dict) -> None:
         _write_file(os.path.join(tmp, META), to_json(meta, indent=1))
@@ -164,9 +171,12 @@ class CheckpointManager:
         self._prune()
 
     def kept(self, found: list[str]) -> set[str]:
-        """The last keep_last, and per period of keep_every_images the first checkpoint that reached it:
-        counted in images, so a batch size changed across a resume does not shift which ones stay."""
+        """The last keep_last, per period of keep_every_images the first checkpoint that reached it (counted in
+        images, so a batch size changed across a resume does not shift which ones stay), and with keep_best the
+        one with the lowest in-training Fréchet distance."""
         keep = set(found[-self.keep_last:])
+        if self.keep_best and (best := best_checkpoint(found)):
+            keep.add(best)
         if self.keep_every_images:
             periods = set()
             for path in found:  # oldest first: the first to reach a period keeps it
@@ -200,7 +210,7 @@ class CheckpointManager:
         if self.rank == 0:
             self._commit(p.tmp, p.final, p.meta)
         self.last_duration = time.perf_counter() - p.started
-        self.last_success_time = time.time()
+        self.last_success_time, self.last_images = time.time(), p.meta["images"]
         return True
 
     def wait(self) -> None:

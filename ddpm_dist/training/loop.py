@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from ..config import Config, ConfigError, check_batch, save_resolved, to_dict
+from ..artifacts import committed_time
+from ..config import Config, ConfigError, check_batch, dump_yaml, save_resolved, to_dict
 from ..data import Layout, TrainStream, open_manifest
 from ..data.degrade import lowres_condition
 from ..diffusion import diffusion_loss
@@ -25,7 +26,7 @@ from ..obs.metrics import Metrics
 from ..parallel import init_distributed, parallelize, read_env, resolve_backend
 from ..parallel.ema import ShardedEMA, ema_beta
 from ..parallel.env import all_gather_ints, all_reduce_mean, mix_seed, seed_device_rng, seed_everything, shutdown
-from ..parallel.faults import PeerLost, describe_lost_peer
+from ..parallel.faults import PeerLost, describe_lost_peer, host_names
 from . import outputs
 from .checkpoint import CheckpointManager
 from .preemption import REQUEUE_EXIT_CODE, Preemption, record_exit, register_worker
@@ -133,7 +134,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
         rank=env.rank, identity={"backend": backend, "world_size": env.world_size,
                                  "model_config": dataclasses.asdict(model_cfg), "config": to_dict(cfg)},
         keep_last=cfg.checkpoint.keep_last, keep_every_images=cfg.checkpoint.keep_every_images,
-        async_save=cfg.checkpoint.async_save)
+        keep_best=cfg.checkpoint.keep_best, async_save=cfg.checkpoint.async_save)
     resumed = ckpt.restore_latest() if cfg.checkpoint.resume else None
     if resumed:
         log.info("resumed from %s (step %d, %d images, written by %d rank(s))", resumed["path"], progress.step,
@@ -141,7 +142,13 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
 
     metrics = started.enter_context(Metrics(
         cfg.metrics, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size, run_dir=cfg.run_dir,
-        log_every=cfg.train.log_every, run=cfg.name or os.path.basename(os.path.abspath(cfg.run_dir))))
+        log_every=cfg.train.log_every, run=cfg.name or os.path.basename(os.path.abspath(cfg.run_dir)),
+        config_yaml=dump_yaml(cfg)))
+    if resumed:
+        metrics.last_checkpoint_time = committed_time(resumed["path"])
+    metrics.event("start", world_size=env.world_size, backend=backend, hosts=host_names(), device=_device_name(env.device),
+                  torch=torch.__version__, num_params=num_params, step=progress.step, images=progress.images,
+                  resumed_from=resumed["path"] if resumed else None)
     preemption = Preemption(env.device, cfg.train.max_wall_seconds)
     started.callback(preemption.restore)
     steps_left = math.ceil(max(cfg.train.total_images - progress.images, 0) / cfg.train.global_batch)
@@ -149,10 +156,14 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
              cfg.run_dir, backend, env.world_size, cfg.train.global_batch, micro, env.world_size, accum, steps_left,
              num_params / 1e6)
 
-    def save(force_sync: bool = False):
-        ckpt.save(progress.step, progress.images, force_sync=force_sync)
+    def committed():
+        metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time,
+                           images=ckpt.last_images)
+
+    def save(force_sync: bool = False, evaluation=None):
+        ckpt.save(progress.step, progress.images, force_sync=force_sync, evaluation=evaluation)
         if ckpt.pending is None:  # an async save reports when it commits (ckpt.poll below)
-            metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time)
+            committed()
 
     def due(every_images: int) -> bool:
         return every_images > 0 and progress.images // every_images != (progress.images - cfg.train.global_batch) // every_images
@@ -181,7 +192,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
             sizes = {**engine.local_bytes(), "ema": ema.local_bytes()}
             metrics.state_bytes([dict(zip(sizes, row)) for row in all_gather_ints(list(sizes.values()), env.device)])
         if ckpt.poll():
-            metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time)
+            committed()
         row = metrics.train_step(step=progress.step, images=progress.images, loss=loss, lr=lr, grad_norm=grad_norm,
                                  step_seconds=time.perf_counter() - t_step, data_wait=stream.data_wait_seconds - wait0,
                                  ema_seconds=ema_seconds, rank_images=micro * accum,
@@ -193,30 +204,38 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
             break
         if due(cfg.train.sample_every_images):
             outputs.sample_grid(engine, ema, model_cfg, cfg, env.is_main, progress.images, metrics=metrics)
+        evaluation = None  # the Fréchet distance of this step's EMA: a checkpoint of these weights records it
         if due(cfg.train.eval_every_images):
             if evaluator is None:
                 from .evaluation import InTrainingEval
                 evaluator = InTrainingEval(cfg, env.device, env.rank, env.world_size)
-            evaluator(outputs.ema_model(engine, ema, model_cfg), progress.images, metrics)
+            value = evaluator(outputs.ema_model(engine, ema, model_cfg), progress.images, metrics)
+            evaluation = {"frechet_distance": value, "extractor": evaluator.extractor.name, "images": progress.images}
         if progress.step % cfg.train.stop_check_every == 0 and preemption.should_stop():
             log.info("stopping at step %d (%s): saving a checkpoint, exit %d = requeue", progress.step,
                      preemption.reason, REQUEUE_EXIT_CODE)
-            save(force_sync=True)
+            save(force_sync=True, evaluation=evaluation)
             last_saved_step = progress.step
             metrics.event("preempted", step=progress.step, reason=preemption.reason)
             exit_code = REQUEUE_EXIT_CODE
             break
-        if due(cfg.checkpoint.every_images):
-            save()
+        if due(cfg.checkpoint.every_images) or (evaluation and cfg.checkpoint.keep_best):
+            save(evaluation=evaluation)  # keep_best: every evaluated state is saved, so the best one can be kept
             last_saved_step = progress.step
 
     if exit_code == 0:
         if last_saved_step != progress.step:
-            save(force_sync=True)
+            save(force_sync=True, evaluation=evaluation)
         ckpt.wait()
-        outputs.finish(engine, ema, model_cfg, cfg, env.is_main, progress)
+        outputs.finish(engine, ema, model_cfg, cfg, env.is_main, progress, metrics)
     ckpt.wait()
     return exit_code
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _audit(run_dir: str, rank: int, step: int, batches: list[dict]) -> None:

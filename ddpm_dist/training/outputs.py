@@ -47,11 +47,11 @@ def sample_grid(engine, ema, model_cfg, cfg: Config, is_main: bool, images: int,
         log.info("sample grid: %s", path)
         if metrics is not None:
             metrics.sampling(images=n, images_per_s=n / max(time.perf_counter() - t0, 1e-9))
-            metrics.event("samples", images=images, diversity=mean_pairwise_distance(x), path=path)
+            metrics.samples(images=images, diversity=mean_pairwise_distance(x), path=path)
     barrier()
 
 
-def finish(engine, ema, model_cfg, cfg: Config, is_main: bool, progress) -> None:
+def finish(engine, ema, model_cfg, cfg: Config, is_main: bool, progress, metrics=None) -> None:
     """Export (EMA + raw weights, safetensors), a final sample grid and the training curves."""
     ema_full, raw_full = ema.full_state(), engine.full_model_state()
     if is_main:
@@ -60,7 +60,7 @@ def finish(engine, ema, model_cfg, cfg: Config, is_main: bool, progress) -> None
                            {"step": progress.step, "images": progress.images, "diffusion": resolved["diffusion"],
                             "sample": resolved["sample"]})
         log.info("export: %s", path)
-    sample_grid(engine, ema, model_cfg, cfg, is_main, progress.images, name="final_grid.png")
+    sample_grid(engine, ema, model_cfg, cfg, is_main, progress.images, name="final_grid.png", metrics=metrics)
     if is_main and cfg.metrics.jsonl:
         try:
             log.info("curves: %s", plot_curves(os.path.join(cfg.run_dir, "metrics.jsonl"),
