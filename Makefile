@@ -20,18 +20,21 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m ddpm_dist.train --config configs/digits.yaml run_dir=$(RUN)
+	$(BIN)/python -m ddpm_dist.train --config configs/digits.yaml run_dir=$(RUN) metrics.tensorboard=true
 	$(BIN)/python -m ddpm_dist.sample --run $(RUN) --num-images 100 --classes 0,1,2,3,4,5,6,7,8,9 --guidance 2.0 --grid-rows 10 --out $(RUN)/samples/final
 	$(BIN)/python -m ddpm_dist.evaluate frechet --run $(RUN) --num-images 500 --classes 0,1,2,3,4,5,6,7,8,9 --guidance 2.0
+	$(BIN)/python -m ddpm_dist.report --run $(RUN)
 	@echo "pictures: $(RUN)/samples/final/grid.png $(RUN)/samples/final/trajectory.png $(RUN)/samples/final/reverse.gif $(RUN)/curves.png"
+	@echo "report: $(RUN)/report.html   TensorBoard: $(BIN)/tensorboard --logdir $(RUN)/tensorboard"
 
-# SLURM, munge, Prometheus and iproute2 (test hosts in network namespaces) for the system tests (Debian
-# packages; needs root, as CI has).
+# SLURM, munge, Prometheus, iproute2 (test hosts in network namespaces) and chromium (the run report, headless)
+# for the system tests (Debian packages; needs root, as CI has).
 system-deps:
 	@if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v prometheus >/dev/null \
-	  && command -v ip >/dev/null && command -v nsenter >/dev/null; then echo "system packages present"; \
+	  && command -v ip >/dev/null && command -v nsenter >/dev/null && command -v chromium >/dev/null; then \
+	  echo "system packages present"; \
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	  slurmctld slurmd slurm-client munge prometheus iproute2 util-linux >/dev/null; fi
+	  slurmctld slurmd slurm-client munge prometheus iproute2 util-linux chromium >/dev/null; fi
 
 test: install system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
