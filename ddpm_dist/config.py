@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -20,7 +22,25 @@ from .redact import redact_data
 
 
 class ConfigError(ValueError):
-    """A bad config file, key or value (the message is one line)."""
+    """A bad config file, key or value (the message is one line, at most MAX_MESSAGE characters)."""
+
+    def __init__(self, message: str):
+        text = " ".join(str(message).split())
+        super().__init__(text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "...")
+
+
+MAX_MESSAGE = 400
+# libyaml's parser when PyYAML has it: the pure-Python one takes seconds, quadratically, on a few thousand
+# nested brackets before its RecursionError. Either way only plain data is constructed (safe_load's constructor).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+_short.maxlevel, _short.maxlist, _short.maxdict = 2, 4, 4
+
+
+def _show(value: Any) -> str:
+    """A bounded repr of a value from a config file: a YAML alias bomb or a megabyte string shows a prefix."""
+    return _short.repr(value)
 
 
 def _all_optional(cls) -> list:
@@ -159,25 +179,29 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return _coerce(value, inner, key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_show(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
     if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
+            raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
         return int(value)
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {_show(value)} is too large for a number") from None
     if annotation is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. metrics.job=4242 (a SLURM job id)
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_show(value)}")
         return value
     raise ConfigError(f"{key}: unsupported type {annotation}")
 
@@ -188,11 +212,11 @@ def _merge(obj: Any, data: dict, prefix: str) -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown key '{dotted}' (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown key {_show(dotted)} (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{dotted}: expected a mapping of keys, got {value!r}")
+                raise ConfigError(f"{dotted}: expected a mapping of keys, got {_show(value)}")
             _merge(current, value, dotted + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], dotted))
@@ -203,8 +227,8 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}': expected section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=_LOADER) if raw != "" else ""
+    except Exception:  # noqa: BLE001 - not YAML (or a YAML value Python cannot hold): the text itself
         value = raw
     return key.strip().split("."), value
 
@@ -216,12 +240,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not os.path.exists(path):
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            with open(path, encoding="utf-8") as f:
+                data = yaml.load(f, Loader=_LOADER) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file '{path}'{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+            raise ConfigError(f"config file '{path}'{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        except (ValueError, OverflowError, RecursionError) as e:  # not UTF-8, a bad date, nested too deeply
+            raise ConfigError(f"config file '{path}': invalid YAML ({type(e).__name__}: {_show(str(e))})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}': expected a mapping at the top level")
         _merge(cfg, data, "")
@@ -243,7 +269,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             shown = ", ".join(a or "''" for a in allowed if a is not None)
-            raise ConfigError(f"{dotted}: '{value}' is not one of {shown}")
+            raise ConfigError(f"{dotted}: {_show(value)} is not one of {shown}")
     positive = {
         "diffusion.num_steps": cfg.diffusion.num_steps,
         "train.global_batch": cfg.train.global_batch,

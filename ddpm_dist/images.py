@@ -3,7 +3,7 @@ tensors in [-1, 1] (what the model sees), and PNG bytes."""
 from __future__ import annotations
 
 import io
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -39,9 +39,16 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """uint8 HWC from PNG/JPEG/WebP bytes (grey images keep one channel); raises on anything undecodable."""
+def decode_image(data: bytes, size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """uint8 HWC from PNG/JPEG/WebP bytes (grey images keep one channel); raises on anything undecodable.
+    The header's size is checked before decoding: it must be `size` (H, W) when given, and no image over PIL's
+    MAX_IMAGE_PIXELS is decoded (PIL itself only warns below twice that)."""
     with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        if size is not None and (h, w) != tuple(size):
+            raise ValueError(f"image is {h}x{w}, expected {size[0]}x{size[1]}")
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"image of {h}x{w} pixels is over the decompression-bomb limit")
         im.load()
         img = np.asarray(im)
     return img[:, :, None] if img.ndim == 2 else img

@@ -13,7 +13,7 @@ import fsspec
 import numpy as np
 
 from . import storage
-from .shards import iter_tar_samples
+from .samples import check_uncompressed, iter_tar_samples
 
 log = logging.getLogger(__name__)
 MERGE_GAP = 64 * 1024  # read through holes this small instead of starting another request
@@ -25,9 +25,12 @@ def sample_span(files: dict) -> tuple[int, int]:
 
 
 def byte_runs(index: list, positions: Iterable[int], max_gap: int = MERGE_GAP) -> list[tuple[int, int, list[int]]]:
-    """(start, end, positions) per request: sorted positions merged while the hole between them is small."""
+    """(start, end, positions) per request: sorted positions merged while the hole between them is small.
+    Positions whose entry is None (past the end of a truncated shard, see manifest.parse_index) are left out."""
     runs: list[tuple[int, int, list[int]]] = []
     for p in sorted(positions):
+        if index[p][1] is None:
+            continue
         start, end = sample_span(index[p][1])
         if runs and start - runs[-1][1] <= max_gap:
             runs[-1][2].append(p)
@@ -61,6 +64,8 @@ def _indexed_blocks(url: str, index: list, blocks: list[np.ndarray]) -> Iterator
 def _streamed_blocks(url: str, blocks: list[np.ndarray]) -> Iterator[dict[int, dict]]:
     """One pass over the tar; a truncated or unreadable tar ends the pass (what is missing counts as corrupt)."""
     with storage.translated(url), fsspec.open(url, "rb") as f:
+        check_uncompressed(f.read(6), url)  # a compressed shard is refused, not counted as corrupt samples
+        f.seek(0)
         samples = enumerate(iter_tar_samples(f, url))
         done = False
         for block in blocks:

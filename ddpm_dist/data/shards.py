@@ -6,7 +6,7 @@ import io
 import json
 import tarfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 import fsspec
@@ -14,71 +14,21 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from ..images import decode_image as decode_bytes
 from ..images import png_bytes
 from . import storage
+from .manifest import (  # noqa: F401 - re-exported: the manifest and sample parsers were split out of here
+    FORMAT,
+    MANIFEST_NAME,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    load_manifest,
+    one_line,
+    parse_json,
+    show,
+)
+from .samples import decode_image, decode_label, iter_tar_samples, tar_index  # noqa: F401 - re-exported
 from .sources import Sample
-
-MANIFEST_NAME = "manifest.json"
-FORMAT = "ddpm_dist.shards/1"
-
-
-class ShardError(ValueError):
-    pass
-
-
-@dataclass
-class ShardInfo:
-    url: str  # relative to the manifest's folder unless absolute
-    num_samples: int
-    bytes: int
-    sha256: str
-    index: str = ""  # sidecar "<url>.idx.json": where each sample's files lie in the tar (optional)
-
-
-@dataclass
-class Manifest:
-    shards: list[ShardInfo]
-    image_size: list[int]  # [H, W]
-    channels: int
-    num_classes: int
-    image_format: str = "png"
-    base: str = ""  # where the manifest was read from (not saved)
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.num_samples for s in self.shards)
-
-    def shard_url(self, i: int) -> str:
-        return storage.join(self.base, self.shards[i].url)
-
-    def index_url(self, i: int) -> str:
-        return storage.join(self.base, self.shards[i].index) if self.shards[i].index else ""
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "format": FORMAT, "num_samples": self.num_samples, "image_size": self.image_size,
-            "channels": self.channels, "num_classes": self.num_classes, "image_format": self.image_format,
-            "shards": [vars(s) for s in self.shards], **self.extra,
-        }, indent=1)
-
-    def checksum(self) -> str:
-        return hashlib.sha256("".join(s.sha256 for s in self.shards).encode()).hexdigest()
-
-
-def load_manifest(url: str) -> Manifest:
-    if not storage.exists(url):
-        raise ShardError(f"manifest '{storage.redact(url)}' does not exist{storage.missing_hint(url)}")
-    try:
-        data = json.loads(storage.read_bytes(url))
-        shards = [ShardInfo(**s) for s in data["shards"]]
-        extra = {k: v for k, v in data.items() if k not in ("format", "num_samples", "image_size", "channels",
-                                                              "num_classes", "image_format", "shards")}
-        return Manifest(shards, list(data["image_size"]), int(data["channels"]), int(data.get("num_classes", 0)),
-                        data.get("image_format", "png"), storage.dirname(url), extra)
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ShardError(f"manifest '{storage.redact(url)}' is not a ddpm_dist manifest ({e})") from None
 
 
 def manifest_from_pattern(pattern: str) -> Manifest:
@@ -95,13 +45,21 @@ def manifest_from_pattern(pattern: str) -> Manifest:
             count = 0
             for sample in iter_tar_samples(hashed, url):
                 if shape is None:
-                    shape = decode_image(sample).shape
+                    shape = _first_shape(sample, url)
                 count += 1
             hashed.drain()
         infos.append(ShardInfo(url, count, hashed.size, hashed.sha256.hexdigest()))
     if shape is None:
         raise ShardError(f"pattern '{pattern}' has no samples")
     return Manifest(infos, [shape[0], shape[1]], shape[2], 0, "png", "")
+
+
+def _first_shape(sample: dict, url: str) -> tuple:
+    try:
+        return decode_image(sample).shape
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError and ValueError subclasses of its own
+        raise ShardError(f"shard '{storage.redact(url)}': the first sample does not decode ({one_line(e)}), "
+                         "so the image size is unknown") from None
 
 
 class _Hashing:
@@ -127,52 +85,6 @@ def encode_image(img: np.ndarray, fmt: str) -> bytes:
         np.save(buf, img, allow_pickle=False)
         return buf.getvalue()
     return png_bytes(img)
-
-
-def decode_image(sample: dict) -> np.ndarray:
-    """uint8 HWC from a sample's png/jpg/npy bytes (raises on anything undecodable)."""
-    if "npy" in sample:
-        img = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-    else:
-        key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-        if key is None:
-            raise ShardError(f"sample {sample.get('__key__')} has no image (keys: {sorted(sample)})")
-        img = decode_bytes(sample[key])
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.dtype != np.uint8 or img.ndim != 3:
-        raise ShardError(f"sample {sample.get('__key__')}: expected uint8 HWC, got {img.dtype} {img.shape}")
-    return img
-
-
-def decode_label(sample: dict) -> int:
-    return int(sample["cls"]) if "cls" in sample else -1
-
-
-def iter_tar_samples(data, url: str = "") -> Iterator[dict]:
-    """Samples of one tar (its bytes, or a binary stream read front to back), through webdataset's tar reader
-    and key grouping."""
-    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-    yield from wds.tariterators.group_by_keys(files)
-
-
-def tar_index(data: bytes) -> list:
-    """[[key, {ext: [offset, size]}], ...] in tar order, read with the standard tarfile module. It lets the
-    stream slice samples out of a shard instead of re-parsing every tar header (half the read time)."""
-    index, by_key = [], {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = wds.tariterators.base_plus_ext(member.name)
-            if key is None:
-                continue
-            if key not in by_key:
-                by_key[key] = {}
-                index.append([key, by_key[key]])
-            by_key[key][ext] = [member.offset_data, member.size]
-    return index
 
 
 def _write_shard(url: str, samples: list[dict]) -> ShardInfo:
@@ -288,28 +200,33 @@ def verify(manifest_url: str, progress: bool = True) -> VerifyReport:
             faults.append(f"{info.url}: missing")
             continue
         data = storage.read_bytes(url)
-        if hashlib.sha256(data).hexdigest() != info.sha256:
-            faults.append(f"{info.url}: sha256 mismatch (manifest {info.sha256[:12]}..., file {hashlib.sha256(data).hexdigest()[:12]}...)")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.sha256:
+            faults.append(f"{info.url}: sha256 mismatch (manifest {info.sha256[:12]}..., file {digest[:12]}...)")
         count = 0
         try:
-            for sample in iter_tar_samples(data):
+            for sample in iter_tar_samples(data, url):
                 count += 1
                 try:
-                    img = decode_image(sample)
-                    if img.shape != want:
-                        faults.append(f"{info.url}: sample {sample['__key__']} has shape {img.shape}, manifest says {want}")
+                    decode_image(sample, want)
+                    decode_label(sample, m.num_classes)
                 except Exception as e:  # noqa: BLE001 - any decode failure is a fault to report
-                    faults.append(f"{info.url}: sample {sample.get('__key__')} does not decode ({type(e).__name__}: {e})")
-        except Exception as e:  # noqa: BLE001
-            faults.append(f"{info.url}: unreadable tar after {count} samples ({type(e).__name__}: {e})")
+                    faults.append(f"{info.url}: sample {show(sample['__key__'])} does not decode "
+                                  f"({type(e).__name__}: {one_line(e)})")
+        except ShardError as e:
+            faults.append(f"{info.url}: unreadable tar after {count} samples ({one_line(e)})")
         if count != info.num_samples:
             faults.append(f"{info.url}: {count} samples, manifest says {info.num_samples}")
         if info.index:
             idx_url = m.index_url(i)
             if not storage.exists(idx_url):
                 faults.append(f"{info.index}: missing")
-            elif json.loads(storage.read_bytes(idx_url)) != tar_index(data):
-                faults.append(f"{info.index}: does not match the tar")
+            else:
+                try:
+                    if parse_json(storage.read_bytes(idx_url)) != tar_index(data, url):
+                        faults.append(f"{info.index}: does not match the tar")
+                except ValueError as e:  # ShardError included
+                    faults.append(f"{info.index}: unreadable ({one_line(e)})")
         seen += count
     return VerifyReport(faults, seen)
 
@@ -317,11 +234,12 @@ def verify(manifest_url: str, progress: bool = True) -> VerifyReport:
 def read_all(manifest_url: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """All (or the first `limit`) images and labels in manifest order: for inspection, tests and references."""
     m = load_manifest(manifest_url)
+    want = (m.image_size[0], m.image_size[1], m.channels)
     images, labels = [], []
     for i in range(len(m.shards)):
-        for sample in iter_tar_samples(storage.read_bytes(m.shard_url(i))):
-            images.append(decode_image(sample))
-            labels.append(decode_label(sample))
+        for sample in iter_tar_samples(storage.read_bytes(m.shard_url(i)), m.shard_url(i)):
+            images.append(decode_image(sample, want))
+            labels.append(decode_label(sample, m.num_classes))
             if limit and len(images) >= limit:
                 return np.stack(images), np.array(labels)
     return np.stack(images), np.array(labels)

@@ -93,6 +93,16 @@ def exists(url: str) -> bool:
         return fs.exists(path)
 
 
+def size(url: str) -> int | None:
+    """The object's size in bytes, or None when it does not exist."""
+    with translated(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        try:
+            return int(fs.size(path))
+        except FileNotFoundError:
+            return None
+
+
 def missing_hint(url: str) -> str:
     """Why an object-store URL is missing when its bucket is ("" when the bucket exists or for local paths)."""
     if is_local(url) or "://" not in url:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -33,15 +32,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..images import to_model_range
 from ..rng import mix_seed
 from . import storage
+from .manifest import MIN_SAMPLE_BYTES, Manifest, ShardError, load_manifest, parse_index
 from .reader import read_blocks
-from .shards import (
-    Manifest,
-    ShardError,
-    decode_image,
-    decode_label,
-    load_manifest,
-    manifest_from_pattern,
-)
+from .samples import decode_image, decode_label
+from .shards import manifest_from_pattern
 
 log = logging.getLogger(__name__)
 MIN_SEEN_FOR_SKIP_CHECK = 100
@@ -124,9 +118,9 @@ def block_size(manifest: Manifest, buffer_bytes: int) -> int:
     """Positions per resident block so a worker's shard bytes stay within `buffer_bytes`: a block is fetched
     and then cut into per-sample copies, so twice its bytes are resident at the peak. Sized by the mean bytes
     per sample of the manifest (a block of many samples averages out). 0 when a whole shard fits."""
-    per_sample = -(-sum(s.bytes for s in manifest.shards) // max(manifest.num_samples, 1))
+    per_sample = max(MIN_SAMPLE_BYTES, -(-sum(s.bytes for s in manifest.shards) // max(manifest.num_samples, 1)))
     block = max(1, buffer_bytes // (2 * per_sample))
-    return 0 if block >= max(s.num_samples for s in manifest.shards) else block
+    return 0 if block >= max((s.num_samples for s in manifest.shards), default=0) else block
 
 
 def _flip_bit(seed: int, epoch: int, pos: int) -> bool:
@@ -143,7 +137,8 @@ class _LaneDataset(IterableDataset):
 
     def __init__(self, manifest: Manifest, counts: list[int], seed: int, layout: Layout, rank: int, epoch: int,
                  pool: Optional[np.ndarray], batches_done: int, random_flip: bool, max_skip_fraction: float,
-                 expected_shape: tuple[int, int, int]):
+                 expected_shape: tuple[int, int, int], shard_bytes: list[int]):
+        self.shard_bytes = shard_bytes  # each shard's real size: index entries are checked against it
         self.manifest, self.counts, self.seed, self.layout, self.rank = manifest, counts, seed, layout, rank
         self.epoch, self.pool, self.batches_done = epoch, pool, batches_done
         self.random_flip, self.max_skip_fraction, self.expected_shape = random_flip, max_skip_fraction, expected_shape
@@ -168,12 +163,14 @@ class _LaneDataset(IterableDataset):
             epoch, pool, done = epoch + 1, None, 0
 
     def _index(self, shard: int) -> Optional[list]:
-        """The shard's per-sample index, or None (a foreign tar: streamed). Only the current shard's is kept."""
+        """The shard's per-sample index, checked (manifest.parse_index), or None (a foreign tar: streamed).
+        Only the current shard's is kept."""
         idx_url = self.manifest.index_url(shard)
         if not idx_url:
             return None
         if idx_url not in self._index_cache:
-            self._index_cache = {idx_url: json.loads(storage.read_bytes(idx_url))}
+            index = parse_index(storage.read_bytes(idx_url), idx_url, self.counts[shard], self.shard_bytes[shard])
+            self._index_cache = {idx_url: index}
         return self._index_cache[idx_url]
 
     def _blocks(self, plan: EpochPlan, seq: np.ndarray, begin: int) -> Iterator[tuple[int, np.ndarray, dict]]:
@@ -195,6 +192,8 @@ class _LaneDataset(IterableDataset):
                     yield shard, seq[i:j], {base + p: sample for p, sample in raw.items()}
             except FileNotFoundError:
                 raise DataError(f"shard '{storage.redact(url)}' does not exist") from None
+            except ShardError as e:  # a bad index or a compressed shard: fatal, one line
+                raise DataError(str(e)) from None
             k += len(visit)
 
     def _decode(self, sample: Optional[dict]) -> Optional[tuple]:
@@ -202,10 +201,10 @@ class _LaneDataset(IterableDataset):
         if sample is None:
             return None
         try:
-            img = decode_image(sample)
+            img = decode_image(sample, self.expected_shape)  # the size is checked before decoding
             if img.shape != self.expected_shape:
                 raise ShardError(f"shape {img.shape} != {self.expected_shape}")
-            return img, decode_label(sample), sample["__key__"]
+            return img, decode_label(sample, self.manifest.num_classes), sample["__key__"]
         except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
             return None
 
@@ -273,7 +272,7 @@ class TrainStream:
     """Endless iterator of this rank's batches across epochs, with state_dict/load_state_dict (JSON-safe)."""
 
     def __init__(self, manifest: Manifest, *, rank: int, layout: Layout, seed: int = 0, random_flip: bool = False,
-                 max_skip_fraction: float = 0.01, check_shards: bool = True, buffer_bytes: int = 256 << 20):
+                 max_skip_fraction: float = 0.01, buffer_bytes: int = 256 << 20):
         layout = dataclasses.replace(layout, block=block_size(manifest, buffer_bytes))
         self.manifest, self.rank, self.layout, self.seed = manifest, rank, layout, seed
         self.random_flip, self.max_skip_fraction = random_flip, max_skip_fraction
@@ -281,13 +280,24 @@ class TrainStream:
         self.epoch, self.batches_done, self.pool = 0, 0, None
         self.skipped_total = 0
         self.data_wait_seconds = 0.0
-        if check_shards:
-            missing = [manifest.shard_url(i) for i in range(len(manifest.shards)) if not storage.exists(manifest.shard_url(i))]
-            if missing:
-                raise DataError(f"{len(missing)} shard(s) listed in the manifest do not exist, first '{storage.redact(missing[0])}'")
+        self.shard_bytes = self._check_shards()
         if self._plan().batches_per_rank == 0:
             raise DataError(f"{manifest.num_samples} samples cannot fill one batch of {layout.batch_size} on each of "
                             f"{layout.world_size} ranks")
+
+    def _check_shards(self) -> list[int]:
+        """Every shard's real size, before anything is planned: the plan holds an entry per claimed sample, and
+        a sample takes at least MIN_SAMPLE_BYTES of a shard, so a claim the objects cannot hold is refused."""
+        m, sizes = self.manifest, [storage.size(self.manifest.shard_url(i)) for i in range(len(self.manifest.shards))]
+        missing = [m.shard_url(i) for i, size in enumerate(sizes) if size is None]
+        if missing:
+            raise DataError(f"{len(missing)} shard(s) listed in the manifest do not exist, first "
+                            f"'{storage.redact(missing[0])}'")
+        for info, url, size in zip(m.shards, map(m.shard_url, range(len(m.shards))), sizes):
+            if info.num_samples * MIN_SAMPLE_BYTES > size:
+                raise DataError(f"shard '{storage.redact(url)}' has {size} bytes, too few for the {info.num_samples} "
+                                f"samples the manifest claims (a sample takes at least {MIN_SAMPLE_BYTES})")
+        return sizes
 
     def _plan(self) -> EpochPlan:
         return EpochPlan([s.num_samples for s in self.manifest.shards], self.seed, self.epoch, self.layout, self.pool)
@@ -306,7 +316,7 @@ class TrainStream:
                      self.layout.batch_size, plan.dropped)
         dataset = _LaneDataset(self.manifest, [s.num_samples for s in self.manifest.shards], self.seed, self.layout,
                                self.rank, self.epoch, self.pool, self.batches_done, self.random_flip,
-                               self.max_skip_fraction, self.shape)
+                               self.max_skip_fraction, self.shape, self.shard_bytes)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers,
                             prefetch_factor=2 if self.layout.num_workers else None)
         it = iter(loader)
