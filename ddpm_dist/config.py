@@ -112,6 +112,14 @@ class TrainConfig:
 
 
 @dataclass
+class EMAConfig:
+    """Post-hoc EMA (EDM2), beside train.ema_halflife_images's EMA: power-function EMA profiles at these relative
+    stds (e.g. [0.05, 0.10]; empty: off), snapshotted every snapshot_every_images for `python -m ddpm_dist.ema`."""
+    stds: list[float] = field(default_factory=list)
+    snapshot_every_images: int = 0
+
+
+@dataclass
 class ParallelConfig:
     backend: str = "auto"  # auto | single | ddp | fsdp | zero
     zero_stage: int = 2
@@ -150,6 +158,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -310,8 +319,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError("metrics.tensorboard=true needs the tensorboard package: pip install tensorboard")
     if cfg.checkpoint.keep_best and not cfg.train.eval_every_images:
         raise ConfigError("checkpoint.keep_best needs train.eval_every_images > 0 (the Fréchet distance it keeps the best of)")
+    _validate_ema(cfg.ema)
     if len(cfg.train.betas) != 2:
         raise ConfigError("train.betas: expected two numbers [beta1, beta2]")
+
+
+def _validate_ema(ema: EMAConfig) -> None:
+    bad = [s for s in ema.stds if not 0 < s < 0.28]  # std -> 1/sqrt(12) = 0.2887 is a plain average (gamma -> 0)
+    if bad:
+        raise ConfigError(f"ema.stds: {_show(bad)} not in (0, 0.28) (relative standard deviations, e.g. [0.05, 0.10])")
+    if len({round(s, 4) for s in ema.stds}) != len(ema.stds):
+        raise ConfigError(f"ema.stds: {_show(ema.stds)} has profiles equal to 4 decimals")
+    if ema.snapshot_every_images < 0 or (ema.stds and ema.snapshot_every_images == 0):
+        raise ConfigError(f"ema.snapshot_every_images: must be positive with ema.stds set, got {ema.snapshot_every_images}")
 
 
 def _importable(module: str) -> bool:

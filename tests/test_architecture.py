@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 
 PKG = os.path.join(ROOT, "ddpm_dist")
 ENTRY_POINTS = {"ddpm_dist.train", "ddpm_dist.sample", "ddpm_dist.evaluate", "ddpm_dist.shards", "ddpm_dist.cli_common",
-                "ddpm_dist.viz.__main__", "ddpm_dist.report.__main__"}
+                "ddpm_dist.viz.__main__", "ddpm_dist.report.__main__", "ddpm_dist.ema.__main__"}
 # What each part may import from ddpm_dist (besides itself). Entry points may import anything.
 ALLOWED = {
     "rng": set(),
@@ -24,8 +24,9 @@ ALLOWED = {
     "artifacts": {"config", "diffusion", "models"},
     "sampling": {"artifacts", "config", "data", "diffusion", "images", "models", "obs", "parallel", "redact", "viz"},
     "eval": {"artifacts", "data", "diffusion", "images", "obs", "parallel", "redact", "sampling"},
-    "training": {"artifacts", "config", "data", "diffusion", "eval", "images", "models", "obs", "parallel", "redact",
-                 "rng", "sampling", "viz"},
+    "ema": {"artifacts", "models", "obs", "parallel"},  # post-hoc EMA: profiles, snapshots, reconstruction
+    "training": {"artifacts", "config", "data", "diffusion", "ema", "eval", "images", "models", "obs", "parallel",
+                 "redact", "rng", "sampling", "viz"},
     "report": {"artifacts", "redact"},  # reads what training and evaluation left behind, as data
 }
 

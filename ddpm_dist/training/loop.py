@@ -15,11 +15,13 @@ import time
 
 import torch
 
-from ..artifacts import committed_time
+from ..artifacts import committed_time, read_meta
 from ..config import Config, ConfigError, check_batch, dump_yaml, save_resolved, to_dict
 from ..data import Layout, TrainStream, open_manifest
 from ..data.degrade import lowres_condition
 from ..diffusion import diffusion_loss
+from ..ema.power import PowerEMA
+from ..ema.snapshots import SnapshotWriter
 from ..models import UNet, resolve_model_config
 from ..obs.log import setup_logging
 from ..obs.metrics import Metrics
@@ -124,21 +126,30 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
                          compile=cfg.train.compile, channels_last=cfg.train.channels_last,
                          optimizer_args=dict(lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay))
     ema = ShardedEMA(engine)
+    power = PowerEMA(engine, cfg.ema.stds) if cfg.ema.stds else None  # post-hoc EMA profiles (EDM2)
     stream = TrainStream(manifest, rank=env.rank, layout=Layout(env.world_size, micro, cfg.data.num_workers),
                          seed=cfg.seed, random_flip=cfg.data.random_flip, max_skip_fraction=cfg.data.max_skip_fraction,
                          buffer_bytes=cfg.data.shard_buffer_mb << 20)
     lr_schedule = LRSchedule.from_config(cfg.train)
+    components = {"engine": engine, "ema": ema, "progress": progress, "data": stream, "lr_schedule": lr_schedule}
+    if power:
+        components["power_ema"] = power
     ckpt = CheckpointManager(
-        os.path.join(cfg.run_dir, "checkpoints"),
-        {"engine": engine, "ema": ema, "progress": progress, "data": stream, "lr_schedule": lr_schedule},
+        os.path.join(cfg.run_dir, "checkpoints"), components,
         rank=env.rank, identity={"backend": backend, "world_size": env.world_size,
                                  "model_config": dataclasses.asdict(model_cfg), "config": to_dict(cfg)},
         keep_last=cfg.checkpoint.keep_last, keep_every_images=cfg.checkpoint.keep_every_images,
         keep_best=cfg.checkpoint.keep_best, async_save=cfg.checkpoint.async_save)
+    if cfg.checkpoint.resume and power and ckpt.latest():
+        _check_same_profiles(cfg, read_meta(ckpt.latest()))
     resumed = ckpt.restore_latest() if cfg.checkpoint.resume else None
     if resumed:
         log.info("resumed from %s (step %d, %d images, written by %d rank(s))", resumed["path"], progress.step,
                  progress.images, resumed["world_size"])
+    snapshots = None
+    if power:
+        snapshots = SnapshotWriter(cfg.run_dir, env.rank, dataclasses.asdict(model_cfg))
+        snapshots.discard_after(progress.images)  # written after the resumed checkpoint: the replay rewrites them
 
     metrics = started.enter_context(Metrics(
         cfg.metrics, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size, run_dir=cfg.run_dir,
@@ -185,14 +196,18 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
         t_ema = time.perf_counter()
         ema.update(ema_beta(cfg.train.global_batch, progress.images, cfg.train.ema_halflife_images,
                             cfg.train.ema_warmup_ratio))
+        if power:
+            power.update(progress.images + cfg.train.global_batch, cfg.train.global_batch)
         ema_seconds = time.perf_counter() - t_ema
         progress.step += 1
         progress.images += cfg.train.global_batch
         if progress.step == first_step + 1:  # optimizer state exists now: what each rank holds
-            sizes = {**engine.local_bytes(), "ema": ema.local_bytes()}
+            sizes = {**engine.local_bytes(), "ema": ema.local_bytes(), **({"power_ema": power.local_bytes()} if power else {})}
             metrics.state_bytes([dict(zip(sizes, row)) for row in all_gather_ints(list(sizes.values()), env.device)])
         if ckpt.poll():
             committed()
+        if power and due(cfg.ema.snapshot_every_images):  # before any checkpoint of this step: none is ever skipped
+            snapshots.write(progress.images, power)
         row = metrics.train_step(step=progress.step, images=progress.images, loss=loss, lr=lr, grad_norm=grad_norm,
                                  step_seconds=time.perf_counter() - t_step, data_wait=stream.data_wait_seconds - wait0,
                                  ema_seconds=ema_seconds, rank_images=micro * accum,
@@ -224,6 +239,8 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
             last_saved_step = progress.step
 
     if exit_code == 0:
+        if power and snapshots.last_images != progress.images:  # the final state, to reconstruct at the end
+            snapshots.write(progress.images, power)
         if last_saved_step != progress.step:
             save(force_sync=True, evaluation=evaluation)
         ckpt.wait()
@@ -242,6 +259,14 @@ def _audit(run_dir: str, rank: int, step: int, batches: list[dict]) -> None:
     os.makedirs(os.path.join(run_dir, "data_audit"), exist_ok=True)
     with open(os.path.join(run_dir, "data_audit", f"rank{rank}.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, "index": [int(i) for b in batches for i in b["index"]]}) + "\n")
+
+
+def _check_same_profiles(cfg: Config, meta: dict) -> None:
+    """Power EMA profiles start at image 0: a resume may drop them (ema.stds=[]) but not add or change one."""
+    old = sorted((meta.get("config") or {}).get("ema", {}).get("stds", []))
+    if old != sorted(cfg.ema.stds):
+        raise ConfigError(f"ema.stds={sorted(cfg.ema.stds)} but the run being resumed tracks {old} (power EMA profiles "
+                          f"start at image 0): keep ema.stds, set ema.stds=[] to stop them, or use a new run_dir")
 
 
 def _check_data_matches_model(manifest, model_cfg, cfg: Config) -> None:
