@@ -3,6 +3,8 @@
 fid        Fréchet Inception Distance with clean-fid's Inception ("clean" resize) from a local file
            (--inception PATH or $DDPM_INCEPTION); images from --samples (PNG folder / URL) or generated
            in memory from --run/--export; reference statistics from --ref (.npz) or --data (shards).
+           From the same features: KID, precision / recall (when the reference holds real features) and,
+           for class-conditional samples, a Fréchet distance per class.
 frechet    the same with the digits classifier's features (for the embedded digits when there is no
            Inception file): a Fréchet distance, not an FID, plus the class accuracy of conditional samples.
 ref-stats  reference statistics of a shard set, saved with the extractor's checksum and resize mode.
@@ -42,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--allow-unverified-inception", action="store_true",
                        help="use an Inception file other than the pinned one (its FID is not comparable)")
         f.add_argument("--out", help="result JSON (default: next to the samples or in the run directory)")
+        f.add_argument("--no-feature-metrics", action="store_true",
+                       help="only the Fréchet distance: no KID, precision / recall or per-class distance (the "
+                            "features are then not gathered)")
+        f.add_argument("--kid-subsets", type=int, help="KID: number of subsets (default 100, clean-fid's)")
+        f.add_argument("--kid-subset-size", type=int, help="KID: largest subset (default 1000, clean-fid's)")
+        f.add_argument("--pr-max-rows", type=int,
+                       help="precision / recall on a seeded sample of at most this many features per side "
+                            "(default 10000; the cost grows as n^2)")
+        f.add_argument("--save-stats", help="also save the samples' statistics and features as a reference .npz")
     r = sub.add_parser("ref-stats", help="reference feature statistics of a shard set")
     r.add_argument("--data", required=True, help="shard manifest URL")
     r.add_argument("--out", required=True, help="output .npz (path or fsspec URL)")
@@ -51,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-unverified-inception", action="store_true",
                    help="use an Inception file other than the pinned one")
     r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--features", type=int, default=0, metavar="N",
+                   help="also keep the features of N images (a seeded sample; all when fewer), for KID and "
+                        "precision / recall (Inception: 8 KB per image)")
+    r.add_argument("--no-per-class", action="store_true", help="no per-class statistics for labelled data")
     c = sub.add_parser("recon", help="reconstruction PSNR/SSIM per noise level")
     c.add_argument("--run", help="run directory")
     c.add_argument("--export", help="export.safetensors")
@@ -70,13 +85,20 @@ def fid(args) -> int:
     job = FrechetJob(args.cmd, samples=args.samples, source=args.run or args.export, ref=args.ref, data=args.data,
                      num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, classes=args.classes,
                      sampler=sampler_overrides(args), inception=args.inception, out=args.out,
-                     allow_unverified_inception=args.allow_unverified_inception)
+                     allow_unverified_inception=args.allow_unverified_inception,
+                     feature_metrics=not args.no_feature_metrics, save_stats=args.save_stats,
+                     **{k: getattr(args, k) for k in ("kid_subsets", "kid_subset_size", "pr_max_rows")
+                        if getattr(args, k) is not None})
     spawn_local(frechet_worker, (job,), args.world_size)
     if is_rank0():
         r = read_result(job)
         acc = f", class accuracy {r['class_accuracy']:.3f}" if r["class_accuracy"] is not None else ""
-        print(f"{r['metric']}: {r['value']:.4f} over {r['n']} images vs {r['ref_n']} reference{acc} -> "
+        kid = f", KID {r['kid']:.6f}" if r.get("kid") is not None else ""
+        pr = f", precision {r['precision']:.4f}, recall {r['recall']:.4f}" if r.get("precision") is not None else ""
+        print(f"{r['metric']}: {r['value']:.4f}{kid}{pr} over {r['n']} images vs {r['ref_n']} reference{acc} -> "
               f"{storage.redact(job.result_path())}")
+        for note in r.get("notes", []):
+            print(note)
     return 0
 
 
@@ -87,9 +109,13 @@ def ref_stats(args) -> int:
 
     extractor = make_extractor(args.extractor, inception=args.inception, data=args.data, device=read_env().device,
                                allow_unverified=args.allow_unverified_inception)
-    ref = compute_ref_stats(args.data, extractor, args.batch_size)
+    ref = compute_ref_stats(args.data, extractor, args.batch_size, max_features=args.features,
+                            per_class=not args.no_per_class)
     ref.save(args.out)
-    print(f"reference statistics of {ref.n} images ({extractor.name}, {extractor.resize_mode} resize) -> {args.out}")
+    kept = f", features of {len(ref.features)}" if ref.features is not None else ""
+    classes = f", {len(ref.class_n)} per-class statistics" if ref.class_n is not None else ""
+    print(f"reference statistics of {ref.n} images{kept}{classes} ({extractor.name}, {extractor.resize_mode} resize) "
+          f"-> {args.out}")
     return 0
 
 

@@ -173,9 +173,11 @@ class FeatureStats:
 
 
 def accumulate(extractor: Extractor, batches: Iterable[np.ndarray], stats: Optional[FeatureStats] = None,
-               on_batch: Optional[Callable[[int], None]] = None) -> FeatureStats:
-    """Add the features of every batch. The next batch is read and resized in a background thread while
-    the network runs on the current one (both release the GIL for most of their work)."""
+               on_batch: Optional[Callable[[int], None]] = None,
+               on_features: Optional[Callable[[torch.Tensor], None]] = None) -> FeatureStats:
+    """Add the features of every batch (and hand them, as the network gave them, to `on_features`, in batch
+    order). The next batch is read and resized in a background thread while the network runs on the current
+    one (both release the GIL for most of their work)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def prepared(it):
@@ -192,9 +194,12 @@ def accumulate(extractor: Extractor, batches: Iterable[np.ndarray], stats: Optio
             pending = pool.submit(prepared, it)
             n, x = item
             with torch.no_grad():
-                f = extractor.net(x.to(extractor.device)).double().cpu()
+                raw = extractor.net(x.to(extractor.device))
+            f = raw.double().cpu()
             stats = stats or FeatureStats(f.shape[1])
             stats.add(f)
+            if on_features:
+                on_features(raw)
             if on_batch:
                 on_batch(n)
     if stats is None:
@@ -214,6 +219,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         return float(fd(mu1, sigma1, mu2, sigma2))
 
 
+OPTIONAL_ARRAYS = ("features", "class_mu", "class_sigma", "class_n")
+CLASS_STATS_MAX_BYTES = 2 << 30  # K * d^2 float64: CIFAR-10 with Inception takes 336 MB, 1000 classes would take 33 GB
+
+
 @dataclass
 class RefStats:
     mu: np.ndarray
@@ -223,11 +232,17 @@ class RefStats:
     extractor_checksum: str
     resize_mode: str
     data_checksum: str
+    features: Optional[np.ndarray] = None  # real features (KID, precision / recall): all or a seeded sample
+    class_mu: Optional[np.ndarray] = None  # (K, d) per-class statistics of labelled data
+    class_sigma: Optional[np.ndarray] = None  # (K, d, d)
+    class_n: Optional[np.ndarray] = None  # (K,)
 
     def save(self, path: str) -> str:
         buf = io.BytesIO()
+        extra = {k: getattr(self, k) for k in OPTIONAL_ARRAYS if getattr(self, k) is not None}
         np.savez(buf, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor,
-                 extractor_checksum=self.extractor_checksum, resize_mode=self.resize_mode, data_checksum=self.data_checksum)
+                 extractor_checksum=self.extractor_checksum, resize_mode=self.resize_mode, data_checksum=self.data_checksum,
+                 **extra)
         storage.write_bytes_atomic(path, buf.getvalue())
         return path
 
@@ -236,8 +251,9 @@ class RefStats:
         if not storage.exists(path):
             raise FileNotFoundError(f"reference statistics '{path}' do not exist")
         with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
+            extra = {k: z[k] for k in OPTIONAL_ARRAYS if k in z.files}
             return cls(z["mu"], z["sigma"], int(z["n"]), str(z["extractor"]), str(z["extractor_checksum"]),
-                       str(z["resize_mode"]), str(z["data_checksum"]))
+                       str(z["resize_mode"]), str(z["data_checksum"]), **extra)
 
     def check(self, extractor: Extractor) -> None:
         if self.extractor_checksum != extractor.checksum or self.resize_mode != extractor.resize_mode:
@@ -247,23 +263,57 @@ class RefStats:
                 f"'{extractor.resize_mode}'): distances would not be comparable")
 
 
-def compute_ref_stats(data: str, extractor: Extractor, batch_size: int = 64) -> RefStats:
-    """Reference statistics of every image of a shard set, tied to the extractor and the data's checksum."""
+def compute_ref_stats(data: str, extractor: Extractor, batch_size: int = 64, max_features: int = 0,
+                      per_class: bool = True) -> RefStats:
+    """Reference statistics of every image of a shard set, tied to the extractor and the data's checksum; with
+    the features of at most `max_features` images (a uniform sample, seed 0, in data order) and, for labelled
+    data, per-class statistics (unless per_class=False or they would exceed CLASS_STATS_MAX_BYTES)."""
     from tqdm import tqdm
 
     from ..data import load_manifest, read_all
 
     m = load_manifest(data)
-    images, _ = read_all(data)
-    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-    stats = accumulate(extractor, tqdm(batches, total=-(-len(images) // batch_size), desc="reference features",
-                                       unit="batch"))
+    images, labels = read_all(data)
+    n = len(images)
+    keep = np.zeros(n, dtype=bool)
+    if max_features:
+        keep[np.random.default_rng(0).choice(n, max_features, replace=False) if max_features < n else slice(None)] = True
+    kept: list[np.ndarray] = []
+    by_class: dict[int, FeatureStats] = {}
+    per_class = per_class and bool(m.num_classes)
+    done = 0
+
+    def on_features(raw: torch.Tensor) -> None:
+        nonlocal done, per_class
+        f, span = raw.cpu(), slice(done, done + len(raw))
+        done += len(raw)
+        kept.append(f[torch.from_numpy(keep[span])].numpy())
+        if per_class and m.num_classes * f.shape[1] ** 2 * 8 > CLASS_STATS_MAX_BYTES:
+            log.warning("no per-class statistics: %d classes x %d^2 float64 exceed %d bytes", m.num_classes,
+                        f.shape[1], CLASS_STATS_MAX_BYTES)
+            per_class = False
+        for c in np.unique(labels[span]) if per_class else ():
+            by_class.setdefault(int(c), FeatureStats(f.shape[1])).add(f[torch.from_numpy(labels[span] == c)])
+
+    batches = (images[i:i + batch_size] for i in range(0, n, batch_size))
+    stats = accumulate(extractor, tqdm(batches, total=-(-n // batch_size), desc="reference features", unit="batch"),
+                       on_features=on_features)
     mu, sigma = stats.mean_cov()
-    return RefStats(mu, sigma, stats.n, extractor.name, extractor.checksum, extractor.resize_mode, m.checksum())
+    ref = RefStats(mu, sigma, stats.n, extractor.name, extractor.checksum, extractor.resize_mode, m.checksum(),
+                   features=np.concatenate(kept) if max_features else None)
+    if per_class:
+        d, k = len(mu), m.num_classes
+        ref.class_mu, ref.class_sigma = np.zeros((k, d)), np.zeros((k, d, d))
+        ref.class_n = np.zeros(k, dtype=np.int64)
+        for c, s in by_class.items():
+            ref.class_n[c] = s.n
+            if s.n >= 2:
+                ref.class_mu[c], ref.class_sigma[c] = s.mean_cov()
+    return ref
 
 
 def reference_stats(extractor: Extractor, *, ref: Optional[str] = None, data: Optional[str] = None,
-                    batch_size: int = 64) -> RefStats:
+                    batch_size: int = 64, max_features: int = 0) -> RefStats:
     """Saved statistics (checked against the extractor), else computed from a shard manifest."""
     if ref:
         stats = RefStats.load(ref)
@@ -271,4 +321,4 @@ def reference_stats(extractor: Extractor, *, ref: Optional[str] = None, data: Op
         return stats
     if not data:
         raise ValueError("give --ref (statistics .npz) or --data (shard manifest)")
-    return compute_ref_stats(data, extractor, batch_size)
+    return compute_ref_stats(data, extractor, batch_size, max_features)

@@ -1,7 +1,9 @@
 """Fréchet distance of generated images: FID with clean-fid's Inception, or a Fréchet distance in the
 digits classifier's features. Every rank extracts the features of its own images into float64 sums, one
 all-reduce, rank 0 scores and writes the result JSON. Images come from a sample folder or are generated in
-memory (no PNG round trip); the reference from saved statistics or a shard set."""
+memory (no PNG round trip); the reference from saved statistics or a shard set. KID, precision / recall and
+per-class Fréchet distances come from the same feature pass: each rank also keeps its features, which are
+all-gathered (features, never images) for rank 0 (feature_metrics.py)."""
 from __future__ import annotations
 
 import json
@@ -23,10 +25,12 @@ from ..redact import to_json
 from ..sampling import folder
 from ..sampling.generate import generate_share, prepare
 from ..sampling.plan import plan_batches, rank_share
-from .fid import Extractor, FeatureStats, accumulate, frechet_distance, inception_extractor, reference_stats
+from .feature_metrics import KID_SUBSET_SIZE, KID_SUBSETS, PR_MAX_ROWS, FeatureBank, feature_metrics
+from .fid import Extractor, FeatureStats, RefStats, accumulate, frechet_distance, inception_extractor, reference_stats
 
 METRICS = {"fid": "FID", "frechet": "Frechet distance (digits classifier features, not FID)"}
 IN_MEMORY_DEFAULT = 1000
+REF_FEATURES_FROM_DATA = 50_000  # real features kept when the reference is computed from --data on the fly
 
 
 def make_extractor(kind: str, *, inception: Optional[str] = None, data: Optional[str] = None,
@@ -55,6 +59,11 @@ class FrechetJob:
     inception: Optional[str] = None
     allow_unverified_inception: bool = False
     out: Optional[str] = None
+    feature_metrics: bool = True  # KID, precision / recall, per-class FD (gathers the features)
+    kid_subsets: int = KID_SUBSETS
+    kid_subset_size: int = KID_SUBSET_SIZE
+    pr_max_rows: int = PR_MAX_ROWS
+    save_stats: Optional[str] = None  # also save the generated side as a reference-statistics .npz
 
     def result_path(self) -> str:
         if self.out:
@@ -94,7 +103,11 @@ def _score(job: FrechetJob, env) -> None:
     t0 = time.perf_counter()
     hits = torch.zeros(2, dtype=torch.float64)  # correct, labelled: the class accuracy of conditional samples
 
-    def observe(images: np.ndarray, labels) -> np.ndarray:
+    bank = None
+
+    def observe(images: np.ndarray, indices, labels) -> np.ndarray:
+        if bank is not None:
+            bank.add_images(indices, labels)
         if classifier is not None and labels is not None:
             with torch.no_grad():
                 pred = classifier(to_float255(images).to(device)).argmax(1).cpu()
@@ -105,7 +118,7 @@ def _score(job: FrechetJob, env) -> None:
         indices = folder.sample_indices(job.samples)
         mine, labels = indices[rank::world], provenance.get("labels")
         n_total, probe = len(indices), folder.read_image(job.samples, indices[0])
-        batches = (observe(np.stack([folder.read_image(job.samples, k) for k in idx]),
+        batches = (observe(np.stack([folder.read_image(job.samples, k) for k in idx]), idx,
                            [labels[k] for k in idx] if labels else None)
                    for idx in (mine[i:i + job.batch_size] for i in range(0, len(mine), job.batch_size)))
     else:
@@ -114,22 +127,33 @@ def _score(job: FrechetJob, env) -> None:
         n_total = job.num_images or IN_MEMORY_DEFAULT
         share = rank_share(plan_batches(n_total, job.batch_size, set()), rank, world)
         probe = np.zeros((setup.shape[1], setup.shape[2], setup.shape[0]), dtype=np.uint8)
-        batches = (observe(imgs, lab) for _, imgs, lab, fresh in generate_share(
+        batches = (observe(imgs, idx, lab) for idx, imgs, lab, fresh in generate_share(
             setup, share, seed=job.seed, classes=job.classes, num_images=n_total) if fresh)  # repeats count once
     bar = tqdm(total=n_total, desc="features", unit="img", disable=rank != 0)
     dim = extractor.features(probe[None]).shape[1]  # ranks without images still join the all-reduce
-    stats = accumulate(extractor, batches, FeatureStats(dim), on_batch=lambda n: bar.update(n * world))
+    bank = FeatureBank(dim) if job.feature_metrics or job.save_stats else None
+    stats = accumulate(extractor, batches, FeatureStats(dim), on_batch=lambda n: bar.update(n * world),
+                       on_features=bank.add_features if bank else None)
     bar.close()
     stats.all_reduce(device)
     correct, labelled = all_reduce_sum_(hits.to(device)).tolist()
+    gen, gen_labels = bank.gather(device) if bank else (None, None)
     if rank != 0:
         return
-    ref = reference_stats(extractor, ref=job.ref, data=data, batch_size=job.batch_size)
+    ref = reference_stats(extractor, ref=job.ref, data=data, batch_size=job.batch_size,
+                          max_features=REF_FEATURES_FROM_DATA if job.feature_metrics else 0)
     mu, sigma = stats.mean_cov()
+    if job.save_stats:
+        RefStats(mu, sigma, stats.n, extractor.name, extractor.checksum, extractor.resize_mode,
+                 f"generated: {provenance.get('source') or storage.redact(job.samples)}",
+                 features=gen.astype(np.float32)).save(job.save_stats)
+    extra = feature_metrics(gen, gen_labels, ref, seed=job.seed, kid_subsets=job.kid_subsets,
+                            kid_subset_size=job.kid_subset_size, pr_max_rows=job.pr_max_rows,
+                            device=device) if job.feature_metrics else {}
     result = {"metric": METRICS[job.metric], "value": frechet_distance(mu, sigma, ref.mu, ref.sigma), "n": stats.n,
               "ref_n": ref.n, "extractor": extractor.name, "extractor_checksum": extractor.checksum,
               "resize_mode": extractor.resize_mode, "class_accuracy": correct / labelled if labelled else None,
-              "seconds": time.perf_counter() - t0,
+              **extra, "seconds": time.perf_counter() - t0,
               **{k: provenance.get(k) for k in ("source", "sampler", "steps", "eta", "guidance", "seed", "classes")}}
     storage.write_bytes_atomic(job.result_path(), to_json(result, indent=1).encode())
 

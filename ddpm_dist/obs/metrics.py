@@ -139,6 +139,22 @@ class Metrics:
         if self.tb:
             self.tb.row("eval", row, images)
 
+    def feature_metrics(self, values: dict, extractor: str, images: int) -> None:
+        """KID, precision / recall and per-class Fréchet distances (eval/feature_metrics.py). Rank 0 computes them;
+        the other ranks pass an empty dict and publish nothing."""
+        if not values:
+            return
+        if self.prom:
+            p = self.prom
+            for key, gauge in (("kid", p.kid), ("precision", p.precision), ("recall", p.recall)):
+                if values.get(key) is not None:
+                    gauge.labels(**p.labels, extractor=extractor).set(values[key])
+            for c, v in (values.get("class_frechet") or {}).items():
+                p.class_frechet.labels(**p.labels, extractor=extractor, **{"class": str(c)}).set(v)
+        row = {"event": "eval_features", "images": images, "extractor": extractor,
+               **{k: values.get(k) for k in ("kid", "precision", "recall", "class_frechet")}, "time": time.time()}
+        self.write(row)
+
     def samples(self, *, images: int, diversity: float, path: str) -> None:
         """A sample grid was written (rank 0): a row, and the picture in TensorBoard."""
         self.event("samples", images=images, diversity=diversity, path=path)

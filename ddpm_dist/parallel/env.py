@@ -169,6 +169,21 @@ def all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
     return [r.tolist() for r in rows]
 
 
+def all_gather_rows(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's rows (row counts may differ; dtype and trailing shape may not), concatenated in rank order,
+    on the CPU. Rows are padded to the longest rank's count for the collective and trimmed after."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return rows.cpu()
+    counts = [c[0] for c in all_gather_ints([rows.shape[0]], device)]
+    if max(counts) == 0:
+        return rows.cpu()
+    padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    out = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:c] for o, c in zip(out, counts)]).cpu()
+
+
 def all_reduce_max(value: float, device: torch.device) -> float:
     if not is_distributed():
         return value

@@ -1,6 +1,7 @@
 """In-training evaluation: every train.eval_every_images, a Fréchet distance on a small n with the same
 code as `python -m ddpm_dist.evaluate` (seed-addressed generation shared by all ranks, float64 feature
-sums all-reduced), reported to the metrics sinks."""
+sums all-reduced), reported to the metrics sinks; from the same features (all-gathered) rank 0 adds KID,
+precision / recall and, for class-conditional models, per-class Fréchet distances."""
 from __future__ import annotations
 
 import logging
@@ -11,12 +12,14 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..eval.feature_metrics import FeatureBank, feature_metrics
 from ..eval.fid import FeatureStats, RefStats, accumulate, compute_ref_stats, frechet_distance
 from ..eval.frechet import make_extractor
 from ..parallel.env import barrier
 from ..sampling import SamplingSetup, generate_share, plan_batches, rank_share
 
 log = logging.getLogger(__name__)
+REF_FEATURES = 10_000  # real features kept in the cached reference (Inception: 80 MB) for KID and precision / recall
 
 
 class InTrainingEval:
@@ -30,7 +33,8 @@ class InTrainingEval:
         """Reference statistics of the training data, cached in the run directory (rank 0 computes)."""
         path = os.path.join(self.cfg.run_dir, f"ref_stats_{self.extractor.name}.npz")
         if self.rank == 0 and not os.path.exists(path):
-            compute_ref_stats(self.cfg.data.source, self.extractor, self.cfg.train.eval_batch_size).save(path)
+            compute_ref_stats(self.cfg.data.source, self.extractor, self.cfg.train.eval_batch_size,
+                              max_features=REF_FEATURES).save(path)
         barrier()
         ref = RefStats.load(path)
         ref.check(self.extractor)
@@ -45,19 +49,26 @@ class InTrainingEval:
 
         def batches():
             nonlocal made
-            for _, images, _, fresh in generate_share(setup, share, seed=self.cfg.seed, classes=None, num_images=n):
+            for indices, images, labels, fresh in generate_share(setup, share, seed=self.cfg.seed, classes=None,
+                                                                 num_images=n):
                 if fresh:
                     made += len(images)
+                    bank.add_images(indices, labels)
                     yield images
 
         c, h, w = setup.shape
         dim = self.extractor.features(np.zeros((1, h, w, c), dtype=np.uint8)).shape[1]
-        stats = accumulate(self.extractor, batches(), FeatureStats(dim)).all_reduce(self.device)
+        bank = FeatureBank(dim)
+        stats = accumulate(self.extractor, batches(), FeatureStats(dim), on_features=bank.add_features)
+        stats.all_reduce(self.device)
+        gen, labels = bank.gather(self.device)
         mu, sigma = stats.mean_cov()
         value = frechet_distance(mu, sigma, self.ref.mu, self.ref.sigma)
+        extra = feature_metrics(gen, labels, self.ref, seed=self.cfg.seed, device=self.device) if self.rank == 0 else {}
         seconds = time.perf_counter() - t0
         metrics.sampling(images=made, images_per_s=made / max(seconds, 1e-9))
         metrics.frechet(value, self.extractor.name, images_seen, stats.n)
+        metrics.feature_metrics(extra, self.extractor.name, images_seen)
         if self.rank == 0:
             kind = "FID" if self.extractor.resize_mode == "clean" else "Frechet distance (digits classifier)"
             log.info("%s at %d images: %.3f over %d samples (%.1fs)", kind, images_seen, value, stats.n, seconds)
