@@ -24,7 +24,8 @@ ALLOWED = {
     "artifacts": {"config", "diffusion", "models"},
     "sampling": {"artifacts", "config", "data", "diffusion", "images", "models", "obs", "parallel", "redact", "viz"},
     "eval": {"artifacts", "data", "diffusion", "images", "obs", "parallel", "redact", "sampling"},
-    "ema": {"artifacts", "models", "obs", "parallel"},  # post-hoc EMA: profiles, snapshots, reconstruction
+    "ema": {"artifacts", "eval", "models", "obs", "parallel", "redact", "viz"},  # post-hoc EMA: profiles, snapshots,
+    # reconstruction, and the sweep that scores reconstructions (eval) and draws them (viz)
     "training": {"artifacts", "config", "data", "diffusion", "ema", "eval", "images", "models", "obs", "parallel",
                  "redact", "rng", "sampling", "viz"},
     "report": {"artifacts", "redact"},  # reads what training and evaluation left behind, as data

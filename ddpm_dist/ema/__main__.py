@@ -1,18 +1,26 @@
-"""python -m ddpm_dist.ema reconstruct --run DIR --std 0.03,0.05,0.08 [--images N] [--world-size N] [--out DIR]
+"""python -m ddpm_dist.ema reconstruct|sweep ...
 
 Post-hoc EMA (Karras et al. 2024, EDM2): a run trained with ema.stds (power-function EMA profiles) and
-ema.snapshot_every_images leaves snapshots under RUN/ema_snapshots; this combines them, by least squares over the
-profiles, into the EMA of any other relative std, written as an export per std (RUN/ema_exports/phema-<images>-<std>
-.safetensors by default; `python -m ddpm_dist.sample --export FILE` samples it). --world-size N spawns N local
-workers (unless launched by torchrun or SLURM), each reconstructing its share of the tensors; rank 0 writes."""
+ema.snapshot_every_images leaves snapshots under RUN/ema_snapshots.
+
+reconstruct  combines them, by least squares over the profiles, into the EMA of any other relative std, written as an
+             export per std (RUN/ema_exports/phema-<images>-<std>.safetensors by default; `python -m ddpm_dist.sample
+             --export FILE` samples it).
+sweep        reconstructs each std of --std-range LOW:HIGH:COUNT (exports already written are reused), samples each
+             from the same seeds and scores it with the Fréchet distance in the digits classifier's features (as
+             `evaluate frechet --export`); writes OUT/sweep.json and OUT/sweep.png (default OUT: RUN/ema_sweep) and
+             prints a table and the best std.
+
+--world-size N spawns N local workers (unless launched by torchrun or SLURM): reconstruction deals the tensors to
+them, scoring the images; rank 0 writes."""
 from __future__ import annotations
 
 import argparse
 import os
 
-from ..cli_common import is_rank0, run_cli
+from ..cli_common import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
 from ..parallel.env import spawn_local
-from .reconstruct import check_stds, make_plan, reconstruct
+from .reconstruct import check_stds, export_path, make_plan, reconstruct
 
 
 def parse_stds(text: str) -> list[float]:
@@ -33,18 +41,67 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "default: the newest)")
     r.add_argument("--out", default=None, help="output folder (default: RUN/ema_exports)")
     r.add_argument("--world-size", type=int, default=1, help="local workers to spawn (ignored under torchrun/SLURM)")
+    s = sub.add_parser("sweep", help="Fréchet distance of the post-hoc EMA over a range of relative stds")
+    s.add_argument("--run", required=True, help="run directory (its ema_snapshots/ are read, exports go to "
+                                                "RUN/ema_exports)")
+    s.add_argument("--std-range", required=True, metavar="LOW:HIGH:COUNT",
+                   help="COUNT evenly spaced relative stds from LOW to HIGH, in (0, 0.28), e.g. 0.01:0.20:12")
+    s.add_argument("--num-images", type=int, default=500, help="images generated per std (the same seeds for each)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--classes", default=None, help="as for ddpm_dist.sample (default random)")
+    s.add_argument("--data", default=None, help="labelled shard manifest for the classifier and the reference "
+                                                "(default: the run's training data)")
+    add_sampler_arguments(s)
+    s.add_argument("--out", default=None, help="output folder (default: RUN/ema_sweep)")
+    s.add_argument("--world-size", type=int, default=1, help="local workers to spawn (ignored under torchrun/SLURM)")
     return p
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def reconstruct_command(args) -> int:
     out = args.out or os.path.join(args.run, "ema_exports")
     plan = make_plan(args.run, args.std, args.images)  # bad input fails here, before any worker starts
     spawn_local(reconstruct, (args.run, args.std, out, plan.images), args.world_size)
     if is_rank0():
         for std in plan.stds:
-            print(os.path.join(out, f"phema-{plan.images:012d}-{std:.4f}.safetensors"))
+            print(export_path(out, plan.images, std))
     return 0
+
+
+def sweep_command(args) -> int:
+    from .sweep import SweepJob, parse_std_range, run_sweep
+
+    if args.num_images < 2:
+        raise ValueError(f"--num-images {args.num_images}: a Fréchet distance needs at least 2 images")
+    job = SweepJob(args.run, parse_std_range(args.std_range), args.out or os.path.join(args.run, "ema_sweep"),
+                   num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, classes=args.classes,
+                   sampler=sampler_overrides(args), data=args.data)
+
+    def progress(i: int, count: int, row: dict) -> None:
+        how = "reused" if row["export_reused"] else "reconstructed"
+        print(f"[{i + 1}/{count}] std {row['std']:.4f}: Fréchet distance {row['frechet_distance']:.4f} "
+              f"({how} {row['export']})", flush=True)
+
+    summary = run_sweep(job, args.world_size, progress)
+    if summary is None:  # not rank 0
+        return 0
+    best = summary["best"]
+    print(f"\npost-hoc EMA at {summary['images']} images, {summary['num_images']} images per std "
+          f"({summary['metric']})\n")
+    print("| EMA std | Fréchet distance | class accuracy | export |\n| ---: | ---: | ---: | --- |")
+    for r in summary["results"]:
+        acc = f"{r['class_accuracy']:.3f}" if r["class_accuracy"] is not None else "-"
+        mark = " (best)" if best and r["std"] == best["std"] else ""
+        print(f"| {r['std']:.4f}{mark} | {r['frechet_distance']:.4f} | {acc} | {os.path.basename(r['export'])} |")
+    print(f"\nbest std: {best['std']:.4f} (Fréchet distance {best['frechet_distance']:.4f})" if best else
+          "\nbest std: none (no finite Fréchet distance)")
+    print(f"table: {os.path.join(job.out, 'sweep.json')}  plot: {os.path.join(job.out, 'sweep.png')}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    return {"reconstruct": reconstruct_command, "sweep": sweep_command}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ def make_plan(run_dir: str, stds: list[float], images: int | None = None,
     return Plan(used, stds, images, coefficients, read_snapshot_meta(used[-1].path)["model_config"])
 
 
+def export_path(out_dir: str, images: int, std: float) -> str:
+    """Where the reconstruction at `std` of training time `images` is written (and found again by the sweep)."""
+    return os.path.join(out_dir, f"phema-{images:012d}-{std:.4f}.safetensors")
+
+
 def param_shapes(model_config: dict) -> dict[str, torch.Size]:
     """The EMA's tensors (the model's parameters) and their shapes, without allocating them."""
     with torch.device("meta"):
@@ -140,7 +145,7 @@ def _write(plan: Plan, j: int, std: float, weights: dict, run_dir: str, out_dir:
             "posthoc_ema": {"std": std, "gamma": float(std_to_exp(std)), "snapshots": len(plan.snapshots),
                             "profile_fit_error": fit_error([s.images for s in plan.snapshots],
                                                            [s.std for s in plan.snapshots], plan.images, std, column)}}
-    path = os.path.join(out_dir, f"phema-{plan.images:012d}-{std:.4f}.safetensors")
+    path = export_path(out_dir, plan.images, std)
     save_export(path, weights, None, plan.model_config, info)
     log.info("post-hoc EMA std %.4f: %s (profile fit error %.2e)", std, path, info["posthoc_ema"]["profile_fit_error"])
     return path

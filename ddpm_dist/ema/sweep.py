@@ -1,0 +1,117 @@
+"""The post-hoc EMA sweep: the reconstruction at each relative std of a range (reconstruct.py), each scored with the
+project's Fréchet distance in the digits classifier's features (eval/frechet.py), so the EMA length is chosen after
+training (EDM2, sec. 3). Every length is sampled from the same seed-addressed images (the frechet job's seeds), so the
+distances differ by the weights alone.
+
+Exports go where `ema reconstruct` writes them (RUN/ema_exports/phema-<images>-<std>.safetensors): those already
+there are reused. The reference statistics are computed once per sweep (OUT/ref-stats.npz) instead of once per
+length; float64 through the .npz, so each distance equals `evaluate frechet --export` with the same arguments.
+Rank 0 writes OUT/frechet-<std>.json per length, then OUT/sweep.json and OUT/sweep.png."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..artifacts import run_data_source
+from ..eval.fid import compute_ref_stats
+from ..eval.frechet import FrechetJob, frechet_worker, make_extractor, read_result
+from ..parallel.env import read_env, spawn_local
+from ..redact import to_json
+from ..viz.ema_sweep import frechet_against_std
+from .phema import MAX_STD
+from .reconstruct import check_stds, export_path, make_plan, reconstruct
+
+EXPORTS_DIR = "ema_exports"  # shared with `ema reconstruct`: either command reuses the other's exports
+STD_DECIMALS = 4  # the precision of the export names: a std is rounded to it, so a name means one std
+
+
+@dataclass
+class SweepJob:
+    run: str
+    stds: list[float]
+    out: str
+    num_images: int = 500
+    batch_size: int = 64
+    seed: int = 0
+    classes: Optional[str] = None
+    sampler: dict = field(default_factory=dict)  # SamplerOptions fields overriding the run's (e.g. guidance)
+    data: Optional[str] = None  # labelled shard manifest: the classifier and the reference; default the run's data
+
+
+def parse_std_range(text: str) -> list[float]:
+    """'0.01:0.20:12' -> 12 evenly spaced relative stds from 0.01 to 0.20 (both included), rounded to STD_DECIMALS."""
+    usage = f"--std-range '{text}': expected LOW:HIGH:COUNT with 0 < LOW < HIGH < {MAX_STD} and COUNT >= 2"
+    parts = text.split(":")
+    try:
+        low, high, count = float(parts[0]), float(parts[1]), int(parts[2])
+    except (ValueError, IndexError):
+        raise ValueError(usage) from None
+    if len(parts) != 3 or not 0 < low < high < MAX_STD or count < 2:
+        raise ValueError(usage)
+    stds = [round(float(s), STD_DECIMALS) for s in np.linspace(low, high, count)]
+    if len(set(stds)) != count or stds[0] <= 0:
+        raise ValueError(f"--std-range '{text}': {count} stds would be closer than 1e-{STD_DECIMALS} (the export names' "
+                         f"precision)")
+    return check_stds(stds)
+
+
+def run_sweep(job: SweepJob, world_size: int = 1, progress: Optional[Callable[[int, int, dict], None]] = None
+              ) -> Optional[dict]:
+    """Every rank calls it (world size from the environment, or `world_size` local workers spawned per stage); rank 0
+    returns the summary written to sweep.json and calls progress(index, count, row) after each length."""
+    plan = make_plan(job.run, job.stds)  # no snapshots, bad stds: fail before anything is written
+    data = job.data or run_data_source(job.run)
+    if not data:
+        raise ValueError(f"'{job.run}' names no training data (config.yaml data.source): give --data, a labelled "
+                         f"shard manifest")
+    exports_dir = os.path.join(job.run, EXPORTS_DIR)
+    paths = {std: export_path(exports_dir, plan.images, std) for std in plan.stds}
+    missing = [std for std, path in paths.items() if not os.path.exists(path)]
+    if missing:
+        spawn_local(reconstruct, (job.run, missing, exports_dir, plan.images), world_size)
+    rank0 = read_env().rank == 0
+    ref = os.path.join(job.out, "ref-stats.npz")
+    if rank0:  # only rank 0 scores (frechet job), so only it needs the reference
+        _write_reference(data, ref, job.batch_size)
+    rows = []
+    for i, std in enumerate(plan.stds):
+        scoring = FrechetJob("frechet", source=paths[std], ref=ref, data=data, num_images=job.num_images,
+                             batch_size=job.batch_size, seed=job.seed, classes=job.classes, sampler=dict(job.sampler),
+                             out=os.path.join(job.out, f"frechet-{std:.{STD_DECIMALS}f}.json"), feature_metrics=False)
+        spawn_local(frechet_worker, (scoring,), world_size)
+        if rank0:
+            result = read_result(scoring)
+            rows.append({"std": std, "frechet_distance": result["value"], "class_accuracy": result["class_accuracy"],
+                         "export": paths[std], "export_reused": std not in missing, "result": scoring.out})
+            if progress:
+                progress(i, len(plan.stds), rows[-1])
+    if not rank0:
+        return None
+    finite = [r for r in rows if math.isfinite(r["frechet_distance"])]
+    best = min(finite, key=lambda r: r["frechet_distance"]) if finite else None
+    summary = {"run": job.run, "images": plan.images, "snapshots": len(plan.snapshots), "num_images": job.num_images,
+               "seed": job.seed, "classes": job.classes, "sampler": job.sampler, "data": data,
+               "metric": "Frechet distance (digits classifier features, not FID)", "results": rows, "best": best}
+    _write_json(os.path.join(job.out, "sweep.json"), summary)
+    frechet_against_std([r["std"] for r in rows], [r["frechet_distance"] for r in rows], best and best["std"],
+                        os.path.join(job.out, "sweep.png"),
+                        title=f"post-hoc EMA at {plan.images} images, {job.num_images} samples each")
+    return summary
+
+
+def _write_reference(data: str, path: str, batch_size: int) -> None:
+    """The data's statistics in the classifier's features, computed as the frechet job would (same batch size)."""
+    extractor = make_extractor("digits", data=data, device=read_env().device)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    compute_ref_stats(data, extractor, batch_size, per_class=False).save(path)
+
+
+def _write_json(path: str, value: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_json(value, indent=1))
+    os.replace(tmp, path)
