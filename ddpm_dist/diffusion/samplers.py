@@ -1,4 +1,5 @@
-"""Reverse-process samplers with one shared signature, classifier-free guidance and trajectories.
+"""Reverse-process samplers with one shared signature, classifier-free guidance and trajectories (the
+solvers with fewer model calls, DPM-Solver++ and Heun, are in solvers.py and registered here).
 
 Every sampler is `fn(model, schedule, x_T, *, timesteps, rng, prediction, eta, var_type, clip_x0,
 model_kwargs, callback) -> x_0` and runs over a descending sub-sequence of timesteps; `sample` and
@@ -8,6 +9,7 @@ share the batch (EDM generate.py).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Callable, Optional, Sequence
 
@@ -17,6 +19,7 @@ import torch
 from .objective import eps_from_x0, to_x0_eps
 from .options import SAMPLER_DEFAULTS, SamplerOptions
 from .schedule import Schedule, gather, respace
+from .solvers import EDM_SIGMA_MAX, DPMSolver3MStep, DPMSolverStep, HeunStep, karras_timesteps, top_timestep
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -56,24 +59,35 @@ def _as_rng(rng):
     return rng
 
 
-def make_timesteps(num_train_steps: int, steps: int, spacing: str = SamplerOptions.spacing) -> list[int]:
-    """Ascending timesteps in [0, T) including T-1 (start from pure noise) and 0 (end at data)."""
+def make_timesteps(num_train_steps: int, steps: int, spacing: str = SamplerOptions.spacing,
+                   schedule: Optional[Schedule] = None, sigma_max: Optional[float] = None) -> list[int]:
+    """Ascending timesteps in [0, T) including the top one (start from pure noise) and 0 (end at data). The top is
+    T-1, or with `sigma_max` the last timestep whose sigma does not exceed it (karras spacing: EDM's 80 unless
+    given, else a cosine schedule's sigma 20,291 at t = 999 would pull most steps to the top). Karras spacing and
+    sigma_max are in sigma, so they need the schedule."""
     T = num_train_steps
+    if spacing == "karras" and sigma_max is None:
+        sigma_max = EDM_SIGMA_MAX
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    if (spacing == "karras" or sigma_max is not None) and schedule is None:
+        raise ValueError("karras spacing and sigma_max need the schedule (its sigmas)")
+    top = T - 1 if sigma_max is None else max(steps - 1, top_timestep(schedule, sigma_max))
     if steps == 1:
-        return [T - 1]
+        return [top]
     if spacing == "uniform":
-        ts = np.linspace(0, T - 1, steps)
+        ts = np.linspace(0, top, steps)
     elif spacing == "quadratic":  # denser near t=0, as in DDIM's CIFAR-10 setup
-        ts = np.linspace(0, np.sqrt(T - 1), steps) ** 2
+        ts = np.linspace(0, np.sqrt(top), steps) ** 2
+    elif spacing == "karras":  # EDM eq. 5, rho 7: dense at low noise
+        ts = np.array(karras_timesteps(schedule, steps, top))
     else:
-        raise ValueError(f"unknown spacing '{spacing}' (expected uniform or quadratic)")
+        raise ValueError(f"unknown spacing '{spacing}' (expected uniform, quadratic or karras)")
     ts = np.round(ts).astype(int)
-    for i in range(1, steps):  # keep strictly increasing and inside [0, T)
+    for i in range(1, steps):  # keep strictly increasing and inside [0, top]
         ts[i] = max(ts[i], ts[i - 1] + 1)
     for i in range(steps - 1, -1, -1):
-        ts[i] = min(ts[i], T - steps + i)
+        ts[i] = min(ts[i], top - (steps - 1 - i))
     return ts.tolist()
 
 
@@ -92,7 +106,7 @@ class DDPMStep:
     respaced (improved DDPM). var_type 'small' = beta_tilde_t, 'large' = beta_t (DDPM section 3.2)."""
 
     def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", eta=SAMPLER_DEFAULTS["ddpm"]["eta"],
-                 var_type=SamplerOptions.var_type, clip_x0=SamplerOptions.clip_x0, model_kwargs=None):
+                 var_type=SamplerOptions.var_type, clip_x0=SamplerOptions.clip_x0, model_kwargs=None, **_):
         self.model, self.schedule, self.timesteps = model, schedule, timesteps
         self.prediction, self.clip_x0, self.model_kwargs = prediction, clip_x0, model_kwargs or {}
         sub = respace(schedule, timesteps)
@@ -112,7 +126,7 @@ class DDIMStep:
     """DDIM (Song et al. 2021, eq. 12): eta=0 is deterministic, eta=1 over all steps is DDPM's posterior."""
 
     def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", eta=SAMPLER_DEFAULTS["ddim"]["eta"],
-                 var_type=SamplerOptions.var_type, clip_x0=SamplerOptions.clip_x0, model_kwargs=None):
+                 var_type=SamplerOptions.var_type, clip_x0=SamplerOptions.clip_x0, model_kwargs=None, **_):
         self.model, self.schedule, self.timesteps, self.eta = model, schedule, timesteps, eta
         self.prediction, self.clip_x0, self.model_kwargs = prediction, clip_x0, model_kwargs or {}
 
@@ -131,7 +145,8 @@ class DDIMStep:
         return out, x0
 
 
-STEPS = {"ddpm": DDPMStep, "ddim": DDIMStep}
+# Every step takes every sampler option as a keyword and uses its own (`**_` drops the others').
+STEPS = {"ddpm": DDPMStep, "ddim": DDIMStep, "dpm++2m": DPMSolverStep, "dpm++3m": DPMSolver3MStep, "heun": HeunStep}
 
 
 def run_steps(step, x_T, rng=None, callback: Optional[Callback] = None) -> torch.Tensor:
@@ -153,7 +168,13 @@ def ddim(model, schedule: Schedule, x_T, *, timesteps, rng=None, callback: Optio
     return run_steps(DDIMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
 
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim}
+def solve(step_class, model, schedule: Schedule, x_T, *, timesteps, rng=None, callback: Optional[Callback] = None,
+          **opts):
+    """Any step class as a one-call sampler, e.g. solve(HeunStep, model, schedule, x_T, timesteps=ts)."""
+    return run_steps(step_class(model, schedule, timesteps, **opts), x_T, rng, callback)
+
+
+SAMPLERS = {name: functools.partial(solve, step_class) for name, step_class in STEPS.items()}
 
 
 def classifier_free_guidance(model, scale: float, null_class: int):
@@ -200,9 +221,12 @@ def make_step(model, schedule: Schedule, options: Optional[SamplerOptions] = Non
         if null_class is None:
             raise ValueError("guidance needs a model with a null class")
         model = classifier_free_guidance(model, o.guidance, null_class)
-    timesteps = make_timesteps(schedule.num_steps, o.steps, o.spacing)
+    # A solver may start lower than T-1 (Heun: EDM's sigma_max); x_T ~ N(0, I) is pure noise there as well.
+    timesteps = make_timesteps(schedule.num_steps, o.steps, o.spacing, schedule,
+                               getattr(STEPS[o.sampler], "sigma_max", None))
     return STEPS[o.sampler](model, schedule, timesteps, prediction=prediction, eta=o.eta, var_type=o.var_type,
-                            clip_x0=o.clip_x0, model_kwargs=kwargs)
+                            clip_x0=o.clip_x0, model_kwargs=kwargs, churn=o.churn, churn_sigma_min=o.churn_sigma_min,
+                            churn_sigma_max=o.churn_sigma_max, churn_noise=o.churn_noise)
 
 
 def sample(model, schedule: Schedule, x_T: torch.Tensor, options: Optional[SamplerOptions] = None, *, y=None,

@@ -100,6 +100,25 @@ def forward_reverse(setup, real: np.ndarray, out: str, *, steps: int = 8, seed: 
     return _save(fig, out)
 
 
+def quality_per_call(points, out: str) -> str:
+    """Fréchet distance and time per image against model calls (log axes), one line per sampler. `points` have
+    sampler, calls, frechet and seconds_per_image (eval.nfe.Point)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for sampler in dict.fromkeys(p.sampler for p in points):
+        mine = sorted((p for p in points if p.sampler == sampler), key=lambda p: p.calls)
+        calls = [p.calls for p in mine]
+        axes[0].plot(calls, [p.frechet for p in mine], marker="o", label=sampler)
+        axes[1].plot(calls, [p.seconds_per_image * 1e3 for p in mine], marker="o", label=sampler)
+    for ax, title in zip(axes, ("Fréchet distance (lower is better)", "ms per image")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("model calls per image (NFE)")
+        ax.set_title(title)
+        ax.legend()
+    return _save(fig, out)
+
+
 def recon_curves(rows: list[dict], out: str) -> str:
     """PSNR and SSIM of one-step and DDIM reconstructions against the noise level t (rows of eval.recon)."""
     plt = _plt()
