@@ -23,9 +23,9 @@ def child(args) -> None:
     import torch
     import torch.nn.functional as F
 
+    from ddpm_dist.config import load_config
     from ddpm_dist.diffusion import make_schedule, q_sample
     from ddpm_dist.models import UNet, resolve_model_config
-    from ddpm_dist.config import load_config
     from ddpm_dist.parallel.cpu_malloc import keep_freed_memory
 
     if args.child == "kept":

@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write shards + manifest from an image source")
     b.add_argument("--source", choices=SOURCE_KINDS, required=True,
-                   help="digits (embedded, scikit-learn), folder (one sub-folder per class, or flat), numpy (.npz/.npy uint8 NHWC), cifar10/mnist/celeba (torchvision files under --input)")
+                   help="digits (embedded, scikit-learn), folder (one sub-folder per class, or flat), numpy (.npz/.npy "
+                        "uint8 NHWC), cifar10/mnist/celeba (torchvision files under --input)")
     b.add_argument("--input", help="folder, array file, or torchvision root")
     b.add_argument("--split", default="train", help="torchvision split (train/test/valid)")
     b.add_argument("--out", required=True, help="output prefix: a folder, s3://bucket/prefix, memory://...")

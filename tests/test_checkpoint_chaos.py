@@ -19,7 +19,8 @@ def committed_steps(run_dir):
     ck = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ck):
         return set()
-    return {int(d.split("_")[1]) for d in os.listdir(ck) if d.startswith("step_") and os.path.exists(os.path.join(ck, d, "COMMITTED"))}
+    return {int(d.split("_")[1]) for d in os.listdir(ck)
+            if d.startswith("step_") and os.path.exists(os.path.join(ck, d, "COMMITTED"))}
 
 
 def audit_lines(run_dir) -> int:

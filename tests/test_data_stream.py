@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from ddpm_dist.data import DataError, EpochPlan, Layout, TrainStream, build_shards, load_manifest
-from ddpm_dist.data.stream import block_spans
+from ddpm_dist.data import (
+    DataError,
+    EpochPlan,
+    Layout,
+    TrainStream,
+    build_shards,
+    load_manifest,
+)
 from ddpm_dist.data.sources import iter_numpy
+from ddpm_dist.data.stream import block_spans
 from tests.conftest import DIGITS
 
 

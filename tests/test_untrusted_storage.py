@@ -69,7 +69,8 @@ def test_no_secret_is_written_or_logged(tmp_path):
         commands = [
             [PYTHON, "-m", "ddpm_dist.train", *train_args(run, 4, f"data.source={source}", "checkpoint.every_images=32",
                                                            "metrics.prometheus=true", f"metrics.prometheus_port={free_port()}",
-                                                           "metrics.prometheus_addr=127.0.0.1", f"metrics.sd_dir={tmp_path / 'sd'}")],
+                                                           "metrics.prometheus_addr=127.0.0.1",
+                                                           f"metrics.sd_dir={tmp_path / 'sd'}")],
             [PYTHON, "-m", "ddpm_dist.sample", "--run", str(run), "--out", str(out), "--num-images", "8", "--steps", "2"],
             [PYTHON, "-m", "ddpm_dist.evaluate", "frechet", "--samples", str(out), "--data", source],
             [PYTHON, "-m", "ddpm_dist.train", *train_args(run, 4, "data.source=s3://ddpm/nothing/manifest.json?token="

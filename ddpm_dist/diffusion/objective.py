@@ -37,7 +37,8 @@ def target(prediction: str, schedule: Schedule, x0: torch.Tensor, noise: torch.T
     raise ValueError(f"unknown prediction '{prediction}' (expected one of {', '.join(PREDICTIONS)})")
 
 
-def to_x0_eps(prediction: str, schedule: Schedule, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def to_x0_eps(prediction: str, schedule: Schedule, pred: torch.Tensor, x_t: torch.Tensor,
+              t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) implied by a model prediction of the given kind at x_t."""
     sa, s1a = _coefs(schedule, t, x_t)
     if prediction == "eps":

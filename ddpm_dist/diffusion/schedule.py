@@ -66,7 +66,8 @@ class Schedule:
 
     @cached_property
     def posterior_mean_coefs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """mu_tilde = c1 x0 + c2 x_t with c1 = sqrt(abar_{t-1}) beta_t / (1 - abar_t), c2 = sqrt(alpha_t)(1 - abar_{t-1}) / (1 - abar_t)."""
+        """mu_tilde = c1 x0 + c2 x_t with c1 = sqrt(abar_{t-1}) beta_t / (1 - abar_t),
+        c2 = sqrt(alpha_t)(1 - abar_{t-1}) / (1 - abar_t)."""
         a_prev, a = self.alphas_cumprod_prev, self.alphas_cumprod
         c1 = a_prev.sqrt() * self.betas / (1 - a)
         c2 = self.alphas.sqrt() * (1 - a_prev) / (1 - a)

@@ -24,6 +24,10 @@ def lpips_metric():
     return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=False), ""
 
 
+def _rgb(x: torch.Tensor) -> torch.Tensor:
+    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x  # LPIPS' AlexNet takes three channels
+
+
 def reconstruct(model, schedule, x0: torch.Tensor, t: int, *, ddim_steps: int, prediction: str, seed: int,
                 model_kwargs=None):
     """(one-step x0 prediction, DDIM reconstruction) from x_t = q_sample(x0, t)."""
@@ -64,8 +68,7 @@ def reconstruction_table(setup, images: np.ndarray, labels: np.ndarray, ts: list
             row[f"{name}_psnr"] = float(peak_signal_noise_ratio(a, b, data_range=1.0))
             row[f"{name}_ssim"] = float(structural_similarity_index_measure(a, b, data_range=1.0))
             if lp is not None:
-                rgb = (lambda z: z.repeat(1, 3, 1, 1) if z.shape[1] == 1 else z)
-                row[f"{name}_lpips"] = float(lp(rgb(rec).clamp(-1, 1).cpu(), rgb(x0).cpu()))
+                row[f"{name}_lpips"] = float(lp(_rgb(rec).clamp(-1, 1).cpu(), _rgb(x0).cpu()))
         rows.append(row)
         examples.append(to_uint8(ddim[:8]))
     return rows, examples, why

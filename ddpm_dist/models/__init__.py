@@ -41,4 +41,5 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["AC_MODES", "PRESETS", "RUNTIME_FIELDS", "UNet", "UNetConfig", "build_model", "count_parameters", "resolve_model_config"]
+__all__ = ["AC_MODES", "PRESETS", "RUNTIME_FIELDS", "UNet", "UNetConfig", "build_model", "count_parameters",
+           "resolve_model_config"]

@@ -39,7 +39,8 @@ class UNetConfig:
 
     def validate(self) -> None:
         if self.image_size % (2 ** (len(self.channel_mults) - 1)):
-            raise ValueError(f"model.image_size={self.image_size} is not divisible by 2^{len(self.channel_mults) - 1} (one halving per extra level)")
+            raise ValueError(f"model.image_size={self.image_size} is not divisible by 2^{len(self.channel_mults) - 1} "
+                             f"(one halving per extra level)")
         for m in self.channel_mults:
             if (self.base_channels * m) % self.norm_groups:
                 raise ValueError(f"model.norm_groups={self.norm_groups} does not divide {self.base_channels * m} channels")
