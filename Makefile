@@ -37,7 +37,7 @@ system-deps:
 	  slurmctld slurmd slurm-client munge prometheus iproute2 util-linux chromium >/dev/null; fi
 
 test: install system-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 tests
 
 clean:
 	rm -rf $(VENV) runs
