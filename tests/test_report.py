@@ -114,7 +114,7 @@ def test_finished_run_in_chromium(finished_run, tmp_path):
     """Chromium renders the page offline: every section, every picture decoded; a screenshot of the asked size."""
     chromium = shutil.which("chromium")
     if not chromium:
-        pytest.skip("chromium is not installed (`make system-deps` installs it)")
+        pytest.fail("chromium is not installed (`make system-deps` installs it)")  # CI has it: never skip silently
     out = tmp_path / "report.html"
     assert report_cli("--run", finished_run, "--out", out).returncode == 0
     probed = tmp_path / "probed.html"
