@@ -23,14 +23,16 @@ torch.manual_seed(0)
 model, schedule = UNet(model_cfg), make_schedule("linear", 1000)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 x0, y = torch.rand(32, 1, 16, 16), torch.randint(0, 10, (32,))
-for step in range(7):  # three to warm up, four counted
-    if step == 3:
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
+for step in range(11):  # three to warm up, eight counted
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t, noise = torch.randint(0, 1000, (32,)), torch.randn(32, 1, 16, 16)
     F.mse_loss(model(q_sample(schedule, x0, t, noise), t, y=y), noise).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-print(json.dumps({"applied": keep_freed_memory(), "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 4}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+# the median step: an occasional arena growth (a few hundred faults in one step) is not the steady state
+print(json.dumps({"applied": keep_freed_memory(), "faults": sorted(faults[3:])[4]}))
 """
 
 
@@ -47,6 +49,6 @@ def run_child(user_setting: bool) -> dict:
 def test_training_steps_reuse_freed_memory():
     kept, default = run_child(False), run_child(True)
     assert kept["applied"] and not default["applied"]  # a user's own allocator choice is left alone
-    # measured here: ~8,500-10,000 page faults per step with glibc's defaults, 0-200 with ours
+    # measured here: ~9,000-11,000 page faults in the median step with glibc's defaults, 0-3 with ours
     assert default["faults"] > 2000, default
     assert kept["faults"] * 10 < default["faults"], (kept, default)
