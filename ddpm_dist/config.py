@@ -109,6 +109,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     eval_extractor: str = "digits"  # digits (classifier trained on the shards' labels) | inception
     eval_inception: str = ""  # path to inception-2015-12-05.pt for eval_extractor=inception
+    eval_reference: str = "train"  # the data split the in-training Fréchet distance compares with (validation: held out)
 
 
 @dataclass
@@ -174,6 +175,7 @@ CHOICES = {
     "model.time_conditioning": (None, "scale_shift", "add"),
     "model.activation_checkpointing": (None, "", "block", "level"),
     "train.eval_extractor": ("digits", "inception"),
+    "train.eval_reference": ("train", "validation"),
 }
 
 

@@ -12,6 +12,7 @@ recon      PSNR / SSIM of one-step x0 predictions and DDIM reconstructions from 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import numpy as np
@@ -19,6 +20,8 @@ import numpy as np
 from .cli_common import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
 from .data import storage
 from .redact import to_json
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep the features of N images (a seeded sample; all when fewer), for KID and "
                         "precision / recall (Inception: 8 KB per image)")
     r.add_argument("--no-per-class", action="store_true", help="no per-class statistics for labelled data")
+    r.add_argument("--split", choices=("train", "validation"), default="train", help="which images of --data")
     c = sub.add_parser("recon", help="reconstruction PSNR/SSIM per noise level")
     c.add_argument("--run", help="run directory")
     c.add_argument("--export", help="export.safetensors")
-    c.add_argument("--data", help="held-out shard manifest (default: the run's training data)")
+    c.add_argument("--data", help="shard manifest (default: the run's training data)")
+    c.add_argument("--split", choices=("held-out", "validation", "train"), default="held-out",
+                   help="which of the manifest's images: held-out (default) is its validation split when it has one")
     c.add_argument("--num-images", type=int, default=64)
     c.add_argument("--t", default="50,100,250,500,750", help="comma list of timesteps")
     c.add_argument("--ddim-steps", type=int, default=20, help="DDIM steps from t back to 0")
@@ -110,18 +116,18 @@ def ref_stats(args) -> int:
     extractor = make_extractor(args.extractor, inception=args.inception, data=args.data, device=read_env().device,
                                allow_unverified=args.allow_unverified_inception)
     ref = compute_ref_stats(args.data, extractor, args.batch_size, max_features=args.features,
-                            per_class=not args.no_per_class)
+                            per_class=not args.no_per_class, split=args.split)
     ref.save(args.out)
     kept = f", features of {len(ref.features)}" if ref.features is not None else ""
     classes = f", {len(ref.class_n)} per-class statistics" if ref.class_n is not None else ""
-    print(f"reference statistics of {ref.n} images{kept}{classes} ({extractor.name}, {extractor.resize_mode} resize) "
-          f"-> {args.out}")
+    print(f"reference statistics of {ref.n} {args.split} images{kept}{classes} ({extractor.name}, "
+          f"{extractor.resize_mode} resize) -> {args.out}")
     return 0
 
 
 def recon(args) -> int:
     from .artifacts import load_trained, run_data_source
-    from .data import read_all
+    from .data import load_manifest, read_all
     from .eval.recon import reconstruction_table
     from .parallel.env import read_env
     from .sampling import prepare
@@ -134,18 +140,21 @@ def recon(args) -> int:
     setup = prepare(load_trained(source), read_env().device)
     data = args.data or run_data_source(args.run)
     if not data:
-        raise ValueError("recon needs --data (a held-out shard manifest)")
-    images, labels = read_all(data, limit=args.num_images)
+        raise ValueError("recon needs --data (a shard manifest)")
+    split = load_manifest(data).held_out() if args.split == "held-out" else args.split
+    if split == "train":
+        log.warning("reconstructing training images: the manifest has no validation split (`shards build --val-fraction`)")
+    images, labels = read_all(data, limit=args.num_images, split=split)
     rows, examples, why = reconstruction_table(setup, images, labels, [int(t) for t in args.t.split(",")],
                                                ddim_steps=args.ddim_steps, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "recon.json"), "w") as f:
-        f.write(to_json({"source": setup.source, "data": data, "n": len(images), "rows": rows, "lpips": why or "alex"},
-                        indent=1))
+        f.write(to_json({"source": setup.source, "data": storage.redact(data), "split": split, "n": len(images),
+                         "rows": rows, "lpips": why or "alex"}, indent=1))
     recon_curves(rows, os.path.join(args.out, "recon.png"))
     ex = np.concatenate(examples)
     save_image(grid(ex, nrow=min(8, len(images)), scale=auto_scale(ex.shape[1])), os.path.join(args.out, "recon_examples.png"))
-    print(f"reconstruction of {len(images)} images from {data} by {setup.source}")
+    print(f"reconstruction of {len(images)} {split} images from {storage.redact(data)} by {setup.source}")
     print(f"{'t':>5} {'PSNR 1-step':>12} {'SSIM 1-step':>12} {'PSNR DDIM':>10} {'SSIM DDIM':>10}")
     for r in rows:
         print(f"{r['t']:5d} {r['one_step_psnr']:12.2f} {r['one_step_ssim']:12.3f} {r['ddim_psnr']:10.2f} {r['ddim_ssim']:10.3f}")

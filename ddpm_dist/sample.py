@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate (default), inpaint (RePaint), sr (super-resolution with an SR-trained model)")
     t.add_argument("--image", help="inpaint, sr: an image file, or a shard manifest (then --image-index picks one)")
     t.add_argument("--image-index", type=int, default=0)
+    t.add_argument("--image-split", choices=("held-out", "validation", "train"), default="held-out",
+                   help="of a shard manifest: held-out (default) is its validation split when it has one")
     t.add_argument("--mask", default="lower-half",
                    help="inpaint: a PNG (white = keep), 'box:x0,y0,x1,y1' (the box is regenerated), 'lower-half', 'random'")
     t.add_argument("--resample", type=int, default=1, help="inpaint: RePaint resampling jumps per step")
@@ -65,7 +67,8 @@ def job_from_args(args: argparse.Namespace) -> SampleJob:
         source=args.run or args.export, out=args.out, weights=args.weights, checkpoint=args.checkpoint,
         num_images=args.num_images,
         batch_size=args.batch_size, seed=args.seed, classes=args.classes, sampler=sampler_overrides(args),
-        task=TaskSpec(args.task, args.image, args.image_index, args.mask, args.resample, args.sr_factor),
+        task=TaskSpec(args.task, args.image, args.image_index, args.mask, args.resample, args.sr_factor,
+                      args.image_split),
         extras=args.extras, grid_width=args.grid_rows, npz=args.npz, tar=args.tar, compile=args.compile,
         metrics=MetricsConfig(prometheus=args.prometheus_port > 0, prometheus_port=args.prometheus_port,
                               prometheus_addr=args.prometheus_addr, jsonl=False))

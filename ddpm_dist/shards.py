@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--format", choices=("png", "npy"), default="png")
     b.add_argument("--shuffle-seed", type=int, default=0, help="-1 keeps the source order")
     b.add_argument("--overwrite", action="store_true", help="replace shards under a non-empty --out")
+    b.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="hold out this fraction of the images as a validation split (same manifest, own shards, "
+                        "never trained on): recon, inpainting and super-resolution evaluate on it")
     i = sub.add_parser("inspect", help="counts, image size, label histogram, preview grid")
     i.add_argument("manifest")
     i.add_argument("--preview", default="shards_preview.png", help="where to write a grid of the first 64 images")
@@ -44,8 +47,10 @@ def main(argv: list[str]) -> int:
         m = sh.build_shards(source, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
                             max_shard_bytes=args.max_shard_bytes, image_format=args.format,
                             shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
-                            overwrite=args.overwrite, total=total)
-        print(f"wrote {len(m.shards)} shards, {m.num_samples} samples of {m.image_size[0]}x{m.image_size[1]}x{m.channels} "
+                            overwrite=args.overwrite, total=total, val_fraction=args.val_fraction)
+        val = m.split("validation") if m.validation else None
+        held = f" + {len(val.shards)} validation shards, {val.num_samples} samples" if val else ""
+        print(f"wrote {len(m.shards)} shards, {m.num_samples} samples{held} of {m.image_size[0]}x{m.image_size[1]}x{m.channels} "
               f"to {storage.redact(args.out)} (manifest: {storage.redact(storage.join(args.out, sh.MANIFEST_NAME))})")
         return 0
     if args.cmd == "inspect":
@@ -56,6 +61,8 @@ def main(argv: list[str]) -> int:
         print(f"manifest   {storage.redact(args.manifest)}")
         print(f"shards     {len(m.shards)} ({sum(s.bytes for s in m.shards) / 1e6:.2f} MB)")
         print(f"samples    {m.num_samples}")
+        if m.validation:
+            print(f"validation {m.split('validation').num_samples} in {len(m.validation)} shards (held out)")
         print(f"image      {m.image_size[0]}x{m.image_size[1]}x{m.channels} {m.image_format}")
         if (labels >= 0).any():
             hist = Counter(labels.tolist())

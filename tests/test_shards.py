@@ -24,10 +24,48 @@ def test_digits_round_trip_and_committed_shards_match_a_rebuild(tmp_path):
     _, got, got_labels = roundtrip(iter_digits(16), str(tmp_path / "d"))
     assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
     # The committed shards are exactly what the builder makes (same bytes, same sha256).
-    rebuilt = build_shards(iter_digits(16), str(tmp_path / "r"), prefix="digits", samples_per_shard=256, progress=False)
+    rebuilt = build_shards(iter_digits(16), str(tmp_path / "r"), prefix="digits", samples_per_shard=256, progress=False,
+                           val_fraction=0.1)
     from ddpm_dist.data import load_manifest
     committed = load_manifest(DIGITS)
     assert [s.sha256 for s in rebuilt.shards] == [s.sha256 for s in committed.shards]
+    assert [s.sha256 for s in rebuilt.validation] == [s.sha256 for s in committed.validation]
+
+
+def test_validation_split_is_held_out_of_training(tmp_path):
+    """--val-fraction: exactly floor(N F) images in their own shards, disjoint from the training split, together
+    every image once; the training stream never yields one; verify reads both; read_all picks by split."""
+    from ddpm_dist.data import Layout, TrainStream, load_manifest
+    from ddpm_dist.data.samples import iter_tar_samples
+    from ddpm_dist.data.storage import read_bytes
+
+    m = build_shards(iter_digits(16), str(tmp_path / "v"), samples_per_shard=100, progress=False, val_fraction=0.25)
+    url = str(tmp_path / "v" / "manifest.json")
+    loaded = load_manifest(url)
+    assert loaded.to_json() == m.to_json()
+
+    def split_keys(name):
+        view = loaded.split(name)
+        return [s["__key__"] for i in range(len(view.shards))
+                for s in iter_tar_samples(read_bytes(view.shard_url(i)), view.shard_url(i))]
+
+    train, val = split_keys("train"), split_keys("validation")
+    assert len(val) == int(1797 * 0.25) == 449 and len(train) == 1797 - 449
+    assert not set(train) & set(val) and len(set(train + val)) == 1797
+    hist = m.extra["validation_label_histogram"]
+    assert sum(hist.values()) == 449 and min(hist.values()) >= 30  # spread over the classes, not one class
+    stream = iter(TrainStream(loaded, rank=0, layout=Layout(1, 64, 0), seed=1))
+    streamed = {k for _ in range(2 * (1348 // 64)) for k in next(stream)["key"]}  # two epochs
+    assert len(streamed) > 1300 and not streamed & set(val)
+    assert verify(url, progress=False).samples == 1797
+    assert len(read_all(url, split="validation")[0]) == 449 == len(read_all(url, split="held-out")[0])
+    assert len(read_all(url)[0]) == 1348 and len(read_all(DIGITS, split="held-out")[0]) == 179
+    no_val = build_shards(iter_digits(16), str(tmp_path / "n"), progress=False)
+    assert no_val.held_out() == "train" and "validation" not in no_val.to_json()
+    with pytest.raises(ShardError, match="no validation split .*--val-fraction"):
+        read_all(str(tmp_path / "n" / "manifest.json"), split="validation")
+    with pytest.raises(ShardError, match=r"--val-fraction 1.0 is not in \[0, 1\)"):
+        build_shards(iter_digits(16), str(tmp_path / "x"), progress=False, val_fraction=1.0)
 
 
 def test_folder_with_classes_and_flat(tmp_path):
@@ -108,14 +146,15 @@ def test_verify_reports_checksum_and_decode_faults(tmp_path):
 def test_inspect_cli(tmp_path):
     r = subprocess.run([PYTHON, "-m", "ddpm_dist.shards", "inspect", DIGITS, "--preview", str(tmp_path / "p.png")],
                        cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and "samples    1797" in r.stdout and "0:178" in r.stdout
+    assert r.returncode == 0 and "samples    1618" in r.stdout and "0:160" in r.stdout
+    assert "validation 179 in 1 shards (held out)" in r.stdout
     assert Image.open(tmp_path / "p.png").size[0] > 100
 
 
 def test_brace_pattern_source():
     from ddpm_dist.data import open_manifest
-    m = open_manifest(os.path.join(os.path.dirname(DIGITS), "digits-{000000..000007}.tar"))
-    assert m.num_samples == 1797 and m.image_size == [16, 16]
+    m = open_manifest(os.path.join(os.path.dirname(DIGITS), "digits-{000000..000006}.tar"))
+    assert m.num_samples == 1618 and m.image_size == [16, 16]
 
 
 @pytest.mark.system

@@ -16,6 +16,7 @@ MIN_SAMPLE_BYTES = 1024  # a tar header and one data block: no sample takes fewe
 MAX_SAMPLE_BYTES = 64 << 20  # a tar member or index entry larger than this is refused, never read
 MAX_IMAGE_SIDE = 1 << 14
 MAX_LABEL = 1 << 31  # labels are non-negative decimal integers below this (below num_classes when known)
+SPLITS = ("train", "validation")
 _SHARD_KEYS = {"url": str, "num_samples": int, "bytes": int, "sha256": str, "index": str}
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 60
@@ -49,6 +50,22 @@ class Manifest:
     image_format: str = "png"
     base: str = ""  # where the manifest was read from (not saved)
     extra: dict = field(default_factory=dict)
+    validation: list[ShardInfo] = field(default_factory=list)  # held out: never in the training stream
+
+    def split(self, name: str) -> "Manifest":
+        """The same manifest with `shards` = one split's shards (train: the training stream's)."""
+        if name not in SPLITS:
+            raise ShardError(f"split '{name}' is not one of {', '.join(SPLITS)}")
+        if name == "train":
+            return self
+        if not self.validation:
+            raise ShardError("the manifest has no validation split (build it with `shards build --val-fraction F`)")
+        return Manifest(self.validation, self.image_size, self.channels, self.num_classes, self.image_format,
+                        self.base, self.extra)
+
+    def held_out(self) -> str:
+        """The split that evaluation on unseen images reads: validation when the manifest has one."""
+        return "validation" if self.validation else "train"
 
     @property
     def num_samples(self) -> int:
@@ -61,10 +78,12 @@ class Manifest:
         return storage.join(self.base, self.shards[i].index) if self.shards[i].index else ""
 
     def to_json(self) -> str:
+        held_out = {"validation_samples": sum(s.num_samples for s in self.validation),
+                    "validation": [vars(s) for s in self.validation]} if self.validation else {}
         return json.dumps({
             "format": FORMAT, "num_samples": self.num_samples, "image_size": self.image_size,
             "channels": self.channels, "num_classes": self.num_classes, "image_format": self.image_format,
-            "shards": [vars(s) for s in self.shards], **self.extra,
+            "shards": [vars(s) for s in self.shards], **held_out, **self.extra,
         }, indent=1)
 
     def checksum(self) -> str:
@@ -89,20 +108,20 @@ def parse_json(data: bytes):
         raise ValueError("nested too deeply") from None
 
 
-def _shard(entry, i: int) -> ShardInfo:
+def _shard(entry, where: str) -> ShardInfo:
     if not isinstance(entry, dict):
-        raise ValueError(f"shards[{i}]: expected an object, got {show(entry)}")
+        raise ValueError(f"{where}: expected an object, got {show(entry)}")
     unknown = set(entry) - set(_SHARD_KEYS)
     if unknown or not {"url", "num_samples", "bytes", "sha256"} <= set(entry):
-        raise ValueError(f"shards[{i}]: expected keys url, num_samples, bytes, sha256 (index), got {show(sorted(entry))}")
+        raise ValueError(f"{where}: expected keys url, num_samples, bytes, sha256 (index), got {show(sorted(entry))}")
     for key, kind in _SHARD_KEYS.items():
         if key in entry and not (is_int(entry[key]) if kind is int else isinstance(entry[key], kind)):
-            raise ValueError(f"shards[{i}].{key}: expected {kind.__name__}, got {show(entry[key])}")
+            raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {show(entry[key])}")
     info = ShardInfo(**entry)
     if not info.url:
-        raise ValueError(f"shards[{i}].url is empty")
-    _int(info.bytes, f"shards[{i}].bytes", 0, 1 << 62)
-    _int(info.num_samples, f"shards[{i}].num_samples", 0, info.bytes // MIN_SAMPLE_BYTES)
+        raise ValueError(f"{where}.url is empty")
+    _int(info.bytes, f"{where}.bytes", 0, 1 << 62)
+    _int(info.num_samples, f"{where}.num_samples", 0, info.bytes // MIN_SAMPLE_BYTES)
     return info
 
 
@@ -116,7 +135,11 @@ def parse_manifest(data: bytes, base: str = "") -> Manifest:
         raise ValueError(f"missing {', '.join(sorted(missing))}")
     if not isinstance(doc["shards"], list) or not doc["shards"]:
         raise ValueError(f"shards: expected a non-empty list, got {show(doc['shards'])}")
-    shards = [_shard(s, i) for i, s in enumerate(doc["shards"])]
+    shards = [_shard(s, f"shards[{i}]") for i, s in enumerate(doc["shards"])]
+    validation = doc.get("validation", [])
+    if not isinstance(validation, list):
+        raise ValueError(f"validation: expected a list, got {show(validation)}")
+    validation = [_shard(s, f"validation[{i}]") for i, s in enumerate(validation)]
     size = doc["image_size"]
     if not isinstance(size, list) or len(size) != 2:
         raise ValueError(f"image_size: expected [height, width], got {show(size)}")
@@ -126,9 +149,9 @@ def parse_manifest(data: bytes, base: str = "") -> Manifest:
     fmt = doc.get("image_format", "png")
     if not isinstance(fmt, str):
         raise ValueError(f"image_format: expected a string, got {show(fmt)}")
-    extra = {k: v for k, v in doc.items() if k not in ("format", "num_samples", "image_size", "channels",
-                                                         "num_classes", "image_format", "shards")}
-    return Manifest(shards, size, channels, num_classes, fmt, base, extra)
+    extra = {k: v for k, v in doc.items() if k not in ("format", "num_samples", "image_size", "channels", "num_classes",
+                                                         "image_format", "shards", "validation", "validation_samples")}
+    return Manifest(shards, size, channels, num_classes, fmt, base, extra, validation)
 
 
 def load_manifest(url: str) -> Manifest:

@@ -121,21 +121,57 @@ def _shuffled(items: Iterable, seed: Optional[int], buffer: int) -> Iterator:
         yield pool[j]
 
 
+class _ShardWriter:
+    """Cuts one split's records into shards of at most `samples_per_shard` records / `max_shard_bytes` bytes."""
+
+    def __init__(self, out: str, prefix: str, samples_per_shard: int, max_shard_bytes: int):
+        self.out, self.prefix, self.per_shard, self.max_bytes = out, prefix, samples_per_shard, max_shard_bytes
+        self.infos: list[ShardInfo] = []
+        self.labels: Counter = Counter()
+        self.current: list[dict] = []
+        self.current_bytes = 0
+
+    def add(self, rec: dict, label) -> None:
+        size = sum(512 + -(-len(v) // 512) * 512 for k, v in rec.items() if k != "__key__")  # header + padded data
+        if self.current and (len(self.current) >= self.per_shard or
+                             (self.max_bytes and _tar_size(self.current_bytes + size) > self.max_bytes)):
+            self.flush()
+        self.current.append(rec)
+        self.current_bytes += size
+        self.labels[label] += 1
+
+    def flush(self) -> None:
+        if not self.current:
+            return
+        name = f"{self.prefix}-{len(self.infos):06d}.tar"
+        info = _write_shard(storage.join(self.out, name), self.current)
+        info.url, info.index = name, name + ".idx.json"
+        self.infos.append(info)
+        self.current, self.current_bytes = [], 0
+
+
+def _histogram(labels: Counter) -> dict:
+    return {} if None in labels else {str(k): v for k, v in sorted(labels.items())}
+
+
 def build_shards(source: Iterable[Sample], out: str, *, prefix: str = "shard", samples_per_shard: int = 1000,
                  max_shard_bytes: int = 0, image_format: str = "png", shuffle_seed: Optional[int] = 0,
                  shuffle_buffer: int = 200_000, overwrite: bool = False, total: Optional[int] = None,
-                 progress: bool = True) -> Manifest:
+                 progress: bool = True, val_fraction: float = 0.0) -> Manifest:
     """Write shards and then the manifest (atomically, last) under `out`. Shuffling at build time (the
-    default) makes each shard an i.i.d. slice, which the stream's shard-level shuffling relies on."""
+    default) makes each shard an i.i.d. slice, which the stream's shard-level shuffling relies on. With
+    `val_fraction` F, every sample k of the shuffled order with floor((k+1)F) > floor(kF) goes to the validation
+    shards ("<prefix>-val-NNNNNN.tar"): exactly F of them, spread evenly, never in the training stream."""
     if image_format not in ("png", "npy"):
         raise ShardError(f"image format '{image_format}' is not png or npy")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ShardError(f"--val-fraction {val_fraction} is not in [0, 1)")
     manifest_url = storage.join(out, MANIFEST_NAME)
     if storage.list_prefix(out) and not overwrite:
         raise ShardError(f"output '{storage.redact(out)}' is not empty (pass --overwrite to replace its shards)")
-    shape, labels = None, Counter()
-    infos: list[ShardInfo] = []
-    current: list[dict] = []
-    current_bytes = 0
+    shape = None
+    train = _ShardWriter(out, prefix, samples_per_shard, max_shard_bytes)
+    held_out = _ShardWriter(out, f"{prefix}-val", samples_per_shard, max_shard_bytes)
 
     def encoded():  # encode before buffering: PNG bytes are what the shuffle buffer holds
         nonlocal shape
@@ -144,37 +180,27 @@ def build_shards(source: Iterable[Sample], out: str, *, prefix: str = "shard", s
                 shape = img.shape
             if img.shape != shape:
                 raise ShardError(f"image {key} has shape {img.shape}, expected {shape} like the first one")
-            labels[label] += 1
             rec = {"__key__": key, image_format: encode_image(img, image_format)}
             if label is not None:
                 rec["cls"] = str(label).encode()
-            yield rec
+            yield rec, label
 
-    def flush():
-        nonlocal current, current_bytes
-        name = f"{prefix}-{len(infos):06d}.tar"
-        info = _write_shard(storage.join(out, name), current)
-        info.url, info.index = name, name + ".idx.json"
-        infos.append(info)
-        current, current_bytes = [], 0
-
-    for rec in tqdm(_shuffled(encoded(), shuffle_seed, shuffle_buffer), total=total, desc="building shards",
-                    unit="img", disable=not progress):
-        size = sum(512 + -(-len(v) // 512) * 512 for k, v in rec.items() if k != "__key__")  # header + padded data
-        if current and (len(current) >= samples_per_shard or
-                        (max_shard_bytes and _tar_size(current_bytes + size) > max_shard_bytes)):
-            flush()
-        current.append(rec)
-        current_bytes += size
-    if current:
-        flush()
-    if not infos:
+    for k, (rec, label) in enumerate(tqdm(_shuffled(encoded(), shuffle_seed, shuffle_buffer), total=total,
+                                          desc="building shards", unit="img", disable=not progress)):
+        (held_out if int((k + 1) * val_fraction) > int(k * val_fraction) else train).add(rec, label)
+    train.flush()
+    held_out.flush()
+    if not train.infos:  # sample 0 always trains (F < 1), so no images at all
         raise ShardError("the source has no images")
+    labels = train.labels + held_out.labels
     if None in labels and len(labels) > 1:
         raise ShardError("some images have labels and some do not")
     num_classes = 0 if None in labels else max(labels) + 1
-    hist = {} if None in labels else {str(k): v for k, v in sorted(labels.items())}
-    manifest = Manifest(infos, [shape[0], shape[1]], shape[2], num_classes, image_format, out, {"label_histogram": hist})
+    extra = {"label_histogram": _histogram(train.labels)}
+    if held_out.infos:
+        extra["validation_label_histogram"] = _histogram(held_out.labels)
+    manifest = Manifest(train.infos, [shape[0], shape[1]], shape[2], num_classes, image_format, out, extra,
+                        held_out.infos)
     storage.write_bytes_atomic(manifest_url, manifest.to_json().encode())
     return manifest
 
@@ -191,10 +217,13 @@ class VerifyReport:
 
 def verify(manifest_url: str, progress: bool = True) -> VerifyReport:
     """Re-read every shard: existence, sha256, sample count, that every sample decodes to the manifest's shape."""
-    m = load_manifest(manifest_url)
+    whole = load_manifest(manifest_url)
     faults, seen = [], 0
-    want = (m.image_size[0], m.image_size[1], m.channels)
-    for i, info in enumerate(tqdm(m.shards, desc="verifying", unit="shard", disable=not progress)):
+    want = (whole.image_size[0], whole.image_size[1], whole.channels)
+    every = [(m, i) for m in (whole, whole.split("validation") if whole.validation else None) if m
+             for i in range(len(m.shards))]
+    for m, i in tqdm(every, desc="verifying", unit="shard", disable=not progress):
+        info = m.shards[i]
         url = m.shard_url(i)
         if not storage.exists(url):
             faults.append(f"{info.url}: missing")
@@ -231,9 +260,11 @@ def verify(manifest_url: str, progress: bool = True) -> VerifyReport:
     return VerifyReport(faults, seen)
 
 
-def read_all(manifest_url: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-    """All (or the first `limit`) images and labels in manifest order: for inspection, tests and references."""
+def read_all(manifest_url: str, limit: Optional[int] = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """All (or the first `limit`) images and labels of one split in manifest order: for inspection, tests and
+    references ("held-out": the validation split when the manifest has one, else the training images)."""
     m = load_manifest(manifest_url)
+    m = m.split(m.held_out() if split == "held-out" else split)
     want = (m.image_size[0], m.image_size[1], m.channels)
     images, labels = [], []
     for i in range(len(m.shards)):

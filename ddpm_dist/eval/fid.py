@@ -264,7 +264,7 @@ class RefStats:
 
 
 def compute_ref_stats(data: str, extractor: Extractor, batch_size: int = 64, max_features: int = 0,
-                      per_class: bool = True) -> RefStats:
+                      per_class: bool = True, split: str = "train") -> RefStats:
     """Reference statistics of every image of a shard set, tied to the extractor and the data's checksum; with
     the features of at most `max_features` images (a uniform sample, seed 0, in data order) and, for labelled
     data, per-class statistics (unless per_class=False or they would exceed CLASS_STATS_MAX_BYTES)."""
@@ -272,8 +272,8 @@ def compute_ref_stats(data: str, extractor: Extractor, batch_size: int = 64, max
 
     from ..data import load_manifest, read_all
 
-    m = load_manifest(data)
-    images, labels = read_all(data)
+    m = load_manifest(data).split(split)
+    images, labels = read_all(data, split=split)
     n = len(images)
     keep = np.zeros(n, dtype=bool)
     if max_features:

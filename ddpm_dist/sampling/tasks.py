@@ -27,6 +27,7 @@ class TaskSpec:
     mask: str = "lower-half"
     resample: int = 1
     sr_factor: int = 2
+    image_split: str = "held-out"  # of a shard manifest: its validation split when it has one
 
 
 class Generate:
@@ -119,16 +120,16 @@ class SuperResolution(Generate):
         return {"summary": summary, "psnr": float(np.mean(ours)), "bicubic_psnr": float(np.mean(bicubic))}
 
 
-def load_image(path: str, index: int, size: int, channels: int) -> tuple[np.ndarray, int]:
-    """uint8 HWC from an image file, or sample `index` of a shard manifest (with its label; -1 for a file)."""
+def load_image(path: str, index: int, size: int, channels: int, split: str = "held-out") -> tuple[np.ndarray, int]:
+    """uint8 HWC from an image file, or sample `index` of a shard manifest's split (with its label; -1 for a file)."""
     from PIL import Image
 
     from ..data import read_all
 
     if path.endswith(".json"):
-        images, labels = read_all(path, limit=index + 1)
+        images, labels = read_all(path, limit=index + 1, split=split)
         if index >= len(images):
-            raise ValueError(f"--image-index {index}: '{path}' has {len(images)} images")
+            raise ValueError(f"--image-index {index}: the {split} images of '{path}' are {len(images)}")
         return images[index], int(labels[index])
     if not os.path.exists(path):
         raise FileNotFoundError(f"image '{path}' does not exist")
@@ -149,7 +150,7 @@ def build_task(spec: TaskSpec, model_config, seed: int = 0):
     if not spec.image:
         raise ValueError(f"--task {spec.kind} needs --image (a file, or a shard manifest with --image-index)")
     size, channels = model_config.image_size, model_config.in_channels
-    img, label = load_image(spec.image, spec.image_index, size, channels)
+    img, label = load_image(spec.image, spec.image_index, size, channels, spec.image_split)
     if spec.kind == "inpaint":
         return Inpaint(img[None], make_mask(spec.mask, size, seed), [label], spec.resample)
     if not model_config.cond_channels:

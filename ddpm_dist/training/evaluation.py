@@ -30,11 +30,14 @@ class InTrainingEval:
         self.ref = self._reference()
 
     def _reference(self) -> RefStats:
-        """Reference statistics of the training data, cached in the run directory (rank 0 computes)."""
-        path = os.path.join(self.cfg.run_dir, f"ref_stats_{self.extractor.name}.npz")
+        """Reference statistics of the training data (or its validation split, train.eval_reference), cached in
+        the run directory (rank 0 computes)."""
+        split = self.cfg.train.eval_reference
+        name = self.extractor.name + ("" if split == "train" else f"_{split}")
+        path = os.path.join(self.cfg.run_dir, f"ref_stats_{name}.npz")
         if self.rank == 0 and not os.path.exists(path):
             compute_ref_stats(self.cfg.data.source, self.extractor, self.cfg.train.eval_batch_size,
-                              max_features=REF_FEATURES).save(path)
+                              max_features=REF_FEATURES, split=split).save(path)
         barrier()
         ref = RefStats.load(path)
         ref.check(self.extractor)

@@ -38,7 +38,7 @@ def sample_grid(engine, ema, model_cfg, cfg: Config, is_main: bool, images: int,
         labels = sorted(i % classes for i in range(n)) if classes else None  # rows of 10: one class per row
         task = Generate()
         if cfg.train.sr_factor:
-            task = SuperResolution(read_all(cfg.data.source, limit=n)[0], cfg.train.sr_factor)
+            task = SuperResolution(read_all(cfg.data.source, limit=n, split="held-out")[0], cfg.train.sr_factor)
             n = len(task.images)
         t0 = time.perf_counter()
         x = generate_batch(setup, list(range(n)), seed=cfg.seed, labels=labels, task=task)
