@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,7 +54,7 @@ def eval_rows(run) -> list[dict]:
 
 
 EVAL = ["train.eval_every_images=32", "train.eval_num_images=32", "train.eval_batch_size=32", "checkpoint.keep_last=1",
-        "checkpoint.keep_best=true"]
+        "checkpoint.keep_best=true", "train.eval_reference=validation"]
 
 
 def test_training_keeps_the_best_evaluated_checkpoint_through_a_resume(tmp_path):
@@ -74,6 +75,8 @@ def test_training_keeps_the_best_evaluated_checkpoint_through_a_resume(tmp_path)
         kept_best = next(m for m in metas if m["images"] == best["images"])
         assert kept_best["eval"]["frechet_distance"] == pytest.approx(best["frechet_distance"], rel=1e-12)
     assert best["images"] == 16 * 8, f"the spoiled steps were evaluated better: {[r['frechet_distance'] for r in rows]}"
+    with np.load(run / "ref_stats_digits-classifier_validation.npz", allow_pickle=False) as z:
+        assert int(z["n"]) == 179  # the reference is the held-out split (train.eval_reference=validation)
 
     out = tmp_path / "best"
     r = subprocess.run([PYTHON, "-m", "ddpm_dist.sample", "--run", str(run), "--checkpoint", "best", "--out", str(out),
