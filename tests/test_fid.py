@@ -42,6 +42,29 @@ def folders(tmp_path_factory):
     return root
 
 
+def test_clean_resize_is_cleanfids_bit_for_bit():
+    """Our clean resize (channels clipped straight into the batch, a repeated grey channel resized once) against
+    clean-fid's build_resizer("clean"), image by image; and FeatureStats' buffered sums against numpy."""
+    from cleanfid.resize import build_resizer
+
+    from ddpm_dist.eval.fid import clean_resize
+    rng = np.random.default_rng(3)
+    theirs = build_resizer("clean")
+    for shape in ((16, 16), (32, 32), (28, 40), (299, 299), (512, 300)):
+        rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        grey = np.repeat(rng.integers(0, 256, (*shape, 1), dtype=np.uint8), 3, axis=-1)
+        ours = clean_resize(np.stack([rgb, grey])).numpy()
+        assert np.array_equal(ours[0], theirs(rgb).transpose(2, 0, 1)), shape
+        assert np.array_equal(ours[1], theirs(grey).transpose(2, 0, 1)), shape
+    feats = torch.from_numpy(rng.normal(0.5, 1.0, (2500, 64)))
+    stats = FeatureStats(64)
+    for i in range(0, 2500, 48):  # crosses FeatureStats.FLUSH_ROWS twice, with a remainder
+        stats.add(feats[i:i + 48])
+    mu, cov = stats.mean_cov()
+    assert stats.n == 2500 and np.allclose(mu, feats.numpy().mean(0), atol=1e-12)
+    assert np.allclose(cov, np.cov(feats.numpy(), rowvar=False), atol=1e-10)
+
+
 def cleanfid_stats(folder, net):
     from cleanfid import fid
     feats = fid.get_folder_features(str(folder), model=net, num_workers=0, batch_size=16, device=torch.device("cpu"),
