@@ -99,7 +99,7 @@ def test_ref_stats_and_fid_in_two_processes_equal_cleanfid(setup):
     root, real_labels = setup
     out = evaluate(root, "ref-stats", "--data", root / "shards" / "manifest.json", "--out", root / "ref.npz",
                    "--features", N, "--batch-size", 8)
-    assert f"reference statistics of {N} images, features of {N}, 10 per-class statistics" in out
+    assert f"reference statistics of {N} train images, features of {N}, 10 per-class statistics" in out
     out = evaluate(root, "fid", "--samples", root / "samples", "--ref", root / "ref.npz", "--world-size", 2,
                    "--batch-size", 8, "--save-stats", root / "gen.npz", "--out", root / "fid.json")
     assert out.startswith("FID: ") and "KID" in out
