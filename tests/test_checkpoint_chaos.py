@@ -9,10 +9,20 @@ import subprocess
 import time
 
 from tests.conftest import ROOT
-from tests.train_helpers import assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint, run_train, train_cmd
+from tests.train_helpers import (
+    assert_bitwise_equal,
+    audit,
+    checkpoint_tensors,
+    child_env,
+    final_checkpoint,
+    run_train,
+    snapshot_tensors,
+    train_cmd,
+)
 
 STEPS = 200
-EVERY = ["checkpoint.every_images=64", "checkpoint.keep_last=2"]  # a checkpoint every 4 steps
+# a checkpoint every 4 steps; the post-hoc EMA profiles too, a snapshot every 6 steps (kills land inside those as well)
+EVERY = ["checkpoint.every_images=64", "checkpoint.keep_last=2", "ema.stds=[0.05,0.1]", "ema.snapshot_every_images=96"]
 
 
 def committed_steps(run_dir):
@@ -77,5 +87,6 @@ def test_sigkill_chaos_ends_equal_to_uninterrupted(tmp_path):
         resumed += 1
     assert resumed >= 5
     assert_bitwise_equal(checkpoint_tensors(final_checkpoint(ref)), checkpoint_tensors(final_checkpoint(run)))
+    assert_bitwise_equal(snapshot_tensors(ref), snapshot_tensors(run))
     assert audit(ref) == audit(run)
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".tmp-")]

@@ -52,6 +52,8 @@ def test_sweep_scores_each_length_as_evaluate_frechet_does(run, tmp_path, capsys
     assert all(math.isfinite(d) and d > 0 for d in distances), distances
     best = min(rows, key=lambda row: row["frechet_distance"])
     assert summary["best"] == best and f"best std: {best['std']:.4f}" in r.stdout
+    with open(summary["best_export"], "rb") as a, open(best["export"], "rb") as b:
+        assert a.read() == b.read()  # OUT/best.safetensors: the winner's export under a fixed name
     assert f"| {best['std']:.4f} (best) |" in r.stdout
     with Image.open(out / "sweep.png") as png:
         assert png.format == "PNG" and png.size[0] > 100

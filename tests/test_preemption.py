@@ -8,10 +8,19 @@ import time
 import pytest
 
 from tests.conftest import ROOT
-from tests.train_helpers import assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint, run_train, train_cmd
+from tests.train_helpers import (
+    assert_bitwise_equal,
+    audit,
+    checkpoint_tensors,
+    child_env,
+    final_checkpoint,
+    run_train,
+    snapshot_tensors,
+    train_cmd,
+)
 
 STEPS = 120
-OPTS = ["parallel.backend=fsdp"]
+OPTS = ["parallel.backend=fsdp", "ema.stds=[0.05,0.1]", "ema.snapshot_every_images=256"]  # post-hoc EMA profiles too
 pytestmark = pytest.mark.distributed
 
 
@@ -71,7 +80,10 @@ def preempt_and_resume(tmp_path, uninterrupted, send, launcher):
     assert max(audit(run, 0)) == max(audit(run, 1)) == stop_step - 1
     resumed = run_train(run, STEPS, *OPTS, nproc=2, launcher=launcher)
     assert f"resumed from {run}/checkpoints/step_{stop_step:09d}" in resumed.stderr + resumed.stdout
-    assert_bitwise_equal(checkpoint_tensors(final_checkpoint(uninterrupted)), checkpoint_tensors(final_checkpoint(run)))
+    final = checkpoint_tensors(final_checkpoint(run))
+    assert any(k.startswith("power_ema") for k in final), sorted(final)[:20]
+    assert_bitwise_equal(checkpoint_tensors(final_checkpoint(uninterrupted)), final)
+    assert_bitwise_equal(snapshot_tensors(uninterrupted), snapshot_tensors(run))  # the profiles' snapshots too
     for rank in (0, 1):
         assert audit(uninterrupted, rank) == audit(run, rank)
 

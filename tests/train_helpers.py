@@ -42,6 +42,13 @@ def run_train(run_dir, steps, *extra, nproc=1, launcher="python", timeout=600, c
     return r
 
 
+def snapshot_tensors(run_dir) -> dict:
+    """Every committed post-hoc EMA snapshot of a run (RUN/ema_snapshots/<images>-<std>/), as checkpoint_tensors."""
+    root = os.path.join(run_dir, "ema_snapshots")
+    names = sorted(n for n in os.listdir(root) if not n.startswith(".") and os.path.isdir(os.path.join(root, n)))
+    return {f"{n}/{k}": v for n in names for k, v in checkpoint_tensors(os.path.join(root, n)).items()}
+
+
 def checkpoint_tensors(ckpt_dir) -> dict:
     """Every tensor of a DCP checkpoint (model, optimizer, EMA), flattened to 'a.b.c' keys, on CPU."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

@@ -8,8 +8,8 @@ reconstruct  combines them, by least squares over the profiles, into the EMA of 
              --export FILE` samples it).
 sweep        reconstructs each std of --std-range LOW:HIGH:COUNT (exports already written are reused), samples each
              from the same seeds and scores it with the Fréchet distance in the digits classifier's features (as
-             `evaluate frechet --export`); writes OUT/sweep.json and OUT/sweep.png (default OUT: RUN/ema_sweep) and
-             prints a table and the best std.
+             `evaluate frechet --export`); writes OUT/sweep.json, OUT/sweep.png and OUT/best.safetensors (the best
+             std's export; default OUT: RUN/ema_sweep) and prints a table and the best std.
 
 --world-size N spawns N local workers (unless launched by torchrun or SLURM): reconstruction deals the tensors to
 them, scoring the images; rank 0 writes."""
@@ -95,7 +95,8 @@ def sweep_command(args) -> int:
         print(f"| {r['std']:.4f}{mark} | {r['frechet_distance']:.4f} | {acc} | {os.path.basename(r['export'])} |")
     print(f"\nbest std: {best['std']:.4f} (Fréchet distance {best['frechet_distance']:.4f})" if best else
           "\nbest std: none (no finite Fréchet distance)")
-    print(f"table: {os.path.join(job.out, 'sweep.json')}  plot: {os.path.join(job.out, 'sweep.png')}")
+    print(f"table: {os.path.join(job.out, 'sweep.json')}  plot: {os.path.join(job.out, 'sweep.png')}"
+          + (f"  best export: {summary['best_export']}" if summary["best_export"] else ""))
     return 0
 
 

@@ -6,11 +6,13 @@ distances differ by the weights alone.
 Exports go where `ema reconstruct` writes them (RUN/ema_exports/phema-<images>-<std>.safetensors): those already
 there are reused. The reference statistics are computed once per sweep (OUT/ref-stats.npz) instead of once per
 length; float64 through the .npz, so each distance equals `evaluate frechet --export` with the same arguments.
-Rank 0 writes OUT/frechet-<std>.json per length, then OUT/sweep.json and OUT/sweep.png."""
+Rank 0 writes OUT/frechet-<std>.json per length, then OUT/sweep.json, OUT/sweep.png and OUT/best.safetensors (a
+copy of the best length's export)."""
 from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -26,6 +28,7 @@ from .phema import MAX_STD
 from .reconstruct import check_stds, export_path, make_plan, reconstruct
 
 EXPORTS_DIR = "ema_exports"  # shared with `ema reconstruct`: either command reuses the other's exports
+BEST_EXPORT = "best.safetensors"
 STD_DECIMALS = 4  # the precision of the export names: a std is rounded to it, so a name means one std
 
 
@@ -93,9 +96,15 @@ def run_sweep(job: SweepJob, world_size: int = 1, progress: Optional[Callable[[i
         return None
     finite = [r for r in rows if math.isfinite(r["frechet_distance"])]
     best = min(finite, key=lambda r: r["frechet_distance"]) if finite else None
+    best_export = None
+    if best:  # a fixed name for scripts (`make demo` samples it): a copy of the winning length's export
+        best_export = os.path.join(job.out, BEST_EXPORT)
+        shutil.copyfile(best["export"], best_export + ".tmp")
+        os.replace(best_export + ".tmp", best_export)
     summary = {"run": job.run, "images": plan.images, "snapshots": len(plan.snapshots), "num_images": job.num_images,
                "seed": job.seed, "classes": job.classes, "sampler": job.sampler, "data": data,
-               "metric": "Frechet distance (digits classifier features, not FID)", "results": rows, "best": best}
+               "metric": "Frechet distance (digits classifier features, not FID)", "results": rows, "best": best,
+               "best_export": best_export}
     _write_json(os.path.join(job.out, "sweep.json"), summary)
     frechet_against_std([r["std"] for r in rows], [r["frechet_distance"] for r in rows], best and best["std"],
                         os.path.join(job.out, "sweep.png"),
