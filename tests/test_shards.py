@@ -161,7 +161,7 @@ def test_brace_pattern_source():
 def test_s3_build_verify_and_stream(tmp_path, s3_endpoint):  # noqa: F811
     from ddpm_dist.data import Layout, TrainStream, load_manifest
     url = "s3://ddpm/digits"
-    build_shards(iter_digits(16), url, prefix="digits", samples_per_shard=256, progress=False)
+    build_shards(iter_digits(16), url, prefix="digits", samples_per_shard=256, progress=False, val_fraction=0.1)
     assert verify(f"{url}/manifest.json", progress=False).ok
     remote = TrainStream(load_manifest(f"{url}/manifest.json"), rank=0, layout=Layout(1, 32, 2), seed=3)
     local = TrainStream(load_manifest(DIGITS), rank=0, layout=Layout(1, 32, 2), seed=3)
