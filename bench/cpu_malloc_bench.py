@@ -1,5 +1,5 @@
 """Training step time on the CPU with glibc's default malloc against the settings init_distributed applies
-(ddpm_dist/parallel/cpu_malloc.py): freed activation memory kept in the process instead of being returned to
+(ddpm_dist/cpu_malloc.py): freed activation memory kept in the process instead of being returned to
 the kernel and faulted back in. Each round runs both in fresh child processes, in alternating order; the
 median round counts.
 
@@ -26,7 +26,7 @@ def child(args) -> None:
     from ddpm_dist.config import load_config
     from ddpm_dist.diffusion import make_schedule, q_sample
     from ddpm_dist.models import UNet, resolve_model_config
-    from ddpm_dist.parallel.cpu_malloc import keep_freed_memory
+    from ddpm_dist.cpu_malloc import keep_freed_memory
 
     if args.child == "kept":
         assert keep_freed_memory(), "mallopt refused"

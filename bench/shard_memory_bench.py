@@ -12,8 +12,11 @@ requests per shard are counted from the server's request log.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +41,7 @@ def images(n: int, size: int):
 
 
 def worker_peak_rss_mb() -> list[float]:
-    """VmHWM of this process's children (the DataLoader workers; not the S3 server), in MB."""
+    """VmHWM of this process's children (the DataLoader workers), in MB."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -46,7 +49,7 @@ def worker_peak_rss_mb() -> list[float]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != os.getpid() or int(pid) in SERVERS:
+            if ppid != os.getpid():
                 continue
             with open(f"/proc/{pid}/status") as f:
                 out.append(int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024)
@@ -55,7 +58,6 @@ def worker_peak_rss_mb() -> list[float]:
     return out
 
 
-SERVERS: set[int] = set()  # child processes that are not DataLoader workers
 
 
 def measure(batches, n_images: int) -> tuple[float, list[float]]:
@@ -110,10 +112,23 @@ def main() -> None:
     p.add_argument("--buffer-mb", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--measure", type=int, default=12_800, help="images timed per configuration")
+    p.add_argument("--measure", type=int, default=80_000, help="images timed per configuration and round (~2 epochs)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--s3-measure", type=int, default=12_800, help="images timed per configuration over S3")
     p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--one", choices=("ours", "webdataset"), help=argparse.SUPPRESS)
+    p.add_argument("--manifest", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.one:
+        return measure_one(args)
     tmp = tempfile.mkdtemp(prefix="ddpm-shardmem-")
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ~1.1 GB of shards
+
+
+def run(args, tmp: str) -> None:
     sets = {}
     for name, mb in (("16MB", 16), ("512MB", 512)):
         out = os.path.join(tmp, name)
@@ -122,22 +137,61 @@ def main() -> None:
         sets[name] = os.path.join(out, "manifest.json")
         m = load_manifest(sets[name])
         print(f"{name} shards: {len(m.shards)} x ~{m.shards[0].bytes / 2**20:.0f} MB, {m.num_samples} images")
-    print(f"batch {args.batch}, {args.workers} workers, shard_buffer_mb {args.buffer_mb}, {args.measure} images timed")
-    rows = [
-        ("ours 16MB shards", *ours(sets["16MB"], args, args.buffer_mb)),
-        ("ours 512MB shards", *ours(sets["512MB"], args, args.buffer_mb)),
-        ("whole shard 16MB (before)", *ours(sets["16MB"], args, 1024)),
-        ("whole shard 512MB (before)", *ours(sets["512MB"], args, 1024)),
-        ("webdataset 16MB shards", *peer(sets["16MB"], args)),
-    ]
-    report(rows)
-    a = dict((r[0], r) for r in rows)
-    print(f"peak RSS per worker 512MB / 16MB shards: {max(a['ours 512MB shards'][2]) / max(a['ours 16MB shards'][2]):.2f}")
+    print(f"batch {args.batch}, {args.workers} workers, shard_buffer_mb {args.buffer_mb}, {args.measure} images timed, "
+          f"median of {args.rounds} rounds (configurations interleaved, order rotated, each in a fresh process)")
+    common = ["--batch", str(args.batch), "--workers", str(args.workers), "--measure", str(args.measure)]
+    configs = {
+        "ours 16MB shards": ["--one", "ours", "--manifest", sets["16MB"], "--buffer-mb", str(args.buffer_mb), *common],
+        "ours 512MB shards": ["--one", "ours", "--manifest", sets["512MB"], "--buffer-mb", str(args.buffer_mb), *common],
+        "whole shard 16MB (before)": ["--one", "ours", "--manifest", sets["16MB"], "--buffer-mb", "1024", *common],
+        "whole shard 512MB (before)": ["--one", "ours", "--manifest", sets["512MB"], "--buffer-mb", "1024", *common],
+        "webdataset 16MB shards": ["--one", "webdataset", "--manifest", sets["16MB"], *common],
+    }
+    results = interleaved(configs, args.rounds)
+    report([(name, float(np.median(rates)), rss) for name, (rates, rss) in results.items()])
+    print(f"peak RSS per worker 512MB / 16MB shards: "
+          f"{max(results['ours 512MB shards'][1]) / max(results['ours 16MB shards'][1]):.2f}")
     print(f"throughput 512MB shards bounded / 16MB whole shard (today's): "
-          f"{a['ours 512MB shards'][1] / a['whole shard 16MB (before)'][1]:.2f}")
-    print(f"ours / webdataset, local: {a['ours 16MB shards'][1] / a['webdataset 16MB shards'][1]:.2f}")
+          f"{paired(results, 'ours 512MB shards', 'whole shard 16MB (before)')}")
+    print(f"same code, same shards (noise gauge): ours 16MB / whole shard 16MB: "
+          f"{paired(results, 'ours 16MB shards', 'whole shard 16MB (before)')}")
+    print(f"ours / webdataset, local: {paired(results, 'ours 16MB shards', 'webdataset 16MB shards')}")
     if not args.no_s3:
         s3(args, tmp)
+
+
+def interleaved(configs: dict, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
+    """{name: (images/s per round, peak worker RSS of its first round)}. Each measurement is a fresh process
+    (as a training job is); rounds interleave the configurations and rotate their order. Ratios are taken within
+    a round (see paired): two identical configurations drifted apart by up to 20% across a few minutes here."""
+    names = list(configs)
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            rate, peak = one_process(configs[name])
+            out.setdefault(name, ([], peak))[0].append(rate)
+    return out
+
+
+def paired(results: dict, a: str, b: str) -> str:
+    """Median over rounds of a's rate / b's rate in the same round, with the range."""
+    ratios = [x / y for x, y in zip(results[a][0], results[b][0])]
+    return f"{np.median(ratios):.2f} (rounds: {min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def one_process(argv: list[str]) -> tuple[float, list[float]]:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["rate"], result["rss"]
+
+
+def measure_one(args) -> None:
+    """--one: a single measurement in this process, printed as JSON."""
+    if args.one == "webdataset":
+        rate, rss = peer(args.manifest, args)
+    else:
+        rate, rss = ours(args.manifest, args, args.buffer_mb)
+    print(json.dumps({"rate": rate, "rss": rss}))
 
 
 def report(rows) -> None:
@@ -147,9 +201,8 @@ def report(rows) -> None:
 
 
 def s3(args, tmp) -> None:
-    """The server runs in its own process: its in-memory objects must not count in the workers' RSS."""
+    """The server runs in its own process (the driver's child, not the measuring process's)."""
     import socket
-    import subprocess
 
     from ddpm_dist.parallel.env import free_port
 
@@ -158,7 +211,6 @@ def s3(args, tmp) -> None:
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                   stdout=log, stderr=subprocess.STDOUT)
-    SERVERS.add(server.pid)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -177,15 +229,18 @@ def s3(args, tmp) -> None:
         boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
         fs = fsspec.filesystem("s3")
         rows = []
+        common = ["--batch", str(args.batch), "--workers", str(args.workers), "--measure", str(args.s3_measure)]
         for name in ("16MB", "512MB"):
             fs.put(os.path.join(tmp, name), f"bench/{name}", recursive=True)
             before = gets_per_tar(log_path)
-            rows.append((f"ours s3 {name} shards", *ours(f"s3://bench/{name}/manifest.json", args, args.buffer_mb)))
+            rows.append((f"ours s3 {name} shards", *one_process(["--one", "ours", "--manifest",
+                         f"s3://bench/{name}/manifest.json", "--buffer-mb", str(args.buffer_mb), *common])))
             after = gets_per_tar(log_path)
             print(f"s3 {name}: GET requests per shard touched: "
                   f"{sorted(after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0))}")
         before = gets_per_tar(log_path)
-        rows.append(("webdataset s3 16MB shards", *peer("s3://bench/16MB/manifest.json", args)))
+        rows.append(("webdataset s3 16MB shards", *one_process(["--one", "webdataset", "--manifest",
+                                                                 "s3://bench/16MB/manifest.json", *common])))
         after = gets_per_tar(log_path)
         print(f"s3 webdataset 16MB: GET requests per shard touched: "
               f"{sorted(after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0))}")

@@ -4,7 +4,7 @@
    check, LR schedule) over a bare PyTorch loop (forward, loss, backward, AdamW step), same model, batch and
    step count, the same in-memory batches for both (data loading is bench/data_bench.py's business).
    Rounds alternate between the two and the median round counts. Goal: ratio <= 1.05. The process first
-   takes the malloc settings every CPU process of ours runs with (parallel/cpu_malloc.py), so both loops
+   takes the malloc settings every CPU process of ours runs with (ddpm_dist/cpu_malloc.py), so both loops
    share them; without them the page faults of either loop swing a round by several percent.
 2. Images/s of 2-process DDP, FSDP2 and ZeRO-2 against 1 process on the same global batch (gloo on CPU).
 
@@ -105,7 +105,7 @@ class OurLoop:
 
 
 def overhead(args):
-    from ddpm_dist.parallel.cpu_malloc import keep_freed_memory
+    from ddpm_dist.cpu_malloc import keep_freed_memory
 
     keep_freed_memory()
     cfg = load_config(None, [f"model.preset={args.preset}", f"train.global_batch={args.batch}", "train.grad_clip=1.0",

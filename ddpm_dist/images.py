@@ -13,7 +13,13 @@ from PIL import Image
 def to_model_range(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW in [-1, 1] (a new tensor; the input is not modified)."""
     x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return model_range(x.permute(0, 3, 1, 2))
+
+
+def model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW (any strides, any device) -> float32 NCHW in [-1, 1]. The training stream ships uint8 and the
+    step converts on its device: a quarter of the bytes through worker shared memory and host-to-device copies."""
+    return x.float().div_(127.5).sub_(1.0)
 
 
 def to_float255(images: np.ndarray) -> torch.Tensor:

@@ -15,7 +15,7 @@ from ddpm_dist.config import load_config
 from ddpm_dist.diffusion import make_schedule, q_sample
 from ddpm_dist.models import UNet, resolve_model_config
 from ddpm_dist.parallel import init_distributed, read_env
-from ddpm_dist.parallel.cpu_malloc import keep_freed_memory
+from ddpm_dist.cpu_malloc import keep_freed_memory
 
 init_distributed(read_env({}))
 model_cfg = resolve_model_config(load_config(None, ["model.preset=digits"]).model)

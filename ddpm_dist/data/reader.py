@@ -3,7 +3,10 @@
 A block is a sorted run of sample positions in one shard (the plan's unit of shuffling, sized so its bytes
 fit data.shard_buffer_mb). With the shard's index the wanted samples are fetched by byte range, one request
 per contiguous run of samples (tar headers and small holes are read through rather than split on); a foreign
-tar without an index is streamed front to back once per visit, keeping only the wanted samples."""
+tar without an index is streamed front to back once per visit, keeping only the wanted samples.
+
+A sample's files are views into its request's buffer, not copies: a block's bytes are resident once, and go
+when the block's last sample is decoded."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +19,10 @@ from . import storage
 from .samples import check_uncompressed, iter_tar_samples
 
 log = logging.getLogger(__name__)
-MERGE_GAP = 64 * 1024  # read through holes this small instead of starting another request
+MERGE_GAP = 64 * 1024  # read through holes this small (and no larger than the sample after them) in one request
+# Requests stay under glibc's 32 MiB mmap ceiling: a buffer that size is reused from the heap, while a larger one is
+# mapped and page-faulted in anew each time (1.9 vs 12 GB/s measured for 60 vs 30 MB reads from the page cache).
+MAX_REQUEST_BYTES = 16 << 20
 
 
 def sample_span(files: dict) -> tuple[int, int]:
@@ -24,15 +30,18 @@ def sample_span(files: dict) -> tuple[int, int]:
     return min(off for off, _ in files.values()), max(off + size for off, size in files.values())
 
 
-def byte_runs(index: list, positions: Iterable[int], max_gap: int = MERGE_GAP) -> list[tuple[int, int, list[int]]]:
-    """(start, end, positions) per request: sorted positions merged while the hole between them is small.
-    Positions whose entry is None (past the end of a truncated shard, see manifest.parse_index) are left out."""
+def byte_runs(index: list, positions: Iterable[int], max_gap: int = MERGE_GAP,
+              max_bytes: int = MAX_REQUEST_BYTES) -> list[tuple[int, int, list[int]]]:
+    """(start, end, positions) per request: sorted positions merged while the hole between them is small (at most
+    max_gap, and at most the next sample's own span or 4 KB: what is read through never outweighs what is
+    wanted) and the request stays within max_bytes. Positions whose entry is None (past the end of a truncated
+    shard, see manifest.parse_index) are left out."""
     runs: list[tuple[int, int, list[int]]] = []
     for p in sorted(positions):
         if index[p][1] is None:
             continue
         start, end = sample_span(index[p][1])
-        if runs and start - runs[-1][1] <= max_gap:
+        if runs and start - runs[-1][1] <= min(max_gap, max(end - start, 4096)) and end - runs[-1][0] <= max_bytes:
             runs[-1][2].append(p)
             runs[-1] = (runs[-1][0], max(end, runs[-1][1]), runs[-1][2])
         else:
@@ -45,7 +54,7 @@ def _indexed_blocks(url: str, index: list, blocks: list[np.ndarray]) -> Iterator
         out: dict[int, dict] = {}
         for start, end, members in byte_runs(index, block.tolist()):
             try:
-                data = storage.read_range(url, start, end)
+                data = memoryview(storage.read_range(url, start, end))
             except (FileNotFoundError, storage.StorageError):
                 raise
             except Exception as e:  # noqa: BLE001 - e.g. a range past a truncated object: those samples are corrupt
@@ -57,7 +66,7 @@ def _indexed_blocks(url: str, index: list, blocks: list[np.ndarray]) -> Iterator
                 for ext, (off, size) in files.items():
                     sample[ext] = data[off - start:off - start + size]
                 out[p] = sample
-            del data  # the slices are copies: the request's buffer goes before the next one
+        data = None
         yield out
 
 

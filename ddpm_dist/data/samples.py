@@ -127,9 +127,15 @@ def tar_index(data: bytes, url: str = "") -> list:
     return index
 
 
-def _npy(raw: bytes, shape: Optional[tuple]) -> np.ndarray:
-    """uint8 HWC/HW from .npy bytes, the header checked before anything is allocated (never np.load: it
-    allocates what the header claims)."""
+_NPY_HEADERS: dict[bytes, tuple] = {}  # header bytes -> (dims, data offset): the images of a data set share one
+
+
+def _npy_header(raw: bytes) -> tuple[tuple, int]:
+    """(dims, data offset) of uint8 C-order .npy bytes, checked; numpy's header parser (a literal_eval, half a
+    sample's decode time) runs once per distinct header."""
+    head = bytes(raw[:10 + int.from_bytes(raw[8:10], "little")]) if bytes(raw[6:8]) == b"\x01\x00" else None
+    if head is not None and head in _NPY_HEADERS:
+        return _NPY_HEADERS[head]
     f = io.BytesIO(raw)
     version = np.lib.format.read_magic(f)
     if version not in ((1, 0), (2, 0)):
@@ -138,11 +144,21 @@ def _npy(raw: bytes, shape: Optional[tuple]) -> np.ndarray:
     dims, fortran, dtype = read(f)
     if dtype != np.uint8 or fortran or len(dims) not in (2, 3):
         raise ValueError(f"npy holds {dtype} {dims} (fortran order: {fortran}), expected uint8 HWC")
-    if shape is not None and tuple(dims) not in (tuple(shape), tuple(shape[:2])):
+    parsed = (tuple(dims), f.tell())
+    if head is not None and len(head) == parsed[1] and len(_NPY_HEADERS) < 64:
+        _NPY_HEADERS[head] = parsed
+    return parsed
+
+
+def _npy(raw: bytes, shape: Optional[tuple]) -> np.ndarray:
+    """uint8 HWC/HW from .npy bytes, the header checked before anything is allocated (never np.load: it
+    allocates what the header claims)."""
+    dims, offset = _npy_header(raw)
+    if shape is not None and dims not in (tuple(shape), tuple(shape[:2])):
         raise ValueError(f"npy shape {dims} is not the expected {tuple(shape)}")
-    if math.prod(dims) != len(raw) - f.tell():
-        raise ValueError(f"npy shape {dims} does not match its {len(raw) - f.tell()} data bytes")
-    return np.frombuffer(raw, np.uint8, offset=f.tell()).reshape(dims).copy()
+    if math.prod(dims) != len(raw) - offset:
+        raise ValueError(f"npy shape {dims} does not match its {len(raw) - offset} data bytes")
+    return np.frombuffer(raw, np.uint8, offset=offset).reshape(dims).copy()
 
 
 def decode_image(sample: dict, shape: Optional[tuple] = None) -> np.ndarray:
@@ -153,7 +169,7 @@ def decode_image(sample: dict, shape: Optional[tuple] = None) -> np.ndarray:
         raise ShardError(f"sample {show(sample.get('__key__'))} has no image (keys: {show(sorted(sample))})")
     try:
         if key == "npy":
-            img = _npy(bytes(sample["npy"]), shape)
+            img = _npy(sample["npy"], shape)  # bytes or a view into a block's buffer
         else:
             img = decode_bytes(sample[key], None if shape is None else tuple(shape[:2]))
     except Exception as e:  # noqa: BLE001 - PIL and numpy's header parser raise many types (OSError, SyntaxError, ...)

@@ -91,7 +91,7 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600) -> Dis
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     else:
-        from .cpu_malloc import keep_freed_memory
+        from ..cpu_malloc import keep_freed_memory
 
         keep_freed_memory()
         if env.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:

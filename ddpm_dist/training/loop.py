@@ -22,12 +22,20 @@ from ..data.degrade import lowres_condition
 from ..diffusion import diffusion_loss
 from ..ema.power import PowerEMA
 from ..ema.snapshots import SnapshotWriter
+from ..images import model_range
 from ..models import UNet, resolve_model_config
 from ..obs.log import setup_logging
 from ..obs.metrics import Metrics
 from ..parallel import init_distributed, parallelize, read_env, resolve_backend
 from ..parallel.ema import ShardedEMA, ema_beta
-from ..parallel.env import all_gather_ints, all_reduce_mean, mix_seed, seed_device_rng, seed_everything, shutdown
+from ..parallel.env import (
+    all_gather_ints,
+    all_reduce_mean,
+    mix_seed,
+    seed_device_rng,
+    seed_everything,
+    shutdown,
+)
 from ..parallel.faults import PeerLost, describe_lost_peer, host_names
 from . import outputs
 from .checkpoint import CheckpointManager
@@ -49,6 +57,8 @@ def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: in
     dropout = getattr(getattr(engine.module, "config", None), "dropout", 1.0) > 0
     for i, batch in enumerate(micro_batches):
         x0 = batch["image"].to(device, non_blocking=True)
+        if x0.dtype == torch.uint8:  # the stream ships uint8 (a quarter of the bytes); callers may pass [-1, 1] floats
+            x0 = model_range(x0)
         t, drop, noise = slot_randomness(cfg.seed, step, rank_slots(i, rank, world_size, micro), schedule.num_steps,
                                          x0.shape[1:], cfg.train.label_dropout, device)
         kwargs = {}
