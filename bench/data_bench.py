@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ddpm_dist.data import Layout, TrainStream, build_shards, load_manifest  # noqa: E402
 from ddpm_dist.data.sources import digits_images  # noqa: E402
+from ddpm_dist.images import model_range  # noqa: E402
 
 
 def dataset(size: int):
@@ -79,7 +80,8 @@ def main():
 
     def ours(url):
         stream = TrainStream(load_manifest(url), rank=0, layout=Layout(1, args.batch, args.workers), seed=0)
-        return throughput(iter(stream), n)
+        # the stream ships uint8; the training step makes the [-1, 1] floats ImageFolder's transform makes
+        return throughput(({**b, "image": model_range(b["image"])} for b in stream), n)
 
     def imagefolder(ds):
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers,
