@@ -24,9 +24,9 @@ def child(args) -> None:
     import torch.nn.functional as F
 
     from ddpm_dist.config import load_config
+    from ddpm_dist.cpu_malloc import keep_freed_memory
     from ddpm_dist.diffusion import make_schedule, q_sample
     from ddpm_dist.models import UNet, resolve_model_config
-    from ddpm_dist.cpu_malloc import keep_freed_memory
 
     if args.child == "kept":
         assert keep_freed_memory(), "mallopt refused"

@@ -14,6 +14,8 @@ from ddpm_dist.data import (
     build_shards,
     load_manifest,
 )
+from ddpm_dist.data.reader import byte_runs
+from ddpm_dist.data.shards import read_all
 from ddpm_dist.data.sources import iter_numpy
 from ddpm_dist.data.stream import block_spans
 from tests.conftest import DIGITS
@@ -207,3 +209,51 @@ def test_a_block_is_one_range_request_within_the_buffer(monkeypatch):
         assert sorted(block) == list(range(min(block), min(block) + j - i))
         in_order += j - i > 3 and block == sorted(block)
     assert in_order == 0
+
+
+def test_batches_are_the_shards_uint8_images():
+    """Workers ship uint8 B x C x H x W (the step converts on its device): the very pixels of the shards."""
+    import torch
+
+    from ddpm_dist.images import model_range, to_model_range
+
+    images, labels = read_all(DIGITS)
+    for workers in (0, 2):
+        for b in take(make_stream(0, 1, workers), 3):
+            assert b["image"].dtype == torch.uint8 and b["label"].dtype == b["index"].dtype == torch.long
+            pos = b["index"].numpy()
+            assert (b["image"].permute(0, 2, 3, 1).numpy() == images[pos]).all()
+            assert (b["label"].numpy() == labels[pos]).all()
+            assert torch.equal(model_range(b["image"]), to_model_range(images[pos]))
+
+
+def test_byte_runs_merge_small_holes_and_cap_requests():
+    """One request per contiguous run, at most max_bytes; a hole is read through only when it is small and no
+    larger than the sample after it (or 4 KB); every wanted sample lies inside its request."""
+    index, off = [], 0
+    for i in range(200):
+        size = 100_000 if i % 50 else 300  # a few tiny samples
+        index.append([f"k{i}", {"cls": [off + 512, 1], "npy": [off + 1536, size]}])
+        off += 1536 + -(-size // 512) * 512
+    index[7][1] = None  # past the end of a truncated shard: left out
+    wanted = [p for p in range(200) if p % 10 != 3]  # holes of one sample (~100 KB > 64 KB): a new request
+    runs = byte_runs(index, wanted, max_bytes=1 << 20)
+    got = [p for _, _, members in runs for p in members]
+    assert got == [p for p in wanted if p != 7]
+    for start, end, members in runs:
+        assert end - start <= 1 << 20
+        for p in members:
+            lo = min(o for o, _ in index[p][1].values())
+            hi = max(o + n for o, n in index[p][1].values())
+            assert start <= lo and hi <= end
+    assert len(runs) > 20  # split at every hole and every MiB
+    contiguous = byte_runs(index, range(10, 20))
+    assert len(contiguous) == 1  # tar headers between neighbours are read through
+    # a 10 KB hole is read through for a 100 KB sample after it, not for a 300-byte one
+    small, off = [], 0
+    for i, size in enumerate([100_000, 10_000, 300, 10_000, 100_000]):
+        small.append([f"s{i}", {"npy": [off + 512, size]}])
+        off += 512 + -(-size // 512) * 512
+    assert len(byte_runs(small, [0, 2])) == 2  # an 11 KB hole before a 300-byte sample: its own request
+    assert len(byte_runs(small, [1, 4])) == 1  # a 12 KB hole before a 100 KB sample: read through
+    assert len(byte_runs(small, range(5))) == 1

@@ -128,6 +128,23 @@ def test_npy_header_claiming_gigabytes_is_not_allocated():
         tracemalloc.stop()
 
 
+def test_a_remembered_npy_header_still_checks_each_sample():
+    """Headers are parsed once per distinct header; the per-sample checks (byte count, expected shape) are not."""
+    buf = io.BytesIO()
+    np.save(buf, np.arange(12, dtype=np.uint8).reshape(2, 2, 3))
+    raw = buf.getvalue()
+    first = decode_image({"__key__": "a", "npy": raw}, (2, 2, 3))
+    again = decode_image({"__key__": "b", "npy": memoryview(raw)}, (2, 2, 3))  # a view, as blocks hand them out
+    assert (first == again).all() and again.flags.writeable  # a copy: the block's buffer can go
+    with pytest.raises(ShardError, match="does not match its 11 data bytes"):
+        decode_image({"__key__": "c", "npy": raw[:-1]}, (2, 2, 3))
+    with pytest.raises(ShardError, match="is not the expected"):
+        decode_image({"__key__": "d", "npy": raw}, (4, 4, 3))
+    fortran = raw.replace(b"'fortran_order': False", b"'fortran_order': True ")
+    with pytest.raises(ShardError, match="fortran order: True"):
+        decode_image({"__key__": "e", "npy": fortran}, (2, 2, 3))
+
+
 def test_png_over_the_decompression_bomb_limit_is_not_decoded():
     side = int(Image.MAX_IMAGE_PIXELS ** 0.5) + 100  # over the limit, under twice it: PIL only warns
     buf = io.BytesIO()
