@@ -10,6 +10,7 @@ from ddpm_dist.data import (
     DataError,
     EpochPlan,
     Layout,
+    ShardError,
     TrainStream,
     build_shards,
     load_manifest,
@@ -257,3 +258,36 @@ def test_byte_runs_merge_small_holes_and_cap_requests():
     assert len(byte_runs(small, [0, 2])) == 2  # an 11 KB hole before a 300-byte sample: its own request
     assert len(byte_runs(small, [1, 4])) == 1  # a 12 KB hole before a 100 KB sample: read through
     assert len(byte_runs(small, range(5))) == 1
+
+
+def test_an_index_of_one_entry_per_line_is_parsed_only_where_a_visit_reads(tmp_path):
+    """shards build writes one entry per line; a span parses and checks just its lines (an entry outside it may be
+    anything), and a stream over such indexes equals one over single-line indexes of the same shards."""
+    import json
+    import shutil
+
+    from ddpm_dist.data.manifest import index_json, parse_index
+
+    m = load_manifest(DIGITS)
+    info = m.shards[0]
+    data = open(m.index_url(0), "rb").read()
+    assert data.startswith(b"[\n") and data.count(b"\n") == info.num_samples + 1
+    whole = parse_index(data, "i", info.num_samples, info.bytes)
+    part = parse_index(data, "i", info.num_samples, info.bytes, span=(5, 9))
+    assert part[5:9] == whole[5:9] and part[:5] == [None] * 5 and part[9:] == [None] * (info.num_samples - 9)
+    entries = json.loads(data)
+    entries[0][1]["png"] = [-1, 10**12]  # a bad entry outside the span is never read, so never parsed
+    bad = index_json(entries)
+    assert parse_index(bad, "i", info.num_samples, info.bytes, span=(5, 9))[5:9] == whole[5:9]
+    with pytest.raises(ShardError, match="entry 0 file 'png'"):
+        parse_index(bad, "i", info.num_samples, info.bytes, span=(0, 9))
+    with pytest.raises(ShardError, match="entry 0 file 'png'"):
+        parse_index(bad, "i", info.num_samples, info.bytes)
+    # the same shards with single-line indexes stream the same batches (2 workers: visits start mid-shard)
+    copy = tmp_path / "digits"
+    shutil.copytree(os.path.dirname(DIGITS), copy)
+    for idx in copy.glob("*.idx.json"):
+        idx.write_text(json.dumps(json.loads(idx.read_text())))
+    a = take(make_stream(0, 2, 2, url=str(copy / "manifest.json"), buffer_bytes=SMALL_BUFFER), 30)
+    b = take(make_stream(0, 2, 2, buffer_bytes=SMALL_BUFFER), 30)
+    assert keys(a) == keys(b) and all((x["image"] == y["image"]).all() for x, y in zip(a, b))

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from ddpm_dist.config import ConfigError, load_config
 from ddpm_dist.data import DataError, ShardError, load_manifest
-from ddpm_dist.data.manifest import MAX_SAMPLE_BYTES, parse_manifest
+from ddpm_dist.data.manifest import MAX_SAMPLE_BYTES, index_json, parse_manifest
 from ddpm_dist.data.samples import decode_image, decode_label, iter_tar_samples, tar_index
 from tests.fuzz_helpers import (
     NUM_CLASSES,
@@ -111,9 +111,10 @@ INDEX_VALUES = st.one_of(st.integers(-5, 5000), st.sampled_from([10**12, 2**63, 
 
 
 @given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["offset", "size", "entry", "drop", "files", "key", "dup"]),
-                          INDEX_VALUES), min_size=1, max_size=4))
+                          INDEX_VALUES), min_size=1, max_size=4), st.booleans())
 @fuzz(400)
-def test_index(genuine, edits):
+def test_index(genuine, edits, as_lines):
+    """Both layouts: one entry per line (what shards build writes; a visit parses only its lines) and one line."""
     root, m = genuine
     idx_path = root / "png" / m.shards[0].index
     original = idx_path.read_text()
@@ -144,7 +145,10 @@ def test_index(genuine, edits):
         elif what == "dup" and isinstance(value, int) and 0 <= value < len(index):
             index[pos] = copy.deepcopy(index[value])
     try:
-        write_json(idx_path, index)
+        if as_lines:
+            idx_path.write_bytes(index_json(index))
+        else:
+            write_json(idx_path, index)
         with bounded():
             got = stream_or_error(load_manifest(str(root / "png" / "manifest.json")), batches=4)
             assert got is None or all(b["image"].shape[0] == 2 for b in got)

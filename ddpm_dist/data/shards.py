@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from .manifest import (  # noqa: F401 - re-exported: the manifest and sample par
     Manifest,
     ShardError,
     ShardInfo,
+    index_json,
     load_manifest,
     one_line,
     parse_json,
@@ -94,7 +94,7 @@ def _write_shard(url: str, samples: list[dict]) -> ShardInfo:
         for s in samples:
             w.write(s)
     data = buf.getvalue()
-    storage.write_bytes_atomic(url + ".idx.json", json.dumps(tar_index(data), separators=(",", ":")).encode())
+    storage.write_bytes_atomic(url + ".idx.json", index_json(tar_index(data)))
     storage.write_bytes_atomic(url, data)
     return ShardInfo(url, len(samples), len(data), hashlib.sha256(data).hexdigest())
 

@@ -164,16 +164,19 @@ class _LaneDataset(IterableDataset):
             slot += plan.batches_per_rank - done
             epoch, pool, done = epoch + 1, None, 0
 
-    def _index(self, shard: int) -> Optional[list]:
-        """The shard's per-sample index, checked (manifest.parse_index), or None (a foreign tar: streamed).
-        Only the current shard's is kept."""
+    def _index(self, shard: int, lo: int, hi: int) -> Optional[list]:
+        """Entries lo..hi-1 of the shard's per-sample index, checked (manifest.parse_index), or None (a foreign
+        tar: streamed). Only the current shard's is kept, with the span it covers."""
         idx_url = self.manifest.index_url(shard)
         if not idx_url:
             return None
-        if idx_url not in self._index_cache:
-            index = parse_index(storage.read_bytes(idx_url), idx_url, self.counts[shard], self.shard_bytes[shard])
-            self._index_cache = {idx_url: index}
-        return self._index_cache[idx_url]
+        cached = self._index_cache.get(idx_url)
+        if cached is None or not (cached[0] <= lo and hi <= cached[1]):
+            index = parse_index(storage.read_bytes(idx_url), idx_url, self.counts[shard], self.shard_bytes[shard],
+                                span=(lo, hi))
+            cached = (lo, hi, index)
+            self._index_cache = {idx_url: cached}
+        return cached[2]
 
     def _blocks(self, plan: EpochPlan, seq: np.ndarray, begin: int) -> Iterator[tuple[int, np.ndarray, dict]]:
         """(shard, positions in plan order, {position: raw sample}) per block from `begin` on: each visit of a
@@ -190,7 +193,8 @@ class _LaneDataset(IterableDataset):
             base, url = int(plan.offsets[shard]), self.manifest.shard_url(shard)
             local = [np.sort(seq[i:j]) - base for i, j in visit]
             try:
-                for (i, j), raw in zip(visit, read_blocks(url, self._index(shard), local)):
+                index = self._index(shard, min(int(b[0]) for b in local), max(int(b[-1]) for b in local) + 1)
+                for (i, j), raw in zip(visit, read_blocks(url, index, local)):
                     block, raw = {base + p: sample for p, sample in raw.items()}, None
                     yield shard, seq[i:j], block
                     block = None  # the consumer is done with it: its bytes go before the next block is read
