@@ -26,7 +26,7 @@ PROFILES := "ema.stds=[0.05,0.10]" ema.snapshot_every_images=15000
 CLASSES := 0,1,2,3,4,5,6,7,8,9
 demo: install
 	$(BIN)/python -m ddpm_dist.train --config configs/digits.yaml run_dir=$(RUN) metrics.tensorboard=true $(PROFILES)
-	$(BIN)/python -m ddpm_dist.ema sweep --run $(RUN) --std-range 0.01:0.10:4 --num-images 500 --classes $(CLASSES) --guidance $(GUIDANCE)
+	$(BIN)/python -m ddpm_dist.ema sweep --run $(RUN) --std-range 0.05:0.25:5 --num-images 500 --classes $(CLASSES) --guidance $(GUIDANCE)
 	$(BIN)/python -m ddpm_dist.sample --export $(RUN)/ema_sweep/best.safetensors --num-images 100 --classes $(CLASSES) --guidance $(GUIDANCE) --grid-rows 10 --out $(RUN)/samples/final
 	$(BIN)/python -m ddpm_dist.report --run $(RUN)
 	@echo "pictures: $(RUN)/samples/final/grid.png $(RUN)/samples/final/trajectory.png $(RUN)/samples/final/reverse.gif $(RUN)/curves.png $(RUN)/ema_sweep/sweep.png"
