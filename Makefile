@@ -13,8 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps img2dataset==1.47.0  # its deps are in the test extra; its own pins would downgrade webdataset
 	$(PIP) install --no-build-isolation deepspeed
-	$(BIN)/python -c "import torch, deepspeed, ddpm_dist; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+	NO_ALBUMENTATIONS_UPDATE=1 $(BIN)/python -c "import torch, deepspeed, ddpm_dist, img2dataset; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""python -m ddpm_dist.shards build|inspect|verify — WebDataset shards with a manifest on any fsspec URL."""
+"""python -m ddpm_dist.shards build|inspect|verify|index — WebDataset shards with a manifest on any fsspec URL."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +36,82 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--preview", default="shards_preview.png", help="where to write a grid of the first 64 images")
     v = sub.add_parser("verify", help="re-read every shard: checksums, counts, every sample decodes")
     v.add_argument("manifest")
+    x = sub.add_parser("index", help="index foreign shards once (a brace pattern, a folder, img2dataset's output): "
+                                     "per-shard indexes + a manifest to train from",
+                       description=INDEX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("pattern", help="brace pattern of tar URLs ('s3://b/crawl/{00000..09999}.tar') or a folder of tars")
+    x.add_argument("--out", default=None, help="where the manifest and indexes go (default: beside the shards; give "
+                                               "one for a read-only bucket: the manifest then names shards by URL)")
+    x.add_argument("--world-size", type=int, default=1,
+                   help="local processes to spawn, each indexing every N-th shard (ignored under torchrun/SLURM)")
+    x.add_argument("--part", default=None, metavar="P/N",
+                   help="index only part P of N and write its record (one job of an array); then --finalize")
+    x.add_argument("--finalize", action="store_true", help="write the manifest from the part records under --out")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing manifest under --out")
     return p
+
+
+INDEX_HELP = """Index a pattern of tar shards once: each shard is read once (streamed, hashed), its index
+written beside it (or into --out), then the manifest. Part p of N indexes shards p, p+N, ...;
+the manifest lists them in pattern order whatever N is.
+
+  python -m ddpm_dist.shards index '/data/crawl/{00000..00999}.tar' --world-size 8
+  python -m ddpm_dist.shards index s3://bucket/laion-out --out /shared/laion-index   # img2dataset's folder
+  python -m launchers.slurm shards --nodes 4 --tasks-per-node 16 -- index 'PATTERN' --out DIR
+  # as independent jobs (an array): each runs --part $TASK/N, then one runs --finalize
+  python -m ddpm_dist.shards index 'PATTERN' --out DIR --part 3/16 && ... --finalize
+
+Train from DIR/manifest.json (data.source=DIR/manifest.json)."""
+
+
+def _index_rank(plan) -> None:
+    """One process of an index job: its part, then (after a barrier) rank 0 writes the manifest."""
+    from .data import index
+    from .parallel.env import barrier, init_distributed, read_env, shutdown
+
+    env = read_env()
+    if env.distributed:
+        init_distributed(env)
+    try:
+        index.index_part(plan, env.rank, env.world_size)
+        barrier()
+        if env.rank == 0:
+            index.finalize(plan, env.world_size)
+        barrier()
+    finally:
+        if env.distributed:
+            shutdown()
+
+
+def _index(args) -> int:
+    from .data import index
+    from .parallel.env import launched_externally, read_env, spawn_local
+
+    plan = index.plan_index(args.pattern, args.out)
+    if not (args.part or args.overwrite) and storage.exists(plan.manifest_url()):
+        raise sh.ShardError(f"'{storage.redact(plan.manifest_url())}' exists (pass --overwrite to index again)")
+    if args.part:
+        p, _, n = args.part.partition("/")
+        if not (p.isdigit() and n.isdigit() and int(p) < int(n)):
+            raise sh.ShardError(f"--part '{args.part}': expected P/N with 0 <= P < N")
+        records = index.index_part(plan, int(p), int(n))
+        print(f"indexed part {p} of {n}: {len(records)} shards, {sum(r['num_samples'] for r in records)} samples "
+              f"(then: index '{args.pattern}' --out {storage.redact(plan.out)} --finalize)")
+        return 0
+    if args.finalize:
+        m = index.finalize(plan)
+    else:
+        if args.world_size < 1:
+            raise sh.ShardError(f"--world-size {args.world_size} is not positive")
+        spawn_local(_index_rank, (plan,), min(args.world_size, len(plan.urls)))
+        if launched_externally() and read_env().rank != 0:
+            return 0
+        m = sh.load_manifest(plan.manifest_url())
+    odd = f"; image shapes vary: {m.extra['image_shapes']}" if "image_shapes" in m.extra else ""
+    print(f"indexed {len(plan.urls)} shards ({len(m.shards)} with samples), {m.num_samples} samples of "
+          f"{m.image_size[0]}x{m.image_size[1]}x{m.channels} {m.image_format}{odd}: "
+          f"train from {storage.redact(plan.manifest_url())}")
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -53,6 +128,8 @@ def main(argv: list[str]) -> int:
         print(f"wrote {len(m.shards)} shards, {m.num_samples} samples{held} of {m.image_size[0]}x{m.image_size[1]}x{m.channels} "
               f"to {storage.redact(args.out)} (manifest: {storage.redact(storage.join(args.out, sh.MANIFEST_NAME))})")
         return 0
+    if args.cmd == "index":
+        return _index(args)
     if args.cmd == "inspect":
         from . import viz
 

@@ -1,4 +1,4 @@
-"""python -m launchers.slurm train|sample|evaluate [launcher options] -- [arguments of the entry point]
+"""python -m launchers.slurm train|sample|evaluate|shards [launcher options] -- [arguments of the entry point]
 
 Submits the same entry points torchrun runs, through submitit to SLURM: one task per GPU (or CPU
 process), torch.distributed from the SLURM environment (the first node as rendezvous, a port derived
@@ -13,6 +13,8 @@ Examples:
     python -m launchers.slurm train --seeds 0,1,2 -- --config configs/digits.yaml run_dir=runs/digits
     python -m launchers.slurm train --sweep train.lr=1e-4,2e-4 --dry-run -- --config configs/cifar10.yaml
     python -m launchers.slurm sample --gpus-per-node 8 -- --run runs/cifar10 --num-images 50000 --out samples/c10
+    python -m launchers.slurm shards --nodes 4 --tasks-per-node 16 -- index 's3://b/crawl/{00000..99999}.tar' \\
+        --out /shared/crawl-index      # 64 tasks, each indexes every 64th shard; task 0 writes the manifest
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import sys
 import time
 
 REQUEUE_EXIT_CODE = 75
-VERBS = ("train", "sample", "evaluate")
+VERBS = ("train", "sample", "evaluate", "shards")  # shards: `index` as one task per process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,9 +132,9 @@ class Job:
 
 def run_entry(verb: str, argv: list[str]) -> int:
     """The entry point's main(), in this process (the SLURM task); returns its exit code."""
-    from ddpm_dist import evaluate, sample, train
+    from ddpm_dist import evaluate, sample, shards, train
 
-    module = {"train": train, "sample": sample, "evaluate": evaluate}[verb]
+    module = {"train": train, "sample": sample, "evaluate": evaluate, "shards": shards}[verb]
     try:
         return module.main(argv) or 0
     except SystemExit as e:

@@ -31,11 +31,21 @@ from .samples import decode_image, decode_label, iter_tar_samples, tar_index  # 
 from .sources import Sample
 
 
+# Training from a bare pattern reads and hashes every shard in every process before the first step: fine for a few
+# dozen shards (seconds), hours of repeated I/O for a crawl. Above this many, `shards index` is required (once).
+MAX_PATTERN_SHARDS = 64
+
+
 def manifest_from_pattern(pattern: str) -> Manifest:
-    """A manifest for a brace pattern of tar URLs (counts unknown until read: each shard is read once here)."""
+    """A manifest for a brace pattern of tar URLs (counts unknown until read: each shard is read once here).
+    Patterns of more than MAX_PATTERN_SHARDS shards are refused: index them once with `shards index`."""
     import braceexpand
 
     urls = list(braceexpand.braceexpand(pattern))
+    if len(urls) > MAX_PATTERN_SHARDS:
+        raise ShardError(f"pattern '{storage.redact(pattern)}' names {len(urls)} shards: index it first with "
+                         f"`python -m ddpm_dist.shards index '{storage.redact(pattern)}' --out DIR` and train from "
+                         f"DIR/manifest.json (patterns of up to {MAX_PATTERN_SHARDS} shards are read as they are)")
     infos, shape = [], None
     for url in urls:
         if not storage.exists(url):
