@@ -95,10 +95,12 @@ def _shards_with_corrupt(tmp_path, bad_every):
     npz = tmp_path / "d.npz"
     np.savez(npz, images=images[:400], labels=labels[:400])
     m = build_shards(iter_numpy(str(npz)), str(out), samples_per_shard=100, progress=False, shuffle_seed=None)
+    import dataclasses
     import hashlib
     import json
 
     from ddpm_dist.data.shards import iter_tar_samples
+    infos = []
     for info in m.shards:
         path = out / info.url
         samples = list(iter_tar_samples(path.read_bytes()))
@@ -110,8 +112,9 @@ def _shards_with_corrupt(tmp_path, bad_every):
         path.write_bytes(buf.getvalue())
         from ddpm_dist.data.shards import tar_index
         (out / info.index).write_text(json.dumps(tar_index(buf.getvalue())))
-        info.sha256, info.bytes = hashlib.sha256(buf.getvalue()).hexdigest(), len(buf.getvalue())
-    (out / "manifest.json").write_text(m.to_json())
+        infos.append(dataclasses.replace(info, sha256=hashlib.sha256(buf.getvalue()).hexdigest(),
+                                         bytes=len(buf.getvalue())))
+    (out / "manifest.json").write_text(m.with_shards(infos).to_json())  # the JSON alone: the sidecar is stale
     return str(out / "manifest.json")
 
 

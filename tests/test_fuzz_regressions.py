@@ -178,8 +178,12 @@ def test_bad_labels_are_skipped_and_counted(tmp_path, label):
     raw = tar_bytes(members)
     path.write_bytes(raw)
     (tmp_path / "d" / m.shards[0].index).write_text(json.dumps(tar_index(raw)))
-    m.shards[0].bytes = len(raw)
-    (tmp_path / "d" / "manifest.json").write_text(m.to_json())
+    import dataclasses
+
+    from ddpm_dist.data.manifest import write_manifest
+    m = m.with_shards([dataclasses.replace(m.shards[0], bytes=len(raw)), *m.shards[1:]])  # shards are read-only rows
+    write_manifest(m, str(tmp_path / "d" / "manifest.json"))  # sidecar and JSON
+    assert load_manifest(str(tmp_path / "d" / "manifest.json")).sizes[0] == len(raw) == m.shards[0].bytes
     stream_batches = read_stream(load_manifest(str(tmp_path / "d" / "manifest.json")), batches=3)
     assert sum(b["skipped"] for b in stream_batches) == 1
 

@@ -26,6 +26,7 @@ from .manifest import (  # noqa: F401 - re-exported: the manifest and sample par
     one_line,
     parse_json,
     show,
+    write_manifest,
 )
 from .samples import decode_image, decode_label, iter_tar_samples, tar_index  # noqa: F401 - re-exported
 from .sources import Sample
@@ -211,7 +212,7 @@ def build_shards(source: Iterable[Sample], out: str, *, prefix: str = "shard", s
         extra["validation_label_histogram"] = _histogram(held_out.labels)
     manifest = Manifest(train.infos, [shape[0], shape[1]], shape[2], num_classes, image_format, out, extra,
                         held_out.infos)
-    storage.write_bytes_atomic(manifest_url, manifest.to_json().encode())
+    write_manifest(manifest, manifest_url)  # the columns sidecar, then the JSON (each atomic)
     return manifest
 
 
