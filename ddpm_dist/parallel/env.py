@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -157,6 +158,19 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     if is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def sum_across_ranks(array: np.ndarray) -> np.ndarray:
+    """The elementwise int64 sum of every rank's `array` (same shape on each), returned on every rank: one
+    all_reduce, through a CUDA tensor under NCCL, a CPU one under gloo; a copy of `array` in one process."""
+    mine = np.array(array, dtype=np.int64, copy=True)
+    if not is_distributed() or dist.get_world_size() == 1:
+        return mine
+    nccl = "nccl" in str(dist.get_backend()).lower()
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    t = torch.from_numpy(mine).to(device)
+    dist.all_reduce(t)
+    return t.cpu().numpy()
 
 
 def all_gather_ints(values: list[int], device: torch.device) -> list[list[int]]:
