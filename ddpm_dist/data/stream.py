@@ -15,7 +15,7 @@ import dataclasses
 import gc
 import logging
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .manifest import MIN_SAMPLE_BYTES, Manifest, ShardError, load_manifest, par
 from .plan import DueSet, EpochPlan, Layout, Order
 from .reader import read_blocks
 from .samples import decode_image, decode_label
+from .startup import check_shards
 from .shards import manifest_from_pattern
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,9 @@ def block_size(manifest: Manifest, buffer_bytes: int) -> int:
     views of its requests' buffers, and the holes read through are no larger than the samples after them, so at
     most twice the block's sample bytes are resident (once when all its samples are due). Sized by the mean bytes
     per sample of the manifest (a block of many samples averages out). 0 when a whole shard fits."""
-    per_sample = max(MIN_SAMPLE_BYTES, -(-sum(s.bytes for s in manifest.shards) // max(manifest.num_samples, 1)))
+    per_sample = max(MIN_SAMPLE_BYTES, -(-int(manifest.sizes.sum()) // max(manifest.num_samples, 1)))
     block = max(1, buffer_bytes // (2 * per_sample))
-    return 0 if block >= max((s.num_samples for s in manifest.shards), default=0) else block
+    return 0 if block >= int(manifest.counts.max(initial=0)) else block
 
 
 def _flip_bit(seed: int, epoch: int, pos: int) -> bool:
@@ -162,7 +163,7 @@ class _LaneDataset(IterableDataset):
                     pending_skipped += 1
                     item = next((it for g in range(1, len(piece)) if (it := item_at((k + g) % len(piece)))), last_good)
                     if item is None:
-                        raise DataError(f"no decodable sample in shard '{self.manifest.shards[shard].url}'")
+                        raise DataError(f"no decodable sample in shard '{storage.redact(self.manifest.shard_url(shard))}'")
                 decoded.pop(k, None)
                 last_good = item
                 pending.append((int(pos), item))
@@ -172,7 +173,7 @@ class _LaneDataset(IterableDataset):
             raw = decoded = None  # the block's bytes (views) go before the next block is fetched
             if self.seen >= MIN_SEEN_FOR_SKIP_CHECK and self.skipped > self.max_skip_fraction * self.seen:
                 raise DataError(f"{self.skipped} of {self.seen} samples were corrupt, more than data.max_skip_fraction="
-                                f"{self.max_skip_fraction} (last in shard '{self.manifest.shards[shard].url}')")
+                                f"{self.max_skip_fraction} (last in shard '{storage.redact(self.manifest.shard_url(shard))}')")
         if self.skipped and self.skipped > self.max_skip_fraction * max(self.seen, 1):
             raise DataError(f"{self.skipped} of {self.seen} samples were corrupt, more than data.max_skip_fraction="
                             f"{self.max_skip_fraction}")
@@ -219,36 +220,27 @@ class TrainStream:
     """Endless iterator of this rank's batches across epochs, with state_dict/load_state_dict (JSON-safe)."""
 
     def __init__(self, manifest: Manifest, *, rank: int, layout: Layout, seed: int = 0, random_flip: bool = False,
-                 max_skip_fraction: float = 0.01, buffer_bytes: int = 256 << 20):
+                 max_skip_fraction: float = 0.01, buffer_bytes: int = 256 << 20,
+                 share: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+        """`share`: a sum of int64 arrays across the job's ranks (parallel.env.sum_across_ranks), so each rank checks
+        only its slice of the shards at start-up; without it this process checks every shard itself."""
         layout = dataclasses.replace(layout, block=block_size(manifest, buffer_bytes))
         self.manifest, self.rank, self.layout, self.seed = manifest, rank, layout, seed
         self.random_flip, self.max_skip_fraction = random_flip, max_skip_fraction
         self.shape = (manifest.image_size[0], manifest.image_size[1], manifest.channels)
-        self.counts = np.array([s.num_samples for s in manifest.shards], dtype=np.int64)
+        self.counts = manifest.counts
         self.epoch, self.batches_done = 0, 0
         self.pool: Optional[DueSet] = None  # what this epoch still owes, when not every sample (after a layout change)
         self.earlier: list[list[int]] = []  # [world, batch, workers, block, batches done] of this epoch's earlier layouts
         self.legacy_pool: Optional[str] = None  # a bit-mask cursor of before plan.py that started this epoch
         self.skipped_total = 0
         self.data_wait_seconds = 0.0
-        self.shard_bytes = self._check_shards()
+        # every shard exists and can hold its claimed samples: checked once per job, a slice per rank (startup.py)
+        where = (rank, layout.world_size) if share is not None else (0, 1)
+        self.shard_bytes = check_shards(manifest, manifest.counts, *where, share=share)
         if self._plan().batches_per_rank == 0:
             raise DataError(f"{manifest.num_samples} samples cannot fill one batch of {layout.batch_size} on each of "
                             f"{layout.world_size} ranks")
-
-    def _check_shards(self) -> list[int]:
-        """Every shard's real size, before anything is planned: a sample takes at least MIN_SAMPLE_BYTES of a
-        shard, so a claim the objects cannot hold is refused."""
-        m, sizes = self.manifest, [storage.size(self.manifest.shard_url(i)) for i in range(len(self.manifest.shards))]
-        missing = [m.shard_url(i) for i, size in enumerate(sizes) if size is None]
-        if missing:
-            raise DataError(f"{len(missing)} shard(s) listed in the manifest do not exist, first "
-                            f"'{storage.redact(missing[0])}'")
-        for info, url, size in zip(m.shards, map(m.shard_url, range(len(m.shards))), sizes):
-            if info.num_samples * MIN_SAMPLE_BYTES > size:
-                raise DataError(f"shard '{storage.redact(url)}' has {size} bytes, too few for the {info.num_samples} "
-                                f"samples the manifest claims (a sample takes at least {MIN_SAMPLE_BYTES})")
-        return sizes
 
     def _plan(self) -> EpochPlan:
         return EpochPlan(self.counts, self.seed, self.epoch, self.layout, self.pool)

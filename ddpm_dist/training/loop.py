@@ -35,6 +35,7 @@ from ..parallel.env import (
     seed_device_rng,
     seed_everything,
     shutdown,
+    sum_across_ranks,
 )
 from ..parallel.faults import PeerLost, describe_lost_peer, host_names
 from . import outputs
@@ -139,7 +140,8 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
     power = PowerEMA(engine, cfg.ema.stds) if cfg.ema.stds else None  # post-hoc EMA profiles (EDM2)
     stream = TrainStream(manifest, rank=env.rank, layout=Layout(env.world_size, micro, cfg.data.num_workers),
                          seed=cfg.seed, random_flip=cfg.data.random_flip, max_skip_fraction=cfg.data.max_skip_fraction,
-                         buffer_bytes=cfg.data.shard_buffer_mb << 20)
+                         buffer_bytes=cfg.data.shard_buffer_mb << 20,
+                         share=sum_across_ranks if env.distributed else None)
     lr_schedule = LRSchedule.from_config(cfg.train)
     components = {"engine": engine, "ema": ema, "progress": progress, "data": stream, "lr_schedule": lr_schedule}
     if power:
