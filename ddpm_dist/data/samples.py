@@ -17,6 +17,7 @@ import webdataset as wds
 from ..images import decode_image as decode_bytes
 from . import storage
 from .manifest import MAX_LABEL, MAX_SAMPLE_BYTES, ShardError, one_line, show
+from .resize import RESIZE_MODES, fit_array, fit_image, open_image  # noqa: F401 - RESIZE_MODES re-exported
 
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 _EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
@@ -180,6 +181,33 @@ def decode_image(sample: dict, shape: Optional[tuple] = None) -> np.ndarray:
     if img.dtype != np.uint8 or img.ndim != 3:
         raise ShardError(f"sample {show(sample.get('__key__'))}: expected uint8 HWC, got {img.dtype} {img.shape}")
     return img
+
+
+def decode_for_training(sample: dict, shape: tuple, resize: str, crop_seed: int) -> np.ndarray:
+    """uint8 HWC of exactly `shape` (H, W, C) from a sample's png/jpg/webp/npy bytes, resized by `resize` (one of
+    RESIZE_MODES; resize.py says how). `none` is the exact-size path (decode_image: another size is refused from
+    the header). Otherwise any size is taken: the header's size is checked against MAX_IMAGE_SIDE and the
+    decompression-bomb limit before a pixel is decoded, the image converted to C channels (L, LA, RGB, RGBA) and
+    fitted; `random_crop` crops where `crop_seed` says. A ShardError (one line) for anything undecodable."""
+    shape = tuple(int(v) for v in shape)
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize {resize!r} is not one of {', '.join(RESIZE_MODES)}")
+    if resize == "none":
+        img = decode_image(sample, shape)
+        if img.shape != shape:
+            raise ShardError(f"sample {show(sample.get('__key__'))}: image {img.shape} is not the expected {shape}")
+        return img
+    key = next((k for k in ("npy", "png", "jpg", "jpeg", "webp") if k in sample), None)
+    if key is None:
+        raise ShardError(f"sample {show(sample.get('__key__'))} has no image (keys: {show(sorted(sample))})")
+    try:
+        if key == "npy":
+            return fit_array(_npy(sample["npy"], None), shape, resize, crop_seed)
+        with open_image(sample[key]) as im:
+            return fit_image(im, shape, resize, crop_seed)
+    except Exception as e:  # noqa: BLE001 - PIL and numpy's header parser raise many types (OSError, SyntaxError, ...)
+        raise ShardError(f"sample {show(sample.get('__key__'))}: {key} does not decode ({type(e).__name__}: "
+                         f"{one_line(e)})") from None
 
 
 def decode_label(sample: dict, num_classes: int = 0) -> int:
