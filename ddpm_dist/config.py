@@ -77,6 +77,13 @@ class DataConfig:
     max_skip_fraction: float = 0.01  # corrupt samples tolerated before the run stops
     shard_buffer_mb: int = 256  # a DataLoader worker's resident shard bytes, whatever the shard size
     audit: bool = False  # write data_audit/rank<r>.jsonl: the sample indices of every step (to check resumes)
+    image_size: Optional[typing.Union[int, list[int]]] = None  # N or [H, W] to train at; None: the manifest's size
+    resize: str = "none"  # none (exact size) | center_crop | random_crop | border | stretch (data/resize.py)
+
+    def image_hw(self, manifest_size) -> tuple[int, int]:
+        """(H, W) the stream delivers: data.image_size when set, else the manifest's image_size."""
+        size = manifest_size if self.image_size is None else self.image_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
 
 
 @dataclass
@@ -176,6 +183,7 @@ CHOICES = {
     "model.activation_checkpointing": (None, "", "block", "level"),
     "train.eval_extractor": ("digits", "inception"),
     "train.eval_reference": ("train", "validation"),
+    "data.resize": ("none", "center_crop", "random_crop", "border", "stretch"),  # = data.resize.RESIZE_MODES (tested)
 }
 
 
@@ -183,11 +191,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against a dataclass field type; YAML scalars from the CLI arrive parsed."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or X | list[X] (a scalar or a list, e.g. data.image_size)
+        if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        listed = [a for a in inner if typing.get_origin(a) is list]
+        pick = listed[0] if listed and isinstance(value, (list, tuple)) else [a for a in inner if a not in listed][0]
+        return _coerce(value, pick, key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {_show(value)}")
@@ -310,6 +320,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.shard_buffer_mb: must be at least 1, got {cfg.data.shard_buffer_mb}")
     if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
         raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
+    _validate_image_size(cfg.data.image_size)
     if cfg.parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
     if cfg.train.sr_factor and cfg.train.eval_every_images:
@@ -324,6 +335,12 @@ def validate(cfg: Config) -> None:
     _validate_ema(cfg.ema)
     if len(cfg.train.betas) != 2:
         raise ConfigError("train.betas: expected two numbers [beta1, beta2]")
+
+
+def _validate_image_size(size) -> None:
+    sides = [size] if isinstance(size, int) else size or []
+    if isinstance(size, list) and len(size) not in (1, 2) or any(not 1 <= v <= 16384 for v in sides):
+        raise ConfigError(f"data.image_size: expected N or [H, W] with sides in 1..16384, got {_show(size)}")
 
 
 def _validate_ema(ema: EMAConfig) -> None:

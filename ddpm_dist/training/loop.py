@@ -282,9 +282,15 @@ def _check_same_profiles(cfg: Config, meta: dict) -> None:
 
 
 def _check_data_matches_model(manifest, model_cfg, cfg: Config) -> None:
-    h, w = manifest.image_size
+    h, w = cfg.data.image_hw(manifest.image_size)  # data.image_size when set: the stream resizes to it
+    mh, mw = manifest.image_size
+    if cfg.data.resize == "none" and (h, w) != (mh, mw):
+        raise ConfigError(f"data.image_size {h}x{w} differs from the {mh}x{mw} images of '{cfg.data.source}' but "
+                          f"data.resize is none: set data.resize=center_crop (or random_crop, border, stretch)")
     if (h, w) != (model_cfg.image_size, model_cfg.image_size):
-        raise ConfigError(f"data '{cfg.data.source}' has {h}x{w} images but model.image_size is {model_cfg.image_size}")
+        what = (f"data.image_size is {h}x{w}" if cfg.data.image_size is not None
+                else f"data '{cfg.data.source}' has {h}x{w} images")
+        raise ConfigError(f"{what} but model.image_size is {model_cfg.image_size}")
     if manifest.channels != model_cfg.in_channels:
         raise ConfigError(f"data '{cfg.data.source}' has {manifest.channels} channel(s) but model.in_channels is "
                           f"{model_cfg.in_channels}")
