@@ -294,3 +294,62 @@ def test_an_index_of_one_entry_per_line_is_parsed_only_where_a_visit_reads(tmp_p
     a = take(make_stream(0, 2, 2, url=str(copy / "manifest.json"), buffer_bytes=SMALL_BUFFER), 30)
     b = take(make_stream(0, 2, 2, buffer_bytes=SMALL_BUFFER), 30)
     assert keys(a) == keys(b) and all((x["image"] == y["image"]).all() for x, y in zip(a, b))
+
+
+def _mixed_size_jpeg_shards(tmp_path):
+    """Two foreign shards of JPEGs of many sizes and aspect ratios, indexed with `shards index`."""
+    from PIL import Image
+
+    from ddpm_dist.data.index import finalize, index_part, plan_index
+
+    rng = np.random.default_rng(3)
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / f"crawl-{s}.tar"), encoder=False) as w:
+            for i in range(40):
+                h, wd = int(rng.integers(9, 60)), int(rng.integers(9, 60))
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (h, wd, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                w.write({"__key__": f"s{s}i{i:03d}", "jpg": buf.getvalue()})
+    plan = plan_index(str(tmp_path / "crawl-{0..1}.tar"))
+    index_part(plan, 0, 1)
+    finalize(plan, 1)
+    return str(tmp_path / "manifest.json")
+
+
+def test_images_of_any_size_are_fitted_in_the_workers(tmp_path):
+    """data.resize: every batch image is decode_for_training's fit of that very sample to data.image_size, a random
+    crop is the same after a resume and differs across epochs; without resize the mixed sizes are refused."""
+    from ddpm_dist.data.samples import decode_for_training, iter_tar_samples
+    from ddpm_dist.rng import mix_seed
+
+    url = _mixed_size_jpeg_shards(tmp_path)
+    m = load_manifest(url)
+    raw = {}
+    for i in range(m.num_shards):
+        for k, sample in enumerate(iter_tar_samples(open(m.shard_url(i), "rb").read())):
+            raw[int(m.counts[:i].sum()) + k] = sample
+    for mode in ("center_crop", "random_crop"):
+        def stream():
+            return TrainStream(m, rank=0, layout=Layout(1, 8, 2), seed=5, image_size=(16, 16), resize=mode)
+        batches = take(stream(), 15)  # 10 batches an epoch: into the second epoch
+        for b in batches:
+            assert b["image"].shape == (8, 3, 16, 16)
+            for img, pos in zip(b["image"].permute(0, 2, 3, 1).numpy(), b["index"].tolist()):
+                seed = mix_seed(5, b["epoch"], pos, 0xC209)
+                assert (img == decode_for_training(raw[pos], (16, 16, 3), mode, seed)).all()
+        first = stream()
+        head = take(first, 4)
+        resumed = stream()
+        resumed.load_state_dict(first.state_dict())
+        rest = take(resumed, 11)
+        assert all((x["image"] == y["image"]).all() for x, y in zip(head + rest, batches))
+        if mode == "random_crop":  # the same sample, cropped elsewhere in the next epoch
+            by_pos = {}
+            for b in batches:
+                for img, pos in zip(b["image"], b["index"].tolist()):
+                    by_pos.setdefault(pos, []).append(img)
+            assert any(len(v) == 2 and not (v[0] == v[1]).all() for v in by_pos.values())
+    with pytest.raises(DataError, match=r"image sizes and data.resize is none: set data.image_size and data.resize"):
+        TrainStream(m, rank=0, layout=Layout(1, 8, 0), seed=5)
+    with pytest.raises(DataError, match="data.resize 'squash' is not one of none, center_crop"):
+        TrainStream(m, rank=0, layout=Layout(1, 8, 0), seed=5, image_size=(16, 16), resize="squash")

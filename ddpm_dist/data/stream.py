@@ -27,7 +27,7 @@ from . import storage
 from .manifest import MIN_SAMPLE_BYTES, Manifest, ShardError, load_manifest, parse_index
 from .plan import DueSet, EpochPlan, Layout, Order
 from .reader import read_blocks
-from .samples import decode_image, decode_label
+from .samples import RESIZE_MODES, decode_for_training, decode_label
 from .startup import check_shards
 from .shards import manifest_from_pattern
 
@@ -62,11 +62,12 @@ class _LaneDataset(IterableDataset):
 
     def __init__(self, manifest: Manifest, counts, seed: int, layout: Layout, rank: int, epoch: int,
                  due: Optional[DueSet], batches_done: int, random_flip: bool, max_skip_fraction: float,
-                 expected_shape: tuple[int, int, int], shard_bytes):
+                 expected_shape: tuple[int, int, int], shard_bytes, resize: str = "none"):
         self.shard_bytes = shard_bytes  # each shard's real size: index entries are checked against it
         self.manifest, self.counts, self.seed, self.layout, self.rank = manifest, counts, seed, layout, rank
         self.epoch, self.due, self.batches_done = epoch, due, batches_done
         self.random_flip, self.max_skip_fraction, self.expected_shape = random_flip, max_skip_fraction, expected_shape
+        self.resize = resize
         self._index_cache: dict = {}
         self.seen = self.skipped = 0
 
@@ -130,14 +131,14 @@ class _LaneDataset(IterableDataset):
             except ShardError as e:  # a bad index or a compressed shard: fatal, one line
                 raise DataError(str(e)) from None
 
-    def _decode(self, sample: Optional[dict]) -> Optional[tuple]:
-        """(image, label, key), or None for a sample that is missing or undecodable."""
+    def _decode(self, sample: Optional[dict], epoch: int, pos: int) -> Optional[tuple]:
+        """(image, label, key), or None for a sample that is missing or undecodable. The image is fitted to the
+        training shape by data.resize (`none`: it must have that shape); a random crop is a function of (seed,
+        epoch, position), so a resumed run crops the same way."""
         if sample is None:
             return None
         try:
-            img = decode_image(sample, self.expected_shape)  # the size is checked before decoding
-            if img.shape != self.expected_shape:
-                raise ShardError(f"shape {img.shape} != {self.expected_shape}")
+            img = decode_for_training(sample, self.expected_shape, self.resize, mix_seed(self.seed, epoch, pos, 0xC209))
             return img, decode_label(sample, self.manifest.num_classes), sample["__key__"]
         except Exception:  # noqa: BLE001 - a corrupt sample is skipped and counted
             return None
@@ -152,7 +153,7 @@ class _LaneDataset(IterableDataset):
 
             def item_at(k: int) -> Optional[tuple]:
                 if k not in decoded:
-                    decoded[k] = self._decode(raw.get(int(piece[k])))
+                    decoded[k] = self._decode(raw.get(int(piece[k])), plan.epoch, int(piece[k]))
                 return decoded[k]
 
             for k, pos in enumerate(piece):
@@ -221,13 +222,17 @@ class TrainStream:
 
     def __init__(self, manifest: Manifest, *, rank: int, layout: Layout, seed: int = 0, random_flip: bool = False,
                  max_skip_fraction: float = 0.01, buffer_bytes: int = 256 << 20,
-                 share: Optional[Callable[[np.ndarray], np.ndarray]] = None):
-        """`share`: a sum of int64 arrays across the job's ranks (parallel.env.sum_across_ranks), so each rank checks
+                 share: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                 image_size: Optional[tuple[int, int]] = None, resize: str = "none"):
+        """`image_size` (H, W) with `resize` (samples.RESIZE_MODES) fits images of any size to the training shape in
+        the workers; by default every image must have the manifest's size. `share`: a sum of int64 arrays across the job's ranks (parallel.env.sum_across_ranks), so each rank checks
         only its slice of the shards at start-up; without it this process checks every shard itself."""
         layout = dataclasses.replace(layout, block=block_size(manifest, buffer_bytes))
         self.manifest, self.rank, self.layout, self.seed = manifest, rank, layout, seed
         self.random_flip, self.max_skip_fraction = random_flip, max_skip_fraction
-        self.shape = (manifest.image_size[0], manifest.image_size[1], manifest.channels)
+        height, width = image_size or manifest.image_size
+        self.shape, self.resize = (int(height), int(width), manifest.channels), resize
+        _check_resize(manifest, self.shape, resize)
         self.counts = manifest.counts
         self.epoch, self.batches_done = 0, 0
         self.pool: Optional[DueSet] = None  # what this epoch still owes, when not every sample (after a layout change)
@@ -259,7 +264,7 @@ class TrainStream:
                      self.layout.batch_size, plan.dropped)
         dataset = _LaneDataset(self.manifest, self.counts, self.seed, self.layout,
                                self.rank, self.epoch, self.pool, self.batches_done, self.random_flip,
-                               self.max_skip_fraction, self.shape, self.shard_bytes)
+                               self.max_skip_fraction, self.shape, self.shard_bytes, self.resize)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers, collate_fn=_as_is,
                             worker_init_fn=_init_worker, prefetch_factor=2 if self.layout.num_workers else None)
         it = iter(loader)
@@ -322,6 +327,18 @@ class TrainStream:
         for *layout, done in self.earlier:
             due = EpochPlan(self.counts, self.seed, self.epoch, Layout(*layout), due).remaining(done)
         return due
+
+
+def _check_resize(manifest: Manifest, shape: tuple, resize: str) -> None:
+    if resize not in RESIZE_MODES:
+        raise DataError(f"data.resize '{resize}' is not one of {', '.join(RESIZE_MODES)}")
+    if resize != "none":
+        return
+    sizes = manifest.extra.get("image_shapes") or {}
+    if len(sizes) > 1 or list(shape[:2]) != list(manifest.image_size):
+        found = f"{len(sizes)} image sizes" if len(sizes) > 1 else f"images of {manifest.image_size[0]}x{manifest.image_size[1]}"
+        raise DataError(f"the manifest has {found} and data.resize is none: set data.image_size and data.resize "
+                        f"({' | '.join(RESIZE_MODES[1:])}) to fit them to {shape[0]}x{shape[1]}")
 
 
 def _checked_layouts(entries) -> list[list[int]]:
