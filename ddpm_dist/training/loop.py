@@ -141,7 +141,8 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
     stream = TrainStream(manifest, rank=env.rank, layout=Layout(env.world_size, micro, cfg.data.num_workers),
                          seed=cfg.seed, random_flip=cfg.data.random_flip, max_skip_fraction=cfg.data.max_skip_fraction,
                          buffer_bytes=cfg.data.shard_buffer_mb << 20,
-                         share=sum_across_ranks if env.distributed else None)
+                         share=sum_across_ranks if env.distributed else None,
+                         image_size=cfg.data.image_hw(manifest.image_size), resize=cfg.data.resize)
     lr_schedule = LRSchedule.from_config(cfg.train)
     components = {"engine": engine, "ema": ema, "progress": progress, "data": stream, "lr_schedule": lr_schedule}
     if power:
