@@ -8,7 +8,8 @@ from collections import Counter
 from .cli_common import run_cli
 from .data import shards as sh
 from .data import storage
-from .data.sources import SOURCE_KINDS, open_source
+from .data.resize import RESIZE_MODES
+from .data.sources import SOURCE_KINDS, SourceError, open_source, parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input", help="folder, array file, or torchvision root")
     b.add_argument("--split", default="train", help="torchvision split (train/test/valid)")
     b.add_argument("--out", required=True, help="output prefix: a folder, s3://bucket/prefix, memory://...")
-    b.add_argument("--size", type=int, default=16, help="digits only: upsample 8x8 to this size")
+    b.add_argument("--size", type=_size, default=None, metavar="N|HxW",
+                   help="resize every image to N x N (or H x W) by --resize; digits: upsample 8x8 to N x N (default "
+                        "16). Without it images keep their size and must all share one")
+    b.add_argument("--resize", choices=RESIZE_MODES, default=None,
+                   help="how --size is reached (default center_crop): center_crop/random_crop scale the short side to "
+                        "the size and crop (random_crop: a crop per image from --shuffle-seed), border fits the whole "
+                        "image and pads, stretch ignores the aspect ratio, none requires the size (data/resize.py)")
     b.add_argument("--prefix", default="shard", help="shard file name prefix")
     b.add_argument("--samples-per-shard", type=int, default=1000)
     b.add_argument("--max-shard-bytes", type=int, default=0, help="also cut a shard before it passes this size")
@@ -49,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--finalize", action="store_true", help="write the manifest from the part records under --out")
     x.add_argument("--overwrite", action="store_true", help="replace an existing manifest under --out")
     return p
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except SourceError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 INDEX_HELP = """Index a pattern of tar shards once: each shard is read once (streamed, hashed), its index
@@ -117,7 +131,7 @@ def _index(args) -> int:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "build":
-        source = open_source(args.source, args.input, args.size, args.split)
+        source = open_source(args.source, args.input, args.size, args.split, args.resize, max(args.shuffle_seed, 0))
         total = 1797 if args.source == "digits" else None
         m = sh.build_shards(source, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
                             max_shard_bytes=args.max_shard_bytes, image_format=args.format,

@@ -190,7 +190,8 @@ def build_shards(source: Iterable[Sample], out: str, *, prefix: str = "shard", s
             if shape is None:
                 shape = img.shape
             if img.shape != shape:
-                raise ShardError(f"image {key} has shape {img.shape}, expected {shape} like the first one")
+                raise ShardError(f"image {key} has shape {img.shape}, expected {shape} like the first one (images of "
+                                 "several sizes: pass --size N --resize center_crop to resize each to N x N)")
             rec = {"__key__": key, image_format: encode_image(img, image_format)}
             if label is not None:
                 rec["cls"] = str(label).encode()

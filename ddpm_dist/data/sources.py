@@ -1,13 +1,18 @@
-"""Image sources for shard building. Each yields (key, uint8 HWC array, label or None)."""
+"""Image sources for shard building. Each yields (key, uint8 HWC array, label or None). With a size, every
+image is fitted to it by data/resize.py (the function the training stream's `data.resize` uses)."""
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image
 
+from ..rng import mix_seed
+from .resize import RESIZE_MODES, channel_mode, fit_array, fit_image, open_image
+
 Sample = tuple[str, np.ndarray, Optional[int]]
+Size = Union[int, tuple[int, int], None]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 SOURCE_KINDS = ("digits", "folder", "numpy", "cifar10", "mnist", "celeba")
 
@@ -43,8 +48,23 @@ def iter_digits(size: int = 16) -> Iterator[Sample]:
         yield f"digits{i:06d}", im, int(y)
 
 
-def iter_folder(root: str) -> Iterator[Sample]:
-    """One sub-folder per class gives labels (sorted names -> 0..K-1); a flat folder is unlabelled."""
+def parse_size(text: str) -> tuple[int, int]:
+    """`N` or `HxW` -> (H, W), sides in 1..16384."""
+    parts = str(text).lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and 1 <= int(p) <= 1 << 14 for p in parts):
+        raise SourceError(f"size '{text}': expected N or HxW (sides 1..16384)")
+    return int(parts[0]), int(parts[-1])
+
+
+def _fit_seed(seed: int, i: int) -> int:
+    return mix_seed(seed, i)  # random_crop at build time: a crop per image, fixed by --shuffle-seed
+
+
+def iter_folder(root: str, size: Optional[tuple[int, int]] = None, resize: str = "center_crop",
+                seed: int = 0) -> Iterator[Sample]:
+    """One sub-folder per class gives labels (sorted names -> 0..K-1); a flat folder is unlabelled. Without
+    `size` images keep their size (grey ones one channel); with (H, W) each is fitted by `resize` to H x W x C,
+    C (1 or 3) from the first image."""
     if not os.path.isdir(root):
         raise SourceError(f"image folder '{root}' does not exist")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -57,10 +77,16 @@ def iter_folder(root: str) -> Iterator[Sample]:
         entries = [(os.path.join(root, f), None) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not entries:
         raise SourceError(f"image folder '{root}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    channels = None
     for i, (path, label) in enumerate(entries):
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16", "I") else "RGB"))
-        yield f"img{i:08d}", _hwc(arr), label
+        try:
+            with open_image(path) as im:  # the header's size checked before decoding
+                channels = channels or channel_mode(im)
+                shape = (im.height, im.width, channel_mode(im)) if size is None else (size[0], size[1], channels)
+                arr = fit_image(im, shape, "none" if size is None else resize, _fit_seed(seed, i))
+        except (OSError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated files, the size limits
+            raise SourceError(f"image '{path}' does not decode ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        yield f"img{i:08d}", arr, label
 
 
 def iter_numpy(path: str) -> Iterator[Sample]:
@@ -107,15 +133,42 @@ def iter_torchvision(kind: str, root: str, split: str = "train") -> Iterator[Sam
         yield f"{kind}{i:08d}", _hwc(np.asarray(img)), label
 
 
-def open_source(kind: str, path: Optional[str] = None, size: int = 16, split: str = "train") -> Iterator[Sample]:
+def fitted(samples: Iterable[Sample], size: tuple[int, int], resize: str = "center_crop",
+           seed: int = 0) -> Iterator[Sample]:
+    """Each array fitted to size x C by `resize` (C from the first image)."""
+    channels = None
+    for i, (key, img, label) in enumerate(samples):
+        channels = channels or img.shape[2]
+        try:
+            out = fit_array(img, (size[0], size[1], channels), resize, _fit_seed(seed, i))
+        except ValueError as e:
+            raise SourceError(f"image {key}: {str(e).splitlines()[0]}") from None
+        yield key, out, label
+
+
+def open_source(kind: str, path: Optional[str] = None, size: Size = None, split: str = "train",
+                resize: Optional[str] = None, seed: int = 0) -> Iterator[Sample]:
+    """The images of a source. `size` (N or (H, W)): digits upsample their 8x8 images to N x N (default 16);
+    every other source fits each image to it by `resize` (default center_crop; none: each must already have
+    it). Without a size images keep theirs, and must all share one to be built into shards."""
+    if resize is not None and resize not in RESIZE_MODES:
+        raise SourceError(f"--resize '{resize}' is not one of {', '.join(RESIZE_MODES)}")
+    hw = None if size is None else (size, size) if isinstance(size, int) else tuple(size)
     if kind == "digits":
-        return iter_digits(size)
+        if resize is not None or (hw and hw[0] != hw[1]):
+            raise SourceError("source digits: --size N upsamples its 8x8 images to N x N (no HxW, no --resize)")
+        return iter_digits(16 if hw is None else hw[0])
     if path is None:
         raise SourceError(f"source '{kind}' needs --input PATH")
+    if hw is None and resize is not None:
+        raise SourceError(f"--resize {resize} needs --size N (or HxW): the size to resize every image to")
+    mode = resize or "center_crop"
     if kind == "folder":
-        return iter_folder(path)
+        return iter_folder(path, hw, mode, seed)
     if kind == "numpy":
-        return iter_numpy(path)
-    if kind in ("cifar10", "mnist", "celeba"):
-        return iter_torchvision(kind, path, split)
-    raise SourceError(f"unknown source '{kind}' (expected one of {', '.join(SOURCE_KINDS)})")
+        samples = iter_numpy(path)
+    elif kind in ("cifar10", "mnist", "celeba"):
+        samples = iter_torchvision(kind, path, split)
+    else:
+        raise SourceError(f"unknown source '{kind}' (expected one of {', '.join(SOURCE_KINDS)})")
+    return samples if hw is None else fitted(samples, hw, mode, seed)
