@@ -353,3 +353,19 @@ def test_images_of_any_size_are_fitted_in_the_workers(tmp_path):
         TrainStream(m, rank=0, layout=Layout(1, 8, 0), seed=5)
     with pytest.raises(DataError, match="data.resize 'squash' is not one of none, center_crop"):
         TrainStream(m, rank=0, layout=Layout(1, 8, 0), seed=5, image_size=(16, 16), resize="squash")
+
+
+def test_train_on_images_of_any_size(tmp_path):
+    """`train data.image_size=16 data.resize=center_crop` on a crawl of JPEGs of many sizes: the run trains from
+    what the workers fitted (the audit lists every sample of its steps); without data.resize it stops in one line."""
+    import json
+
+    from tests.train_helpers import run_train
+
+    url = _mixed_size_jpeg_shards(tmp_path)
+    size = ["model.image_size=16", "model.in_channels=3", "model.num_classes=0", f"data.source={url}"]
+    run_train(tmp_path / "run", 3, *size, "data.image_size=16", "data.resize=center_crop")
+    audit = [json.loads(line) for line in open(tmp_path / "run" / "data_audit" / "rank0.jsonl")]
+    assert len(audit) == 3
+    bad = run_train(tmp_path / "bad", 3, *size, check=False)
+    assert bad.returncode != 0 and "image sizes and data.resize is none" in bad.stderr.strip().splitlines()[-1]

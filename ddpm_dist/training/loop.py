@@ -284,6 +284,10 @@ def _check_same_profiles(cfg: Config, meta: dict) -> None:
 
 def _check_data_matches_model(manifest, model_cfg, cfg: Config) -> None:
     h, w = cfg.data.image_hw(manifest.image_size)  # data.image_size when set: the stream resizes to it
+    shapes = manifest.extra.get("image_shapes") or {}  # a crawl indexed by `shards index` lists its image sizes
+    if cfg.data.resize == "none" and len(shapes) > 1:
+        raise ConfigError(f"data '{cfg.data.source}' has {len(shapes)} image sizes and data.resize is none: set "
+                          f"data.image_size and data.resize (center_crop, random_crop, border or stretch)")
     mh, mw = manifest.image_size
     if cfg.data.resize == "none" and (h, w) != (mh, mw):
         raise ConfigError(f"data.image_size {h}x{w} differs from the {mh}x{mw} images of '{cfg.data.source}' but "
