@@ -281,7 +281,7 @@ def load_manifest(url: str) -> Manifest:
     if not storage.exists(url):
         raise ShardError(f"manifest '{storage.redact(url)}' does not exist{storage.missing_hint(url)}")
     side = sidecar_url(url)
-    if storage.exists(side):
+    if "?" not in url and storage.exists(side):  # a presigned URL signs the JSON alone: no sidecar can be derived
         manifest = _from_sidecar(url, side)
         if manifest is not None:
             return manifest
