@@ -20,7 +20,6 @@ the one img2dataset finished). Its shards are hashed like any other: reading the
 (they are spread through the file), so the sha256 costs no extra I/O."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -36,7 +35,7 @@ from PIL import Image
 from . import storage
 from .manifest import MANIFEST_NAME, Manifest, ShardError, ShardInfo, index_json, one_line, parse_json, \
     parse_manifest, show
-from .samples import _members, _tar_faults, check_uncompressed
+from .samples import HashingStream, Prefixed, _members, _tar_faults, check_uncompressed
 
 PARTS_DIR = "index-parts"
 IMAGE_EXTS = ("npy", "png", "jpg", "jpeg", "webp")
@@ -111,39 +110,6 @@ def plan_index(pattern: str, out: Optional[str] = None) -> IndexPlan:
     return IndexPlan(pattern, urls, names, out, same)
 
 
-class _HashingStream:
-    """A read-only stream over a shard that hashes and counts every byte passing through."""
-
-    def __init__(self, f):
-        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.sha256.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:  # the tar reader stops at the end marker: hash the padding after it too
-        while self.read(1 << 20):
-            pass
-
-
-class _Head:
-    """The first bytes of a stream put back in front of it (read to refuse a compressed tar)."""
-
-    def __init__(self, head: bytes, rest):
-        self.head, self.rest = head, rest
-
-    def read(self, n: int = -1) -> bytes:
-        if not self.head:
-            return self.rest.read(n)
-        if n is None or n < 0:
-            out, self.head = self.head + self.rest.read(), b""
-            return out
-        out, self.head = self.head[:n], self.head[n:]
-        return out + (self.rest.read(n - len(out)) if n > len(out) else b"")
-
-
 def _image_shape(ext: str, data: bytes) -> tuple[int, int, int]:
     """(H, W, C) from an image file's header, nothing decoded."""
     if ext == "npy":
@@ -164,11 +130,11 @@ def scan_shard(url: str) -> tuple[dict, list]:
     format, a histogram of image shapes ("HxWxC") and of labels (None when a sample has no `cls`)."""
     index, by_key, shapes, labels, fmt = [], {}, Counter(), Counter(), ""
     with storage.translated(url), fsspec.open(url, "rb") as f:
-        hashed = _HashingStream(f)
+        hashed = HashingStream(f)
         head = hashed.read(6)
         check_uncompressed(head, url)
         with _tar_faults(url):
-            for member, data in _members(_Head(head, hashed), url):
+            for member, data in _members(Prefixed(head, hashed), url):
                 key, ext = wds.tariterators.base_plus_ext(member.name)
                 if data is None or key is None:
                     continue

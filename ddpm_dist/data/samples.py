@@ -5,6 +5,7 @@ decoded."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import math
 import re
@@ -81,7 +82,7 @@ def iter_tar_samples(data, url: str = "") -> Iterator[dict]:
     head = stream.read(6)
     check_uncompressed(head, url)
     with _tar_faults(url):
-        yield from wds.tariterators.group_by_keys(_files(_Prefixed(head, stream), url))
+        yield from wds.tariterators.group_by_keys(_files(Prefixed(head, stream), url))
 
 
 @contextlib.contextmanager
@@ -95,7 +96,7 @@ def _tar_faults(url: str):
         raise ShardError(f"shard '{storage.redact(url)}' is not a readable tar ({one_line(e)})") from None
 
 
-class _Prefixed:
+class Prefixed:
     """A read-only stream with bytes already read put back in front."""
 
     def __init__(self, head: bytes, rest):
@@ -109,6 +110,23 @@ class _Prefixed:
             return out
         out, self.head = self.head[:n], self.head[n:]
         return out + (self.rest.read(n - len(out)) if n > len(out) else b"")
+
+
+class HashingStream:
+    """A read-only stream that hashes and counts what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:  # the tar reader stops at the end marker: hash the padding after it too
+        while self.read(1 << 20):
+            pass
 
 
 def tar_index(data: bytes, url: str = "") -> list:

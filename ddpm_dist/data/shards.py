@@ -28,7 +28,7 @@ from .manifest import (  # noqa: F401 - re-exported: the manifest and sample par
     show,
     write_manifest,
 )
-from .samples import decode_image, decode_label, iter_tar_samples, tar_index  # noqa: F401 - re-exported
+from .samples import HashingStream, decode_image, decode_label, iter_tar_samples, tar_index  # noqa: F401 - re-exported
 from .sources import Sample
 
 
@@ -52,7 +52,7 @@ def manifest_from_pattern(pattern: str) -> Manifest:
         if not storage.exists(url):
             raise ShardError(f"shard '{storage.redact(url)}' does not exist{storage.missing_hint(url)}")
         with storage.translated(url), fsspec.open(url, "rb") as f:  # one streamed pass: counted and hashed, never held whole
-            hashed = _Hashing(f)
+            hashed = HashingStream(f)
             count = 0
             for sample in iter_tar_samples(hashed, url):
                 if shape is None:
@@ -71,23 +71,6 @@ def _first_shape(sample: dict, url: str) -> tuple:
     except Exception as e:  # noqa: BLE001 - PIL raises OSError and ValueError subclasses of its own
         raise ShardError(f"shard '{storage.redact(url)}': the first sample does not decode ({one_line(e)}), "
                          "so the image size is unknown") from None
-
-
-class _Hashing:
-    """A read-only stream that hashes and counts what passes through it."""
-
-    def __init__(self, f):
-        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.sha256.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:  # the tar reader stops at the end marker: hash the padding after it too
-        while self.read(1 << 20):
-            pass
 
 
 def encode_image(img: np.ndarray, fmt: str) -> bytes:
