@@ -7,13 +7,19 @@ from ddpm_dist.diffusion import (
     SamplerOptions,
     StackedRandomGenerator,
     TrajectoryRecorder,
-    ddim,
-    ddpm,
     generate,
     make_schedule,
     make_timesteps,
 )
-from ddpm_dist.diffusion.samplers import classifier_free_guidance
+from ddpm_dist.diffusion.samplers import DDIMStep, DDPMStep, classifier_free_guidance, run_steps
+
+
+def ddim(model, schedule, x_T, *, timesteps, rng=None, callback=None, **opts):
+    return run_steps(DDIMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
+
+
+def ddpm(model, schedule, x_T, *, timesteps, rng=None, callback=None, **opts):
+    return run_steps(DDPMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
 
 
 def gaussian_eps_model(schedule, mu, s):

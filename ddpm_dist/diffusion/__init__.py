@@ -2,13 +2,10 @@
 from .objective import diffusion_loss, loss_weight, q_sample, target, to_x0_eps
 from .options import SAMPLER_DEFAULTS, SAMPLER_NAMES, SamplerOptions
 from .samplers import (
-                       SAMPLERS,
                        STEPS,
                        StackedRandomGenerator,
                        TrajectoryRecorder,
                        classifier_free_guidance,
-                       ddim,
-                       ddpm,
                        generate,
                        image_seed,
                        make_step,
@@ -19,8 +16,8 @@ from .samplers import (
 from .schedule import KINDS, Schedule, make_schedule, respace
 
 __all__ = [
-    "KINDS", "SAMPLERS", "SAMPLER_DEFAULTS", "SAMPLER_NAMES", "STEPS", "SamplerOptions", "Schedule",
-    "StackedRandomGenerator", "TrajectoryRecorder", "classifier_free_guidance", "ddim", "ddpm", "diffusion_loss",
+    "KINDS", "SAMPLER_DEFAULTS", "SAMPLER_NAMES", "STEPS", "SamplerOptions", "Schedule",
+    "StackedRandomGenerator", "TrajectoryRecorder", "classifier_free_guidance", "diffusion_loss",
     "generate", "image_seed", "loss_weight", "make_schedule", "make_step", "make_timesteps", "q_sample", "respace",
     "run_steps", "sample", "target", "to_x0_eps",
 ]

@@ -1,15 +1,15 @@
 """Reverse-process samplers with one shared signature, classifier-free guidance and trajectories (the
 solvers with fewer model calls, DPM-Solver++ and Heun, are in solvers.py and registered here).
 
-Every sampler is `fn(model, schedule, x_T, *, timesteps, rng, prediction, eta, var_type, clip_x0,
-model_kwargs, callback) -> x_0` and runs over a descending sub-sequence of timesteps; `sample` and
-`generate` pick one from a SamplerOptions. `rng` draws the per-step noise; a StackedRandomGenerator makes
+Every sampler is a step, `step(x, i, rng) -> (x_next, x0)` over a sub-sequence of timesteps (built as
+`Step(model, schedule, timesteps, prediction=..., eta=..., var_type=..., clip_x0=..., model_kwargs=...)`, named in
+STEPS), and `run_steps(step, x_T, rng, callback)` is the one reverse loop; `make_step`, `sample` and `generate` build
+the step a SamplerOptions names. `rng` draws the per-step noise; a StackedRandomGenerator makes
 each image's noise depend on its own seed only, so a batch's images do not depend on which other images
 share the batch (EDM generate.py).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 from typing import Callable, Optional, Sequence
 
@@ -158,23 +158,6 @@ def run_steps(step, x_T, rng=None, callback: Optional[Callback] = None) -> torch
             callback(i, step.timesteps[i], x, x0)
         x = x_next
     return x
-
-
-def ddpm(model, schedule: Schedule, x_T, *, timesteps, rng=None, callback: Optional[Callback] = None, **opts):
-    return run_steps(DDPMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
-
-
-def ddim(model, schedule: Schedule, x_T, *, timesteps, rng=None, callback: Optional[Callback] = None, **opts):
-    return run_steps(DDIMStep(model, schedule, timesteps, **opts), x_T, rng, callback)
-
-
-def solve(step_class, model, schedule: Schedule, x_T, *, timesteps, rng=None, callback: Optional[Callback] = None,
-          **opts):
-    """Any step class as a one-call sampler, e.g. solve(HeunStep, model, schedule, x_T, timesteps=ts)."""
-    return run_steps(step_class(model, schedule, timesteps, **opts), x_T, rng, callback)
-
-
-SAMPLERS = {name: functools.partial(solve, step_class) for name, step_class in STEPS.items()}
 
 
 def classifier_free_guidance(model, scale: float, null_class: int):
