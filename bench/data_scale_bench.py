@@ -87,7 +87,6 @@ class Peak:
         except OSError:
             self.reset = False
         if not self.reset:
-            import resource
             self.method = "ru_maxrss (not reset: includes the peak before the measurement)"
         self.rss0 = _status_kb("VmRSS")
         return self
