@@ -59,7 +59,7 @@ def assert_refused(r, file, marker, why="refusing to load"):
 
 
 def read_metadata(ckpt):
-    from ddpm_dist.artifacts import read_dcp_metadata
+    from ddpm_dist.artifacts.safe_dcp import read_dcp_metadata
     return read_dcp_metadata(os.path.join(ckpt, ".metadata"))  # genuine, so the restricted reader admits it
 
 

@@ -1,5 +1,5 @@
 """CheckpointManager: built once with the run's named stateful components, it saves them all at a step and
-restores the newest committed checkpoint by itself. The layout is artifacts.py's.
+restores the newest committed checkpoint by itself. The layout is artifacts/'s.
 
 A component is anything with state_dict() / load_state_dict(state); the manager knows no backend:
 - a state with tensors (model, optimizer, EMA) goes to torch.distributed.checkpoint: sharded writes,
