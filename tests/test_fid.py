@@ -138,7 +138,7 @@ def test_fid_without_inception_file_says_where_to_put_it(tmp_path, folders):
 def test_an_inception_file_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch):
     """No primary source publishes the file's checksum: the first verified use pins it; a different file is
     refused before it is loaded (TorchScript carries code), with one line, unless explicitly allowed."""
-    from ddpm_dist.eval.fid import UnverifiedWeights, file_checksum, verify_inception
+    from ddpm_dist.eval.inception import UnverifiedWeights, file_checksum, verify_inception
 
     pin = tmp_path / "pin.sha256"
     monkeypatch.setenv("DDPM_INCEPTION_PIN", str(pin))

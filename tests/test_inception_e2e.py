@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ddpm_dist.eval.feature_metrics import precision_recall
-from ddpm_dist.eval.fid import INCEPTION_FILE
+from ddpm_dist.eval.inception import INCEPTION_FILE
 from tests.conftest import DIGITS, PYTHON, ROOT
 from tests.inception_net import save_inception_torchscript
 from tests.train_helpers import child_env

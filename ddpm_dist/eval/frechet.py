@@ -26,7 +26,8 @@ from ..sampling import folder
 from ..sampling.generate import generate_share, prepare
 from ..sampling.plan import plan_batches, rank_share
 from .feature_metrics import KID_SUBSET_SIZE, KID_SUBSETS, PR_MAX_ROWS, FeatureBank, feature_metrics
-from .fid import Extractor, FeatureStats, RefStats, accumulate, frechet_distance, inception_extractor, reference_stats
+from .fid import Extractor, FeatureStats, RefStats, accumulate, frechet_distance, reference_stats
+from .inception import inception_extractor
 
 METRICS = {"fid": "FID", "frechet": "Frechet distance (digits classifier features, not FID)"}
 IN_MEMORY_DEFAULT = 1000
