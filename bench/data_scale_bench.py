@@ -9,10 +9,9 @@ It depends on torch, so install it without letting pip touch ours:
 
     .venv/bin/pip install --no-deps mosaicml-streaming==0.13.0
 
-Its partition modules import only numpy, but `import streaming` runs the package's __init__, which imports its
-data loader (transformers, cloud SDKs). When that import fails, the bench loads the installed, unmodified
-`streaming/base/partition/*.py` under empty parent packages (only numpy needed) and says so; without the package
-at all, the peer columns are skipped with a one-line note.
+`import streaming` needs transformers and cloud SDKs; when it fails, the bench loads the installed, unmodified
+`streaming/base/partition/*.py` (numpy only) under empty parent packages and says so; without the package the peer
+columns are skipped with a one-line note.
 
 What is simulated, and what is real:
   - the manifests: counts only (shard i holds ~N/S samples, uniform in [0.5, 1.5] x the mean, summing to N) and
