@@ -81,7 +81,8 @@ Train from DIR/manifest.json (data.source=DIR/manifest.json)."""
 def _index_rank(plan) -> None:
     """One process of an index job: its part, then (after a barrier) rank 0 writes the manifest."""
     from .data import index
-    from .parallel.env import barrier, init_distributed, read_env, shutdown
+    from .parallel.collectives import barrier
+    from .parallel.env import init_distributed, read_env, shutdown
 
     env = read_env()
     if env.distributed:

@@ -48,8 +48,9 @@ def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_ba
     from ddpm_dist.diffusion import make_schedule
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
+    from ddpm_dist.parallel.collectives import all_reduce_mean
     from ddpm_dist.parallel.ema import ShardedEMA
-    from ddpm_dist.parallel.env import all_reduce_mean, seed_everything
+    from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.training.loop import run_step
 
     cfg = load_config(None, [f"model.preset={model}", f"train.global_batch={global_batch}", "train.grad_clip=1.0",
@@ -154,7 +155,7 @@ def resume_worker(rank, world_size, out_dir, backend, zero_stage):
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.ema import ShardedEMA
-    from ddpm_dist.parallel.env import seed_everything
+    from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.training.checkpoint import CheckpointManager
     from ddpm_dist.training.loop import run_step
     from ddpm_dist.training.state import LRSchedule, Progress

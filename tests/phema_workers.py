@@ -19,7 +19,7 @@ def profiles_run(rank, world_size, run_dir, backend, stds, truth_stds, steps, sn
     from ddpm_dist.ema.snapshots import SnapshotWriter
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
-    from ddpm_dist.parallel.env import seed_everything
+    from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.training.loop import run_step
     from tests.dist_workers import synthetic_batch
 

@@ -138,7 +138,7 @@ def test_checkpoint_moves_between_compiled_and_eager(eager, tmp_path, first, the
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.ema import ShardedEMA
-    from ddpm_dist.parallel.env import seed_everything
+    from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.training.checkpoint import CheckpointManager
     from ddpm_dist.training.loop import run_step
     from ddpm_dist.training.state import Progress

@@ -65,7 +65,7 @@ def test_bf16_stays_within_stated_tolerance(tmp_path, reference, backend, kwargs
     2e-3 relative, and the parameter update within 25% of its size in L2 (measured: 9% FSDP2, 16% ZeRO-3, 9% for
     bf16 autocast in one process; single elements can differ by a whole Adam step, so no elementwise bound)."""
     from ddpm_dist.models import build_model
-    from ddpm_dist.parallel.env import seed_everything
+    from ddpm_dist.parallel.seeding import seed_everything
 
     seed_everything(0)
     init = build_model("tiny").state_dict()

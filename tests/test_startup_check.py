@@ -220,7 +220,8 @@ def _rank_main(endpoints: list, out_dir: str) -> None:
     """One gloo rank: its own proxy as the S3 endpoint, then every scenario's check; writes what it got."""
     import fsspec
 
-    from ddpm_dist.parallel.env import init_distributed, read_env, shutdown, sum_across_ranks
+    from ddpm_dist.parallel.collectives import sum_across_ranks
+    from ddpm_dist.parallel.env import init_distributed, read_env, shutdown
 
     env = init_distributed(read_env(), timeout_s=60)
     os.environ["AWS_ENDPOINT_URL"] = os.environ["FSSPEC_S3_ENDPOINT_URL"] = endpoints[env.rank]

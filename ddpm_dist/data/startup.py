@@ -81,7 +81,7 @@ def check_shards(urls: Urls, counts: np.ndarray, rank: int = 0, world: int = 1,
 
     `urls` is shard i's URL as `urls(i)`, `urls[i]` or `urls.shard_url(i)` (a manifest). This rank stats only its
     slice (`slice_of`) with at most `threads` requests in flight; `share(array)` must return the elementwise sum of
-    the int64 arrays of all `world` ranks (one collective: ddpm_dist.parallel.env.sum_across_ranks), and every rank
+    the int64 arrays of all `world` ranks (one collective: ddpm_dist.parallel.collectives.sum_across_ranks), and every rank
     must call this function. With share=None this is one process: rank 0 of world 1. Raises, on every rank alike, a
     one-line DataError for the first missing shard, else for the first too-small one; a rank whose own requests
     failed (credentials, endpoint) raises its own error after the collective, so no rank is left waiting in it."""

@@ -225,8 +225,9 @@ class TrainStream:
                  share: Optional[Callable[[np.ndarray], np.ndarray]] = None,
                  image_size: Optional[tuple[int, int]] = None, resize: str = "none"):
         """`image_size` (H, W) with `resize` (samples.RESIZE_MODES) fits images of any size to the training shape in
-        the workers; by default every image must have the manifest's size. `share`: a sum of int64 arrays across the job's ranks (parallel.env.sum_across_ranks), so each rank checks
-        only its slice of the shards at start-up; without it this process checks every shard itself."""
+        the workers; by default every image must have the manifest's size. `share`: a sum of int64 arrays across the
+        job's ranks (parallel.collectives.sum_across_ranks), so each rank checks only its slice of the shards at
+        start-up; without it this process checks every shard itself."""
         layout = dataclasses.replace(layout, block=block_size(manifest, buffer_bytes))
         self.manifest, self.rank, self.layout, self.seed = manifest, rank, layout, seed
         self.random_flip, self.max_skip_fraction = random_flip, max_skip_fraction

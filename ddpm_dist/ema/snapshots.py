@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 from ..artifacts import MARKER, CheckpointError
-from ..parallel.env import barrier
+from ..parallel.collectives import barrier
 from .phema import exp_to_std
 
 log = logging.getLogger(__name__)

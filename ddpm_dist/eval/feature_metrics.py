@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..parallel.env import all_gather_rows
+from ..parallel.collectives import all_gather_rows
 from .fid import frechet_distance
 
 KID_SUBSETS, KID_SUBSET_SIZE, PR_K = 100, 1000, 3  # clean-fid's defaults; k = 3 as in the paper

@@ -17,7 +17,7 @@ import torch
 
 from ..data import storage
 from ..images import to_float255
-from ..parallel.env import all_reduce_sum_, get_world_size
+from ..parallel.collectives import all_reduce_sum_, get_world_size
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from ..artifacts import load_trained, run_data_source
 from ..data import storage
 from ..images import to_float255
 from ..obs.log import setup_logging
-from ..parallel.env import all_reduce_sum_, init_distributed, read_env, shutdown
+from ..parallel.collectives import all_reduce_sum_
+from ..parallel.env import init_distributed, read_env, shutdown
 from ..redact import to_json
 from ..sampling import folder
 from ..sampling.generate import generate_share, prepare

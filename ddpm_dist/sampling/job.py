@@ -16,7 +16,8 @@ from ..config import MetricsConfig
 from ..data import storage
 from ..obs.log import setup_logging
 from ..obs.metrics import Metrics
-from ..parallel.env import all_reduce_sum_, barrier, init_distributed, read_env, shutdown
+from ..parallel.collectives import all_reduce_sum_, barrier
+from ..parallel.env import init_distributed, read_env, shutdown
 from . import folder
 from .extras import finish
 from .generate import generate_share, prepare

@@ -38,7 +38,7 @@ from ..artifacts import (
     step_name,
 )
 from ..models import RUNTIME_FIELDS
-from ..parallel.env import barrier, side_group
+from ..parallel.collectives import barrier, side_group
 from ..redact import to_json
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from ..config import Config
 from ..eval.feature_metrics import FeatureBank, feature_metrics
 from ..eval.fid import FeatureStats, RefStats, accumulate, compute_ref_stats, frechet_distance
 from ..eval.frechet import make_extractor
-from ..parallel.env import barrier
+from ..parallel.collectives import barrier
 from ..sampling import SamplingSetup, generate_share, plan_batches, rank_share
 
 log = logging.getLogger(__name__)

@@ -27,17 +27,12 @@ from ..models import UNet, resolve_model_config
 from ..obs.log import setup_logging
 from ..obs.metrics import Metrics
 from ..parallel import init_distributed, parallelize, read_env, resolve_backend
+from ..parallel.collectives import all_gather_ints, all_reduce_mean, sum_across_ranks
 from ..parallel.ema import ShardedEMA, ema_beta
-from ..parallel.env import (
-    all_gather_ints,
-    all_reduce_mean,
-    mix_seed,
-    seed_device_rng,
-    seed_everything,
-    shutdown,
-    sum_across_ranks,
-)
+from ..parallel.env import shutdown
 from ..parallel.faults import PeerLost, describe_lost_peer, host_names
+from ..parallel.seeding import seed_device_rng, seed_everything
+from ..rng import mix_seed
 from . import outputs
 from .checkpoint import CheckpointManager
 from .preemption import REQUEUE_EXIT_CODE, Preemption, record_exit, register_worker

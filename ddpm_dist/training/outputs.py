@@ -10,7 +10,7 @@ from ..artifacts import save_export
 from ..config import Config, to_dict
 from ..data import read_all
 from ..models import UNet
-from ..parallel.env import barrier
+from ..parallel.collectives import barrier
 from ..sampling import SamplingSetup, SuperResolution, generate_batch
 from ..sampling.tasks import Generate
 from ..viz import auto_scale, plot_curves, save_grid

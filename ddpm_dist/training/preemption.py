@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..parallel.env import all_reduce_max
+from ..parallel.collectives import all_reduce_max
 
 log = logging.getLogger(__name__)
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — launchers read it as "requeue me"
