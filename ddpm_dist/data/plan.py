@@ -7,7 +7,7 @@ with one searchsorted over the shards' cumulative counts.
 
 What is still due this epoch is a `DueSet`: sorted pieces [lo, hi) of u, each either wholly due or the remainder of
 a block that a layout left part-consumed (a `_Remainder`: its parent's members in [lo, hi), in the block's permuted
-order, less the first `consumed`). Its members are made when a worker reaches that block, never stored. A layout
+order, less the first `consumed`). Its members are made when a worker reaches that block, never saved. A layout
 change turns each (rank, worker) lane's consumed prefix into one removed interval plus at most one remainder, so a
 due set has O(world x workers x layout changes) pieces, and the cursor stores only the layouts (stream.py).
 
