@@ -16,7 +16,7 @@ from sklearn.datasets import load_sample_image
 from ddpm_dist.config import CHOICES, ConfigError, load_config
 from ddpm_dist.data import ShardError, read_all, verify
 from ddpm_dist.data.samples import RESIZE_MODES, decode_for_training
-from ddpm_dist.training.loop import _check_data_matches_model
+from ddpm_dist.training.setup import _check_data_matches_model
 from tests.conftest import PYTHON, ROOT
 
 PHOTO = load_sample_image("china.jpg")  # 427 x 640 RGB, a real photograph
