@@ -22,7 +22,7 @@ from ddpm_dist.config import load_config  # noqa: E402
 from ddpm_dist.diffusion import make_schedule  # noqa: E402
 from ddpm_dist.models import UNet, resolve_model_config  # noqa: E402
 from ddpm_dist.parallel import parallelize, read_env  # noqa: E402
-from ddpm_dist.parallel.ema import ShardedEMA  # noqa: E402
+from ddpm_dist.parallel.sharded_ema import ShardedEMA  # noqa: E402
 from ddpm_dist.training.checkpoint import CheckpointManager  # noqa: E402
 from ddpm_dist.training.loop import run_step  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Sampling and evaluation throughput, side by side in one run.
 
-1. Sampler overhead: seconds per image of generate() (per-image generators, guidance wrapper, schedule
+1. Sampler overhead: seconds per image of denoise_from_seeds() (per-image generators, guidance wrapper, schedule
    gathers, clipping) over (model calls per image x the time of one forward pass of the same batch).
    Goal: <= 1.05.
 2. Feature statistics: the time of our path (PNG folder -> clean resize -> extractor -> float64 sums) over
@@ -25,8 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_dist.diffusion import SamplerOptions, generate, image_seed, make_schedule  # noqa: E402
-from ddpm_dist.eval.fid import Extractor, FeatureStats, accumulate, module_checksum  # noqa: E402
+from ddpm_dist.diffusion import SamplerOptions, denoise_from_seeds, image_seed, make_schedule  # noqa: E402
+from ddpm_dist.eval.statistics import Extractor, FeatureStats, accumulate, module_checksum  # noqa: E402
 from ddpm_dist.models import build_model  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def sampler_overhead(args):
             full = []
             for r in range(3):
                 t0 = time.perf_counter()
-                generate(model, schedule, [image_seed(r, i) for i in range(args.batch)], shape,
+                denoise_from_seeds(model, schedule, [image_seed(r, i) for i in range(args.batch)], shape,
                          SamplerOptions(sampler, args.steps, eta), device="cpu", labels=y.tolist(), null_class=10)
                 full.append(time.perf_counter() - t0)
         rows.append((sampler, statistics.median(full) / (args.steps * statistics.median(fwd))))

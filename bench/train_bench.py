@@ -65,7 +65,7 @@ class OurLoop:
         from ddpm_dist.config import MetricsConfig
         from ddpm_dist.obs.metrics import Metrics
         from ddpm_dist.parallel import parallelize, read_env
-        from ddpm_dist.parallel.ema import ShardedEMA
+        from ddpm_dist.parallel.sharded_ema import ShardedEMA
         from ddpm_dist.training.preemption import Preemption
 
         self.cfg, self.model_cfg = cfg, model_cfg
@@ -80,7 +80,7 @@ class OurLoop:
         self.step = 0
 
     def run(self, data, steps):
-        from ddpm_dist.parallel.ema import ema_beta
+        from ddpm_dist.parallel.sharded_ema import ema_beta
         from ddpm_dist.training.loop import run_step
         from ddpm_dist.training.state import LRSchedule
 
@@ -150,7 +150,7 @@ def scaling(args):
 
 def _scaling_worker(rank, world, backend, preset, batch, steps, path):
     from ddpm_dist.parallel import parallelize, read_env
-    from ddpm_dist.parallel.ema import ShardedEMA
+    from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.loop import run_step
 
     if world == 1:

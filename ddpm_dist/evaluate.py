@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from .cli_common import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
+from .command_line import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
 from .data import storage
 from .redact import to_json
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fid(args) -> int:
-    from .eval.frechet import FrechetJob, frechet_worker, read_result
+    from .eval.job import FrechetJob, frechet_worker, read_result
     from .parallel.env import spawn_local
 
     job = FrechetJob(args.cmd, samples=args.samples, source=args.run or args.export, ref=args.ref, data=args.data,
@@ -109,8 +109,8 @@ def fid(args) -> int:
 
 
 def ref_stats(args) -> int:
-    from .eval.fid import compute_ref_stats
-    from .eval.frechet import make_extractor
+    from .eval.statistics import compute_ref_stats
+    from .eval.job import make_extractor
     from .parallel.env import read_env
 
     extractor = make_extractor(args.extractor, inception=args.inception, data=args.data, device=read_env().device,
@@ -131,8 +131,8 @@ def recon(args) -> int:
     from .eval.recon import reconstruction_table
     from .parallel.env import read_env
     from .sampling import prepare
-    from .viz import auto_scale, grid, save_image
-    from .viz.figures import recon_curves
+    from .drawing import auto_scale, grid, save_image
+    from .drawing.figures import recon_curves
 
     source = args.run or args.export
     if not source:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_common import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
+from .command_line import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
 from .config import MetricsConfig
 from .parallel.env import spawn_local
 from .sampling import TASKS, SampleJob, TaskSpec, sample_to_folder

@@ -5,8 +5,8 @@ import argparse
 import os
 from collections import Counter
 
-from .cli_common import run_cli
-from .data import shards as sh
+from .command_line import run_cli
+from .data import shard_sets as sh
 from .data import storage
 from .data.resize import RESIZE_MODES
 from .data.sources import SOURCE_KINDS, SourceError, open_source, parse_size
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> int:
     if args.cmd == "index":
         return _index(args)
     if args.cmd == "inspect":
-        from . import viz
+        from . import drawing
 
         m = sh.load_manifest(args.manifest)
         images, labels = sh.read_all(args.manifest)
@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
             print("labels     " + "  ".join(f"{k}:{hist[k]}" for k in sorted(hist)))
         else:
             print("labels     none")
-        viz.save_image(viz.grid(images[:64], scale=viz.auto_scale(images.shape[1])), args.preview)
+        drawing.save_image(drawing.grid(images[:64], scale=drawing.auto_scale(images.shape[1])), args.preview)
         print(f"preview    {os.path.abspath(args.preview)}")
         return 0
     report = sh.verify(args.manifest)

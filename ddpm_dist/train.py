@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_common import run_cli
+from .command_line import run_cli
 from .config import load_config
 
 

@@ -49,7 +49,7 @@ def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_ba
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.collectives import all_reduce_mean
-    from ddpm_dist.parallel.ema import ShardedEMA
+    from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.training.loop import run_step
 
@@ -127,7 +127,7 @@ def reshard_worker(rank, world_size, ckpt_path, out_file):
     from ddpm_dist.artifacts import read_meta
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
-    from ddpm_dist.parallel.ema import ShardedEMA
+    from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.checkpoint import CheckpointManager
 
     meta = read_meta(ckpt_path)
@@ -154,7 +154,7 @@ def resume_worker(rank, world_size, out_dir, backend, zero_stage):
     from ddpm_dist.data import Layout, TrainStream, load_manifest
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
-    from ddpm_dist.parallel.ema import ShardedEMA
+    from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.training.checkpoint import CheckpointManager
     from ddpm_dist.training.loop import run_step

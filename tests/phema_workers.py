@@ -15,8 +15,8 @@ def profiles_run(rank, world_size, run_dir, backend, stds, truth_stds, steps, sn
     from safetensors.torch import save_file
 
     from ddpm_dist.config import load_config
-    from ddpm_dist.ema.power import PowerEMA
-    from ddpm_dist.ema.snapshots import SnapshotWriter
+    from ddpm_dist.posthoc.power import PowerEMA
+    from ddpm_dist.posthoc.snapshots import SnapshotWriter
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.seeding import seed_everything
@@ -56,8 +56,8 @@ def snapshot_weights(path: str) -> dict[str, torch.Tensor]:
     import warnings
 
     from ddpm_dist.artifacts import load_dcp
-    from ddpm_dist.ema.reconstruct import param_shapes
-    from ddpm_dist.ema.snapshots import read_snapshot_meta
+    from ddpm_dist.posthoc.reconstruct import param_shapes
+    from ddpm_dist.posthoc.snapshots import read_snapshot_meta
 
     template = {k: torch.empty(s) for k, s in param_shapes(read_snapshot_meta(path)["model_config"]).items()}
     with warnings.catch_warnings():

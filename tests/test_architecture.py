@@ -7,8 +7,10 @@ import pytest
 from tests.conftest import ROOT
 
 PKG = os.path.join(ROOT, "ddpm_dist")
-ENTRY_POINTS = {"ddpm_dist.train", "ddpm_dist.sample", "ddpm_dist.evaluate", "ddpm_dist.shards", "ddpm_dist.cli_common",
-                "ddpm_dist.viz.__main__", "ddpm_dist.report.__main__", "ddpm_dist.ema.__main__"}
+# Every command is a top-level module with build_parser() and main(argv) (`python -m ddpm_dist.<command>`);
+# command_line is what they share. Packages are libraries: none has a __main__.
+COMMANDS = {"train", "sample", "evaluate", "shards", "viz", "report", "ema"}
+ENTRY_POINTS = {f"ddpm_dist.{c}" for c in COMMANDS} | {"ddpm_dist.command_line"}
 # What each part may import from ddpm_dist (besides itself). Entry points may import anything.
 ALLOWED = {
     "rng": set(),
@@ -21,15 +23,15 @@ ALLOWED = {
     "data": {"cpu_malloc", "rng", "images", "redact"},
     "obs": {"config", "redact"},
     "parallel": {"cpu_malloc", "rng"},
-    "viz": {"images", "diffusion"},
+    "drawing": {"images", "diffusion"},
     "artifacts": {"config", "diffusion", "models"},
-    "sampling": {"artifacts", "config", "data", "diffusion", "images", "models", "obs", "parallel", "redact", "viz"},
+    "sampling": {"artifacts", "config", "data", "diffusion", "images", "models", "obs", "parallel", "redact", "drawing"},
     "eval": {"artifacts", "data", "diffusion", "images", "obs", "parallel", "redact", "sampling"},
-    "ema": {"artifacts", "eval", "models", "obs", "parallel", "redact", "viz"},  # post-hoc EMA: profiles, snapshots,
-    # reconstruction, and the sweep that scores reconstructions (eval) and draws them (viz)
-    "training": {"artifacts", "config", "data", "diffusion", "ema", "eval", "images", "models", "obs", "parallel",
-                 "redact", "rng", "sampling", "viz"},
-    "report": {"artifacts", "redact"},  # reads what training and evaluation left behind, as data
+    "posthoc": {"artifacts", "eval", "models", "obs", "parallel", "redact", "drawing"},  # post-hoc EMA: profiles,
+    # snapshots, reconstruction, and the sweep that scores reconstructions (eval) and draws them (drawing)
+    "training": {"artifacts", "config", "data", "diffusion", "posthoc", "eval", "images", "models", "obs", "parallel",
+                 "redact", "rng", "sampling", "drawing"},
+    "reporting": {"artifacts", "redact"},  # reads what training and evaluation left behind, as data
 }
 
 
@@ -158,3 +160,15 @@ def test_files_stay_small():
                     if n > 400:
                         long[os.path.join(d, f)] = n
     assert not long, long
+
+
+def test_commands_have_one_shape():
+    """Each command is ddpm_dist/<command>.py with build_parser() and main(argv); no package is a command."""
+    mods = modules()
+    assert not [m for m in mods if m.endswith(".__main__")], "a package __main__: commands are top-level modules"
+    top = {m.split(".")[1] for m in mods if m.count(".") == 1}
+    assert COMMANDS <= top, COMMANDS - top
+    for c in COMMANDS:
+        tree = ast.parse(open(mods[f"ddpm_dist.{c}"]).read())
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert {"build_parser", "main"} <= defined, (c, defined)

@@ -88,7 +88,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     from ddpm_dist.artifacts import CheckpointError
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
-    from ddpm_dist.parallel.ema import ShardedEMA
+    from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.checkpoint import CheckpointManager
 
     cfg = resolve_model_config("tiny")

@@ -137,7 +137,7 @@ def test_checkpoint_moves_between_compiled_and_eager(eager, tmp_path, first, the
     from ddpm_dist.diffusion import make_schedule
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
-    from ddpm_dist.parallel.ema import ShardedEMA
+    from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.training.checkpoint import CheckpointManager
     from ddpm_dist.training.loop import run_step
@@ -233,7 +233,7 @@ def test_sampling_with_a_compiled_network(monkeypatch, tmp_path):
     from ddpm_dist.config import DiffusionConfig
     from ddpm_dist.diffusion import SamplerOptions
     from ddpm_dist.sample import build_parser, job_from_args
-    from ddpm_dist.sampling.generate import generate_batch, prepare
+    from ddpm_dist.sampling.setup import make_batch, prepare
 
     assert job_from_args(build_parser().parse_args(["--export", "x", "--out", "y", "--compile"])).compile
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
@@ -247,6 +247,6 @@ def test_sampling_with_a_compiled_network(monkeypatch, tmp_path):
         trained = TrainedModel(model, DiffusionConfig(num_steps=100), SamplerOptions("ddim", 3), "test")
         setup = prepare(trained, torch.device("cpu"), compile=compile)
         assert (setup.model._compiled_call_impl is not None) == compile
-        images.append(generate_batch(setup, [0, 1, 2], seed=5))
+        images.append(make_batch(setup, [0, 1, 2], seed=5))
     assert counters["stats"]["unique_graphs"] > graphs  # the compiled network did run
     assert (images[0] - images[1]).abs().max() <= 1e-5

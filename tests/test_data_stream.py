@@ -16,7 +16,7 @@ from ddpm_dist.data import (
     load_manifest,
 )
 from ddpm_dist.data.reader import byte_runs
-from ddpm_dist.data.shards import read_all
+from ddpm_dist.data.shard_sets import read_all
 from ddpm_dist.data.sources import iter_numpy
 from tests.plan_reference import block_spans
 from tests.conftest import DIGITS
@@ -99,7 +99,7 @@ def _shards_with_corrupt(tmp_path, bad_every):
     import hashlib
     import json
 
-    from ddpm_dist.data.shards import iter_tar_samples
+    from ddpm_dist.data.shard_sets import iter_tar_samples
     infos = []
     for info in m.shards:
         path = out / info.url
@@ -110,7 +110,7 @@ def _shards_with_corrupt(tmp_path, bad_every):
                 rec = {"__key__": s["__key__"], "png": s["png"] if i % bad_every else b"not a png", "cls": s["cls"]}
                 w.write(rec)
         path.write_bytes(buf.getvalue())
-        from ddpm_dist.data.shards import tar_index
+        from ddpm_dist.data.shard_sets import tar_index
         (out / info.index).write_text(json.dumps(tar_index(buf.getvalue())))
         infos.append(dataclasses.replace(info, sha256=hashlib.sha256(buf.getvalue()).hexdigest(),
                                          bytes=len(buf.getvalue())))

@@ -26,7 +26,7 @@ def run(tmp_path_factory):
 
 def _cli(main, argv, capsys) -> tuple[int, str, str]:
     """An entry point in this process, as `python -m` runs it (run_cli: one-line errors, exit codes)."""
-    from ddpm_dist.cli_common import run_cli
+    from ddpm_dist.command_line import run_cli
 
     with pytest.raises(SystemExit) as e:
         run_cli(main, argv)
@@ -35,7 +35,7 @@ def _cli(main, argv, capsys) -> tuple[int, str, str]:
 
 
 def test_sweep_scores_each_length_as_evaluate_frechet_does(run, tmp_path, capsys):
-    from ddpm_dist.ema.__main__ import main as ema_main
+    from ddpm_dist.ema import main as ema_main
     from ddpm_dist.evaluate import main as evaluate_main
 
     out = run / "ema_sweep"
@@ -91,7 +91,7 @@ def test_sweep_scores_each_length_as_evaluate_frechet_does(run, tmp_path, capsys
     ("0.01:0.20:3", "no committed EMA snapshot"),  # a good range, a run without snapshots
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, std_range, message):
-    from ddpm_dist.ema.__main__ import main as ema_main
+    from ddpm_dist.ema import main as ema_main
 
     empty = tmp_path / "run"
     empty.mkdir()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddpm_dist.eval.feature_metrics import FeatureBank, class_frechet_distances, kernel_distance, precision_recall
-from ddpm_dist.eval.fid import accumulate
+from ddpm_dist.eval.statistics import accumulate
 from tests.conftest import DIGITS, PYTHON, ROOT
 from tests.dist_workers import spawn
 from tests.test_fid import small_extractor

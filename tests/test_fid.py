@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_dist.eval.fid import Extractor, FeatureStats, RefStats, StatsMismatch, accumulate, frechet_distance, module_checksum
+from ddpm_dist.eval.statistics import Extractor, FeatureStats, RefStats, StatsMismatch, accumulate, frechet_distance, module_checksum
 from tests.conftest import PYTHON, ROOT
 from tests.dist_workers import spawn
 
@@ -47,7 +47,7 @@ def test_clean_resize_is_cleanfids_bit_for_bit():
     clean-fid's build_resizer("clean"), image by image; and FeatureStats' buffered sums against numpy."""
     from cleanfid.resize import build_resizer
 
-    from ddpm_dist.eval.fid import clean_resize
+    from ddpm_dist.eval.statistics import clean_resize
     rng = np.random.default_rng(3)
     theirs = build_resizer("clean")
     for shape in ((16, 16), (32, 32), (28, 40), (299, 299), (512, 300)):

@@ -16,7 +16,7 @@ from PIL import Image
 from ddpm_dist.config import ConfigError, load_config
 from ddpm_dist.data import DataError, ShardError, load_manifest, open_manifest
 from ddpm_dist.data import storage as storage_mod
-from ddpm_dist.data.shards import decode_image, iter_tar_samples
+from ddpm_dist.data.shard_sets import decode_image, iter_tar_samples
 from ddpm_dist.images import decode_image as decode_bytes
 from tests.fuzz_helpers import build_dataset, gnu_sparse, header, one_line, read_stream, tar_bytes, within
 
@@ -165,7 +165,7 @@ def test_png_of_another_size_is_refused_before_decoding():
 @pytest.mark.parametrize("label", [b"99999999999999999999999", b"-3", b"5"])
 def test_bad_labels_are_skipped_and_counted(tmp_path, label):
     m = build_dataset(str(tmp_path / "d"), n=6, per_shard=6)  # labels 0..4, num_classes 5
-    from ddpm_dist.data.shards import tar_index
+    from ddpm_dist.data.shard_sets import tar_index
     path = tmp_path / "d" / m.shards[0].url
     samples = list(iter_tar_samples(path.read_bytes()))
     samples[0]["cls"] = label

@@ -109,7 +109,7 @@ def test_img2dataset_crawl_is_indexed_and_trains_two_ranks_resuming_exactly(serv
     assert _listing(crawl) == before  # the crawl's folder is read, never written (a read-only bucket works)
 
     from ddpm_dist.data.samples import iter_tar_samples, tar_index
-    from ddpm_dist.data.shards import load_manifest, parse_json, verify
+    from ddpm_dist.data.shard_sets import load_manifest, parse_json, verify
 
     m = load_manifest(str(out / "manifest.json"))
     assert (m.num_samples, len(m.shards), m.image_size, m.channels, m.image_format, m.num_classes) == \

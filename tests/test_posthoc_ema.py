@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddpm_dist.config import ConfigError, load_config
-from ddpm_dist.ema.phema import exp_to_std, fit_error, power_beta, profile_inner, solve_coefficients, std_to_exp
+from ddpm_dist.posthoc.phema import exp_to_std, fit_error, power_beta, profile_inner, solve_coefficients, std_to_exp
 from tests.conftest import ROOT
 from tests.phema_workers import GLOBAL_BATCH, profiles_run, snapshot_weights
 from tests.train_helpers import PYTHON, assert_bitwise_equal, checkpoint_tensors, child_env, final_checkpoint, run_train
@@ -91,8 +91,8 @@ def _norm(d: dict) -> float:
 
 
 def test_reconstruction_matches_the_tracked_profile_and_improves_with_denser_snapshots(single_run):
-    from ddpm_dist.ema.reconstruct import accumulate, make_plan, param_shapes
-    from ddpm_dist.ema.snapshots import committed_snapshots
+    from ddpm_dist.posthoc.reconstruct import accumulate, make_plan, param_shapes
+    from ddpm_dist.posthoc.snapshots import committed_snapshots
 
     truth = load_file(os.path.join(single_run, "truth.safetensors"))
     snapshots = committed_snapshots(os.path.join(single_run, "ema_snapshots"))
@@ -127,7 +127,7 @@ def _sharded(tmp_path, backend, **kwargs):
 @pytest.mark.distributed
 def test_sharded_snapshots_match_one_process_and_reconstruct_at_any_world_size(tmp_path, single_run):
     from ddpm_dist.artifacts import load_export, load_trained
-    from ddpm_dist.ema.snapshots import committed_snapshots
+    from ddpm_dist.posthoc.snapshots import committed_snapshots
 
     ref = {os.path.basename(s.path): s for s in committed_snapshots(os.path.join(single_run, "ema_snapshots"))}
     runs = {"fsdp": _sharded(tmp_path, "fsdp"), "zero3": _sharded(tmp_path, "zero", zero_stage=3)}
@@ -172,7 +172,7 @@ def test_exact_resume_keeps_profiles_and_snapshots(tmp_path):
     """4 steps straight = 2 steps, stop, 2 more (16 images a step, snapshots every 2 steps), bitwise: the profiles in
     the checkpoint and every snapshot; a stale snapshot newer than the resumed checkpoint (a crash after writing it)
     and a half-written one are replaced by the replay."""
-    from ddpm_dist.ema.snapshots import committed_snapshots
+    from ddpm_dist.posthoc.snapshots import committed_snapshots
 
     opts = ["ema.stds=[0.05,0.1]", "ema.snapshot_every_images=32", "checkpoint.every_images=32", "checkpoint.keep_last=4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

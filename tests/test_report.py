@@ -169,7 +169,7 @@ def test_running_then_preempted_run(tmp_path):
 def test_partial_last_line_stale_run_and_start_row(tmp_path):
     """A row being written is skipped, a run silent for an hour is stopped, the start row fills the hardware
     section, and what is missing is one line in its section."""
-    from ddpm_dist.report import write_report
+    from ddpm_dist.reporting import write_report
 
     now = time.time()
     rows = [{"event": "start", "world_size": 2, "backend": "fsdp", "hosts": ["node-a", "node-b"], "device": "cpu",
@@ -194,7 +194,7 @@ def test_partial_last_line_stale_run_and_start_row(tmp_path):
 def test_garbled_run_directory_is_notes_not_errors(tmp_path):
     """Run directories are data: wrong types, non-JSON, a fake PNG, a link out of the directory and a
     checkpoint still being written each end up as a line of the page (escaped), never as an exception."""
-    from ddpm_dist.report import write_report
+    from ddpm_dist.reporting import write_report
 
     (tmp_path / "metrics.jsonl").write_bytes(
         b'[1, 2]\nnot json\n\xff\xfe\n{"event": "train", "step": "x", "images": 16, "loss": "nan?", "time": "t"}\n'
@@ -225,7 +225,7 @@ def test_garbled_run_directory_is_notes_not_errors(tmp_path):
 
 def test_checkpoints_kept_by_keep_best_show_their_score(tmp_path):
     """meta.json's optional "eval" (checkpoint.keep_best): the score in the table, the lowest marked best."""
-    from ddpm_dist.report import write_report
+    from ddpm_dist.reporting import write_report
 
     (tmp_path / "config.yaml").write_text("run_dir: x\n")
     now = time.time()

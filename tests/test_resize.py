@@ -90,7 +90,7 @@ def test_exact_size_is_unchanged_and_npy_matches_png():
     img = photo(37, 211)
     for mode in RESIZE_MODES:
         assert np.array_equal(decode_for_training({"png": encode(img, "PNG")}, (37, 211, 3), mode, 7), img)
-    from ddpm_dist.data.shards import encode_image
+    from ddpm_dist.data.shard_sets import encode_image
     for mode in RESIZE_MODES[1:]:
         a = decode_for_training({"npy": encode_image(img, "npy")}, (16, 16, 3), mode, 3)
         b = decode_for_training({"png": encode(img, "PNG")}, (16, 16, 3), mode, 3)
@@ -198,7 +198,7 @@ def test_build_folder_of_mixed_sizes(tmp_path):
 
 
 def test_build_random_crop_and_other_sources(tmp_path):
-    from ddpm_dist.data.shards import build_shards
+    from ddpm_dist.data.shard_sets import build_shards
     from ddpm_dist.data.sources import SourceError, open_source, parse_size
     jpeg_folder(tmp_path / "src", [(40, 150), (150, 40), (40, 150)])
     runs = [build_shards(open_source("folder", str(tmp_path / "src"), (16, 16), resize="random_crop", seed=s),

@@ -7,7 +7,7 @@ from ddpm_dist.diffusion import (
     SamplerOptions,
     StackedRandomGenerator,
     TrajectoryRecorder,
-    generate,
+    denoise_from_seeds,
     make_schedule,
     make_timesteps,
 )
@@ -80,8 +80,8 @@ def test_images_do_not_depend_on_batch_mates():
     s = make_schedule("linear", 50)
     model = gaussian_eps_model(s, 0.0, 0.5)
     options = SamplerOptions("ddpm", 50, clip_x0=False)
-    one = generate(model, s, [11], (1, 2, 2), options, device="cpu")
-    many = generate(model, s, [7, 11, 13], (1, 2, 2), options, device="cpu")
+    one = denoise_from_seeds(model, s, [11], (1, 2, 2), options, device="cpu")
+    many = denoise_from_seeds(model, s, [7, 11, 13], (1, 2, 2), options, device="cpu")
     assert torch.allclose(one[0], many[1], atol=1e-6)
 
 

@@ -40,7 +40,7 @@ def test_every_option_is_a_flag_of_every_command_that_samples(module, argv):
     parser = importlib.import_module(module).build_parser()
     flags = ["--sampler", "ddpm", "--steps", "7", "--eta", "0.5", "--spacing", "quadratic", "--var-type", "large",
              "--guidance", "2.5", "--no-clip"]
-    from ddpm_dist.cli_common import sampler_overrides
+    from ddpm_dist.command_line import sampler_overrides
     assert sampler_overrides(parser.parse_args(argv + flags)) == dict(
         sampler="ddpm", steps=7, eta=0.5, spacing="quadratic", var_type="large", guidance=2.5, clip_x0=False)
     assert sampler_overrides(parser.parse_args(argv)) == {}  # unset: the run's own settings
@@ -72,7 +72,7 @@ def test_every_task_honours_every_option(tmp_path, task):
     """The images of a task change with each sampler option (guidance only for class-conditional models, and
     the DDPM variance compared under DDPM), through the path `sample --task` takes."""
     from ddpm_dist.artifacts import load_trained
-    from ddpm_dist.sampling import TaskSpec, build_task, generate_share, prepare
+    from ddpm_dist.sampling import TaskSpec, build_task, make_share, prepare
 
     trained = load_trained(export(tmp_path, **({"num_classes": 0, "cond_channels": 1} if task == "sr" else {})))
     spec = TaskSpec(task, image=None if task == "generate" else DIGITS, image_index=4, mask="lower-half")
@@ -80,7 +80,7 @@ def test_every_task_honours_every_option(tmp_path, task):
     for name, change in {"base": {}, "ddpm_base": {"sampler": "ddpm", "steps": 6}, **CHANGES}.items():
         setup = prepare(trained, torch.device("cpu"), change)
         share = [([0, 1, 2], True)]
-        made[name] = next(generate_share(setup, share, seed=1, classes=None, num_images=3,
+        made[name] = next(make_share(setup, share, seed=1, classes=None, num_images=3,
                                          task=build_task(spec, trained.config)))[1]
     for name in CHANGES:
         base = made["ddpm_base" if name == "var_type" else "base"]
@@ -93,7 +93,7 @@ def test_every_task_honours_every_option(tmp_path, task):
 def test_grid_has_one_class_per_row(tmp_path):
     """With classes cycled 0,1,2 and three images per row, grid.png holds class 0, 1 and 2 in rows."""
     from ddpm_dist.sampling import SampleJob, sample_to_folder
-    from ddpm_dist.viz import auto_scale, grid
+    from ddpm_dist.drawing import auto_scale, grid
 
     out = tmp_path / "out"
     sample_to_folder(SampleJob(export(tmp_path), str(out), num_images=9, batch_size=4, classes="0,1,2",

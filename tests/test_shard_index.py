@@ -11,7 +11,7 @@ import pytest
 from ddpm_dist.data import index
 from ddpm_dist.data.manifest import ShardError, load_manifest
 from ddpm_dist.data.samples import tar_index
-from ddpm_dist.data.shards import MAX_PATTERN_SHARDS, manifest_from_pattern, parse_json, verify
+from ddpm_dist.data.shard_sets import MAX_PATTERN_SHARDS, manifest_from_pattern, parse_json, verify
 from tests.conftest import DIGITS, PYTHON, ROOT
 from tests.slurm_cluster import slurm  # noqa: F401 - fixture
 from tests.train_helpers import child_env

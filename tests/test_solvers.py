@@ -10,7 +10,7 @@ from ddpm_dist.diffusion import (
     SamplerOptions,
     StackedRandomGenerator,
     TrajectoryRecorder,
-    generate,
+    denoise_from_seeds,
     make_schedule,
     make_step,
     make_timesteps,
@@ -170,7 +170,7 @@ def test_guidance_changes_solvers_as_in_the_combined_model(name):
 def test_trajectory_holds_x_t_and_x0_of_every_step(name):
     s = make_schedule("linear", 100)
     rec = TrajectoryRecorder()
-    x = generate(gaussian_eps_model(s, 0.0, 0.5), s, [3, 4], (1, 2, 2), SamplerOptions(name, 6), device="cpu",
+    x = denoise_from_seeds(gaussian_eps_model(s, 0.0, 0.5), s, [3, 4], (1, 2, 2), SamplerOptions(name, 6), device="cpu",
                  callback=rec)
     assert rec.steps == make_timesteps(100, 6)[::-1] and len(rec.x0) == 6
     assert torch.equal(rec.x0[-1], x)  # the last step lands on its x0 prediction
@@ -181,15 +181,15 @@ def test_trajectory_holds_x_t_and_x0_of_every_step(name):
 def test_images_do_not_depend_on_batch_mates(name, churn):
     s = make_schedule("linear", 50)
     options = SamplerOptions(name, 8, clip_x0=False, churn=churn)
-    one = generate(gaussian_eps_model(s, 0.0, 0.5), s, [11], (1, 2, 2), options, device="cpu")
-    many = generate(gaussian_eps_model(s, 0.0, 0.5), s, [7, 11, 13], (1, 2, 2), options, device="cpu")
+    one = denoise_from_seeds(gaussian_eps_model(s, 0.0, 0.5), s, [11], (1, 2, 2), options, device="cpu")
+    many = denoise_from_seeds(gaussian_eps_model(s, 0.0, 0.5), s, [7, 11, 13], (1, 2, 2), options, device="cpu")
     assert torch.allclose(one[0], many[1], atol=1e-6)
 
 
 def test_churn_is_seeded_noise_within_its_sigma_range():
     s = make_schedule("linear", 100)
     model = gaussian_eps_model(s, 0.0, 0.5)
-    run = lambda seeds, **kw: generate(model, s, seeds, (1, 2, 2), SamplerOptions("heun", 8, **kw), device="cpu")  # noqa: E731
+    run = lambda seeds, **kw: denoise_from_seeds(model, s, seeds, (1, 2, 2), SamplerOptions("heun", 8, **kw), device="cpu")  # noqa: E731
     assert torch.equal(run([1], churn=5.0), run([1], churn=5.0))
     assert not torch.equal(run([1], churn=5.0), run([1]))
     assert torch.equal(run([1], churn=5.0, churn_sigma_min=1e9), run([1]))  # no sigma in range: deterministic
@@ -240,7 +240,7 @@ def test_every_task_runs_every_solver(tmp_path, name, task):
     import numpy as np
 
     from ddpm_dist.artifacts import load_trained
-    from ddpm_dist.sampling import TaskSpec, build_task, generate_share, prepare
+    from ddpm_dist.sampling import TaskSpec, build_task, make_share, prepare
     from tests.conftest import DIGITS
     from tests.test_sampling_options import export
 
@@ -248,7 +248,7 @@ def test_every_task_runs_every_solver(tmp_path, name, task):
     spec = TaskSpec(task, image=None if task == "generate" else DIGITS, image_index=4, mask="lower-half", resample=2)
     setup = prepare(trained, torch.device("cpu"), {"sampler": name, "steps": 4, "churn": 1.0})
     built = build_task(spec, trained.config)
-    images = next(generate_share(setup, [([0, 1], True)], seed=1, classes=None, num_images=2, task=built))[1]
+    images = next(make_share(setup, [([0, 1], True)], seed=1, classes=None, num_images=2, task=built))[1]
     assert images.shape == (2, 16, 16, 1) and images.std() > 0
     if task == "inpaint":
         assert built.measure(dict(enumerate(images)))["known_region_max_error"] <= 1
@@ -257,7 +257,7 @@ def test_every_task_runs_every_solver(tmp_path, name, task):
 
 
 def test_nfe_command_prints_the_table_and_draws(tmp_path, capsys):
-    from ddpm_dist.viz.__main__ import main
+    from ddpm_dist.viz import main
     from tests.conftest import DIGITS
     from tests.test_sampling_options import export
 

@@ -114,7 +114,7 @@ def test_missing_package_is_one_line(tmp_path):
             "    def find_spec(self, name, path, target=None):\n"
             "        if name.split('.')[0] == 'tensorboard': raise ModuleNotFoundError(name)\n"
             "sys.meta_path.insert(0, Hide())\n"
-            "from ddpm_dist.cli_common import run_cli\n"
+            "from ddpm_dist.command_line import run_cli\n"
             "from ddpm_dist.train import main\n"
             "run_cli(main)\n")
     r = subprocess.run([sys.executable, "-c", hide, *train_args(tmp_path / "run", 2, "metrics.tensorboard=true")],

@@ -106,12 +106,12 @@ def test_super_resolution_beats_bicubic_on_validation_digits():
     from ddpm_dist.artifacts import load_trained
     from ddpm_dist.data import read_all
     from ddpm_dist.images import to_uint8
-    from ddpm_dist.sampling import SuperResolution, generate_batch, prepare
+    from ddpm_dist.sampling import SuperResolution, make_batch, prepare
 
     setup = prepare(load_trained(SR_MODEL), torch.device("cpu"))
     images = read_all(DIGITS, limit=64, split="validation")[0]
     task = SuperResolution(images, 2)
-    x = generate_batch(setup, list(range(len(images))), seed=0, task=task)
+    x = make_batch(setup, list(range(len(images))), seed=0, task=task)
     got = task.measure(dict(enumerate(to_uint8(x))))
     assert got["psnr"] > got["bicubic_psnr"] + 3, \
         f"super-resolution {got['psnr']:.2f} dB vs bicubic {got['bicubic_psnr']:.2f} dB on {len(images)} validation digits"
@@ -201,13 +201,13 @@ def test_overfit_one_batch(tmp_path):
     assert all(i == index[0] for i in index)  # the same batch every step
     from ddpm_dist.artifacts import load_trained
     from ddpm_dist.data import read_all
-    from ddpm_dist.diffusion import SamplerOptions, generate
+    from ddpm_dist.diffusion import SamplerOptions, denoise_from_seeds
     from ddpm_dist.images import to_model_range
     from ddpm_dist.sampling import prepare
     images, labels = read_all(DIGITS)
     batch = to_model_range(images[index[0]])
     setup = prepare(load_trained(str(run / "export.safetensors")), torch.device("cpu"))
-    x = generate(setup.model, setup.schedule, list(range(8)), setup.shape, SamplerOptions("ddim", 50), device="cpu",
+    x = denoise_from_seeds(setup.model, setup.schedule, list(range(8)), setup.shape, SamplerOptions("ddim", 50), device="cpu",
                  labels=[int(labels[index[0][i % 4]]) for i in range(8)])
     rms = (16 * 16) ** 0.5
     nearest = torch.cdist(x.flatten(1), batch.flatten(1)).min(1).values / rms

@@ -1,5 +1,5 @@
 """Shards (build / inspect / verify) and the resumable training stream."""
-from .shards import Manifest, ShardError, build_shards, load_manifest, read_all, verify
+from .shard_sets import Manifest, ShardError, build_shards, load_manifest, read_all, verify
 from .storage import StorageError
 from .plan import EpochPlan, Layout
 from .stream import DataError, TrainStream, open_manifest

@@ -29,7 +29,7 @@ from .plan import DueSet, EpochPlan, Layout, Order
 from .reader import read_blocks
 from .samples import RESIZE_MODES, decode_for_training, decode_label
 from .startup import check_shards
-from .shards import manifest_from_pattern
+from .shard_sets import manifest_from_pattern
 
 log = logging.getLogger(__name__)
 MIN_SEEN_FOR_SKIP_CHECK = 100

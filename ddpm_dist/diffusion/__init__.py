@@ -6,18 +6,17 @@ from .samplers import (
                        StackedRandomGenerator,
                        TrajectoryRecorder,
                        classifier_free_guidance,
-                       generate,
+                       denoise_from_seeds,
                        image_seed,
                        make_step,
                        make_timesteps,
                        run_steps,
-                       sample,
 )
 from .schedule import KINDS, Schedule, make_schedule, respace
 
 __all__ = [
     "KINDS", "SAMPLER_DEFAULTS", "SAMPLER_NAMES", "STEPS", "SamplerOptions", "Schedule",
     "StackedRandomGenerator", "TrajectoryRecorder", "classifier_free_guidance", "diffusion_loss",
-    "generate", "image_seed", "loss_weight", "make_schedule", "make_step", "make_timesteps", "q_sample", "respace",
-    "run_steps", "sample", "target", "to_x0_eps",
+    "denoise_from_seeds", "image_seed", "loss_weight", "make_schedule", "make_step", "make_timesteps", "q_sample", "respace",
+    "run_steps", "target", "to_x0_eps",
 ]

@@ -3,9 +3,9 @@ solvers with fewer model calls, DPM-Solver++ and Heun, are in solvers.py and reg
 
 Every sampler is a step, `step(x, i, rng) -> (x_next, x0)` over a sub-sequence of timesteps (built as
 `Step(model, schedule, timesteps, prediction=..., eta=..., var_type=..., clip_x0=..., model_kwargs=...)`, named in
-STEPS), and `run_steps(step, x_T, rng, callback)` is the one reverse loop; `make_step`, `sample` and `generate` build
-the step a SamplerOptions names. `rng` draws the per-step noise; a StackedRandomGenerator makes
-each image's noise depend on its own seed only, so a batch's images do not depend on which other images
+STEPS), and `run_steps(step, x_T, rng, callback)` is the one reverse loop; `make_step` builds the step a
+SamplerOptions names and `denoise_from_seeds` runs it from per-image seeds. `rng` draws the per-step noise; a
+StackedRandomGenerator makes each image's noise depend on its own seed only, so a batch's images do not depend on which other images
 share the batch (EDM generate.py).
 """
 from __future__ import annotations
@@ -212,17 +212,8 @@ def make_step(model, schedule: Schedule, options: Optional[SamplerOptions] = Non
                             churn_sigma_max=o.churn_sigma_max, churn_noise=o.churn_noise)
 
 
-def sample(model, schedule: Schedule, x_T: torch.Tensor, options: Optional[SamplerOptions] = None, *, y=None,
-           null_class: Optional[int] = None, rng=None, prediction="eps", model_kwargs=None,
-           callback: Optional[Callback] = None, wrap_step: Optional[Callable] = None) -> torch.Tensor:
-    """Run the sampler the options name from x_T; `wrap_step` may wrap its step (inpainting does)."""
-    step = make_step(model, schedule, options, prediction=prediction, y=y, null_class=null_class,
-                     model_kwargs=model_kwargs)
-    return run_steps(wrap_step(step) if wrap_step else step, x_T, rng, callback)
-
-
-def generate(model, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int],
-             options: Optional[SamplerOptions] = None, *, device, labels=None, null_class: Optional[int] = None,
+def denoise_from_seeds(model, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int],
+                       options: Optional[SamplerOptions] = None, *, device, labels=None, null_class: Optional[int] = None,
              prediction="eps", model_kwargs=None, callback: Optional[Callback] = None,
              wrap_step: Optional[Callable] = None) -> torch.Tensor:
     """Images in [-1, 1], one per seed; x_T and every step's noise come from that image's own generator,
@@ -230,6 +221,7 @@ def generate(model, schedule: Schedule, seeds: Sequence[int], shape: Sequence[in
     rng = StackedRandomGenerator(device, seeds)
     x_T = rng.randn((len(seeds), *shape))
     y = None if labels is None else torch.as_tensor(labels, device=device, dtype=torch.long)
-    with torch.no_grad():
-        return sample(model, schedule, x_T, options, y=y, null_class=null_class, rng=rng, prediction=prediction,
-                      model_kwargs=model_kwargs, callback=callback, wrap_step=wrap_step)
+    step = make_step(model, schedule, options, prediction=prediction, y=y, null_class=null_class,
+                     model_kwargs=model_kwargs)
+    with torch.no_grad():  # `wrap_step` may wrap the sampler's step (inpainting does)
+        return run_steps(wrap_step(step) if wrap_step else step, x_T, rng, callback)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..images import from_float255
-from .fid import Extractor, module_checksum
+from .statistics import Extractor, module_checksum
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..parallel.collectives import all_gather_rows
-from .fid import frechet_distance
+from .statistics import frechet_distance
 
 KID_SUBSETS, KID_SUBSET_SIZE, PR_K = 100, 1000, 3  # clean-fid's defaults; k = 3 as in the paper
 PR_MAX_ROWS = 10_000  # precision / recall cost O(n^2 d): a seeded sample of at most this many rows per side

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .fid import Extractor
+from .statistics import Extractor
 
 log = logging.getLogger(__name__)
 

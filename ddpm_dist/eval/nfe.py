@@ -8,9 +8,9 @@ import time
 from typing import Callable, Mapping, Optional, Sequence
 
 from ..diffusion.options import model_calls, steps_for_calls
-from ..sampling.generate import SamplingSetup, generate_share
+from ..sampling.setup import SamplingSetup, make_share
 from ..sampling.plan import plan_batches, rank_share
-from .fid import Extractor, RefStats, accumulate, frechet_distance
+from .statistics import Extractor, RefStats, accumulate, frechet_distance
 
 DEFAULT_CALLS = (5, 10, 20, 50, 100)
 DEFAULT_PLAN = {"ddim": DEFAULT_CALLS, "dpm++2m": DEFAULT_CALLS, "heun": DEFAULT_CALLS}
@@ -42,7 +42,7 @@ def measure(setup: SamplingSetup, extractor: Extractor, ref: RefStats, plan: Map
             point_setup = dataclasses.replace(setup, options=options.resolved(setup.schedule.num_steps,
                                                                               bool(setup.num_classes)))
             t0 = time.perf_counter()
-            images = [imgs for _, imgs, _, _ in generate_share(point_setup, share, seed=seed, classes=classes,
+            images = [imgs for _, imgs, _, _ in make_share(point_setup, share, seed=seed, classes=classes,
                                                                num_images=num_images)]
             seconds = time.perf_counter() - t0
             mu, sigma = accumulate(extractor, images).mean_cov()

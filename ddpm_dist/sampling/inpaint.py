@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..diffusion import SamplerOptions, generate
+from ..diffusion import SamplerOptions, denoise_from_seeds
 from ..diffusion.objective import q_sample
 
 
@@ -55,7 +55,7 @@ def inpaint(model, schedule, known: torch.Tensor, keep: torch.Tensor, seeds, opt
             *, resample: int = 1, prediction: str = "eps", labels=None, null_class: Optional[int] = None,
             model_kwargs=None, callback=None) -> torch.Tensor:
     """Completions of `known` (one per seed) outside `keep`, with any sampler."""
-    return generate(model, schedule, seeds, known.shape[1:], options, device=known.device, labels=labels,
+    return denoise_from_seeds(model, schedule, seeds, known.shape[1:], options, device=known.device, labels=labels,
                     null_class=null_class, prediction=prediction, model_kwargs=model_kwargs, callback=callback,
                     wrap_step=lambda step: RePaintStep(step, known, keep, resample))
 

@@ -19,8 +19,8 @@ from ..obs.metrics import Metrics
 from ..parallel.collectives import all_reduce_sum_, barrier
 from ..parallel.env import init_distributed, read_env, shutdown
 from . import folder
-from .extras import finish
-from .generate import generate_share, prepare
+from .outputs import write_outputs
+from .setup import make_share, prepare
 from .plan import plan_batches, rank_share
 from .tasks import TaskSpec, build_task
 
@@ -80,7 +80,7 @@ def sample_to_folder(job: SampleJob) -> None:
         _generate(job, setup, task, share, done, env, metrics)
         barrier()
         if env.rank == 0:
-            finish(job, setup, task)
+            write_outputs(job, setup, task)
     finally:
         if metrics is not None:
             metrics.close()
@@ -91,7 +91,7 @@ def _generate(job, setup, task, share, done, env, metrics) -> None:
     bar = tqdm(total=job.num_images, initial=len(done & set(range(job.num_images))), desc="sampling", unit="img",
                disable=env.rank != 0, dynamic_ncols=True)
     t0, made, local_made = time.perf_counter(), 0, 0
-    for indices, images, _, fresh in generate_share(setup, share, seed=job.seed, classes=job.classes,
+    for indices, images, _, fresh in make_share(setup, share, seed=job.seed, classes=job.classes,
                                                     num_images=job.num_images, task=task):
         count = 0
         for i, img in zip(indices, images):

@@ -21,7 +21,7 @@ from ..images import model_range
 from ..obs.log import setup_logging
 from ..parallel import init_distributed, read_env
 from ..parallel.collectives import all_gather_ints, all_reduce_mean
-from ..parallel.ema import ema_beta
+from ..parallel.sharded_ema import ema_beta
 from ..parallel.env import shutdown
 from ..parallel.faults import PeerLost, describe_lost_peer
 from ..parallel.seeding import seed_device_rng
@@ -173,7 +173,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
         evaluation = None  # the Fréchet distance of this step's EMA: a checkpoint of these weights records it
         if due(cfg.train.eval_every_images):
             if evaluator is None:
-                from .evaluation import InTrainingEval
+                from .in_training_eval import InTrainingEval
                 evaluator = InTrainingEval(cfg, env.device, env.rank, env.world_size)
             value = evaluator(outputs.ema_model(run), progress.images, metrics)
             evaluation = {"frechet_distance": value, "extractor": evaluator.extractor.name, "images": progress.images}

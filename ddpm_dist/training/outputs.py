@@ -11,10 +11,10 @@ from ..config import to_dict
 from ..data import read_all
 from ..models import UNet
 from ..parallel.collectives import barrier
-from ..sampling import SamplingSetup, SuperResolution, generate_batch
+from ..sampling import SamplingSetup, SuperResolution, make_batch
 from ..sampling.tasks import Generate
-from ..viz import auto_scale, plot_curves, save_grid
-from ..viz.figures import mean_pairwise_distance
+from ..drawing import auto_scale, plot_curves, save_grid
+from ..drawing.figures import mean_pairwise_distance
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def sample_grid(run, images: int, name: str = "") -> None:
             task = SuperResolution(read_all(cfg.data.source, limit=n, split="held-out")[0], cfg.train.sr_factor)
             n = len(task.images)
         t0 = time.perf_counter()
-        x = generate_batch(setup, list(range(n)), seed=cfg.seed, labels=labels, task=task)
+        x = make_batch(setup, list(range(n)), seed=cfg.seed, labels=labels, task=task)
         path = os.path.join(cfg.run_dir, "samples", name or f"grid_{images:09d}.png")
         save_grid(x, path, nrow=10 if labels else 8, scale=auto_scale(model_cfg.image_size))
         log.info("sample grid: %s", path)

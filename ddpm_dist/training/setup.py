@@ -17,13 +17,13 @@ from ..artifacts import committed_time, read_meta
 from ..config import Config, ConfigError, check_batch, dump_yaml, save_resolved, to_dict
 from ..data import Layout, TrainStream, open_manifest
 from ..diffusion import Schedule
-from ..ema.power import PowerEMA
-from ..ema.snapshots import SnapshotWriter
+from ..posthoc.power import PowerEMA
+from ..posthoc.snapshots import SnapshotWriter
 from ..models import UNet, UNetConfig, resolve_model_config
 from ..obs.metrics import Metrics
 from ..parallel import parallelize, resolve_backend
 from ..parallel.collectives import sum_across_ranks
-from ..parallel.ema import ShardedEMA
+from ..parallel.sharded_ema import ShardedEMA
 from ..parallel.engine import Engine
 from ..parallel.env import DistEnv
 from ..parallel.faults import host_names

@@ -13,10 +13,10 @@ import torch
 
 from ..config import Config
 from ..eval.feature_metrics import FeatureBank, feature_metrics
-from ..eval.fid import FeatureStats, RefStats, accumulate, compute_ref_stats, frechet_distance
-from ..eval.frechet import make_extractor
+from ..eval.statistics import FeatureStats, RefStats, accumulate, compute_ref_stats, frechet_distance
+from ..eval.job import make_extractor
 from ..parallel.collectives import barrier
-from ..sampling import SamplingSetup, generate_share, plan_batches, rank_share
+from ..sampling import SamplingSetup, make_share, plan_batches, rank_share
 
 log = logging.getLogger(__name__)
 REF_FEATURES = 10_000  # real features kept in the cached reference (Inception: 80 MB) for KID and precision / recall
@@ -52,7 +52,7 @@ class InTrainingEval:
 
         def batches():
             nonlocal made
-            for indices, images, labels, fresh in generate_share(setup, share, seed=self.cfg.seed, classes=None,
+            for indices, images, labels, fresh in make_share(setup, share, seed=self.cfg.seed, classes=None,
                                                                  num_images=n):
                 if fresh:
                     made += len(images)

@@ -1,4 +1,4 @@
-"""The post-hoc EMA sweep's figure (ddpm_dist.ema.sweep): Fréchet distance against the EMA length, best marked.
+"""The post-hoc EMA sweep's figure (ddpm_dist.posthoc.sweep): Fréchet distance against the EMA length, best marked.
 Its own module, not figures.py: it has nothing to share with the sampler comparisons there but the two helpers."""
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli_common import run_cli
-from ..diffusion.options import SAMPLER_NAMES, SPACINGS
+from .command_line import run_cli
+from .diffusion.options import SAMPLER_NAMES, SPACINGS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from . import figures, plot_curves
+    from .drawing import figures, plot_curves
     if args.cmd == "schedules":
         path = figures.schedules(args.out, args.steps)
     elif args.cmd == "curves":
@@ -59,9 +59,9 @@ def main(argv: list[str]) -> int:
     elif args.cmd == "diversity":
         path = figures.diversity(os.path.join(args.run, "metrics.jsonl"), args.out)
     else:
-        from ..artifacts import load_trained, run_data_source
-        from ..parallel.env import read_env
-        from ..sampling import labels_for, prepare
+        from .artifacts import load_trained, run_data_source
+        from .parallel.env import read_env
+        from .sampling import labels_for, prepare
 
         spacing = getattr(args, "spacing", None)
         setup = prepare(load_trained(args.run or args.export), read_env().device, {"spacing": spacing} if spacing else None)
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
             path = figures.compare_samplers(setup, configs, args.out, num_images=args.num_images, seed=args.seed,
                                             labels=labels)
         else:
-            from ..data import read_all
+            from .data import read_all
             data = args.data or run_data_source(args.run)
             if not data:
                 raise ValueError("forward-reverse needs --data (a shard manifest of real images)")
@@ -93,10 +93,10 @@ def run_nfe(setup, args, data) -> str:
     import json
     import time
 
-    from ..eval.fid import reference_stats
-    from ..eval.frechet import make_extractor
-    from ..eval.nfe import frechet_at, markdown_table, measure
-    from . import figures
+    from .eval.statistics import reference_stats
+    from .eval.job import make_extractor
+    from .eval.nfe import frechet_at, markdown_table, measure
+    from .drawing import figures
 
     plan = {}
     try:

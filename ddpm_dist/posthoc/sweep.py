@@ -1,5 +1,5 @@
 """The post-hoc EMA sweep: the reconstruction at each relative std of a range (reconstruct.py), each scored with the
-project's Fréchet distance in the digits classifier's features (eval/frechet.py), so the EMA length is chosen after
+project's Fréchet distance in the digits classifier's features (eval/job.py), so the EMA length is chosen after
 training (EDM2, sec. 3). Every length is sampled from the same seed-addressed images (the frechet job's seeds), so the
 distances differ by the weights alone.
 
@@ -19,11 +19,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..artifacts import run_data_source
-from ..eval.fid import compute_ref_stats
-from ..eval.frechet import FrechetJob, frechet_worker, make_extractor, read_result
+from ..eval.statistics import compute_ref_stats
+from ..eval.job import FrechetJob, frechet_worker, make_extractor, read_result
 from ..parallel.env import read_env, spawn_local
 from ..redact import to_json
-from ..viz.ema_sweep import frechet_against_std
+from ..drawing.ema_sweep import frechet_against_std
 from .phema import MAX_STD
 from .reconstruct import check_stds, export_path, make_plan, reconstruct
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_common import run_cli
-from ..redact import redact
+from .command_line import run_cli
+from .redact import redact
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from . import write_report
+    from .reporting import write_report
 
     args = build_parser().parse_args(argv)
     path, data = write_report(args.run, args.out)

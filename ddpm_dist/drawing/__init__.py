@@ -1,5 +1,5 @@
 """Pictures: sample grids, denoising trajectories, GIFs of the reverse process, training curves; figures.py
-draws comparisons and diagnostics, `python -m ddpm_dist.viz ...` (__main__.py) makes them from a run."""
+draws comparisons and diagnostics, `python -m ddpm_dist.viz ...` (ddpm_dist/viz.py) makes them from a run."""
 from __future__ import annotations
 
 import json

@@ -10,16 +10,16 @@ import numpy as np
 
 from ..data import storage
 from ..diffusion import TrajectoryRecorder
-from ..viz import auto_scale, grid, save_gif, save_image, trajectory_grid
+from ..drawing import auto_scale, grid, save_gif, save_image, trajectory_grid
 from . import folder
-from .generate import generate_batch
+from .setup import make_batch
 
 log = logging.getLogger(__name__)
 GRID_MAX = 100
 TRAJECTORY_IMAGES = 8
 
 
-def finish(job, setup, task) -> dict:
+def write_outputs(job, setup, task) -> dict:
     """Write what the job asked for; the task's measurements go into sampling.json under 'result'."""
     missing = set(range(job.num_images)) - folder.existing_indices(job.out)
     if missing:
@@ -51,7 +51,7 @@ def finish(job, setup, task) -> dict:
         storage.write_bytes_atomic(storage.join(job.out, "samples.npz"), buf.getvalue())
         log.info("npz: %s", storage.redact(storage.join(job.out, "samples.npz")))
     if job.tar:
-        from ..data.shards import build_shards
+        from ..data.shard_sets import build_shards
         src = ((f"sample{i:06d}", images[i], labels[i] if labels else None) for i in range(len(images)))
         build_shards(src, storage.join(job.out, "shards"), prefix="samples", shuffle_seed=None, overwrite=True,
                      progress=False)
@@ -64,7 +64,7 @@ def _trajectory(job, setup, task, labels, out_dir: str) -> None:
     """The reverse process of the first images: x_t and predicted x0 as pictures, x_t as a GIF."""
     rec = TrajectoryRecorder(record_at=None)
     k = min(TRAJECTORY_IMAGES, job.num_images)
-    x = generate_batch(setup, list(range(k)), seed=job.seed, labels=labels[:k] if labels else None, task=task,
+    x = make_batch(setup, list(range(k)), seed=job.seed, labels=labels[:k] if labels else None, task=task,
                        callback=rec).cpu()
     keep = np.unique(np.linspace(0, len(rec.x_t) - 1, min(10, len(rec.x_t))).round().astype(int))
     log.info("trajectory: %s", trajectory_grid([rec.x_t[i] for i in keep] + [x], os.path.join(out_dir, "trajectory.png")))

@@ -12,7 +12,7 @@ import torch
 
 from ..artifacts import TrainedModel
 from ..config import DiffusionConfig
-from ..diffusion import SamplerOptions, Schedule, generate, image_seed
+from ..diffusion import SamplerOptions, Schedule, denoise_from_seeds, image_seed
 from ..images import to_uint8
 from .tasks import Generate
 
@@ -54,21 +54,21 @@ def prepare(trained: TrainedModel, device: torch.device, overrides: Optional[dic
     return SamplingSetup.for_model(model, trained.diffusion, options, trained.source)
 
 
-def generate_batch(setup: SamplingSetup, indices: list[int], *, seed: int, labels: Optional[list[int]] = None,
+def make_batch(setup: SamplingSetup, indices: list[int], *, seed: int, labels: Optional[list[int]] = None,
                    task=PLAIN, callback=None) -> torch.Tensor:
     """The images of these indices in [-1, 1] (NCHW)."""
     device = setup.device
-    return generate(setup.model, setup.schedule, [image_seed(seed, i) for i in indices], setup.shape, setup.options,
+    return denoise_from_seeds(setup.model, setup.schedule, [image_seed(seed, i) for i in indices], setup.shape, setup.options,
                     device=device, labels=labels, null_class=setup.num_classes or None, prediction=setup.prediction,
                     model_kwargs=task.model_kwargs(indices, device), callback=callback,
                     wrap_step=task.step_wrapper(indices, device))
 
 
-def generate_share(setup: SamplingSetup, share, *, seed: int, classes: Optional[str], num_images: int,
+def make_share(setup: SamplingSetup, share, *, seed: int, classes: Optional[str], num_images: int,
                    task=PLAIN) -> Iterator[tuple[list[int], np.ndarray, Optional[list[int]], bool]]:
     """(indices < num_images, uint8 NHWC images, labels, fresh) for each batch of this rank's share."""
     for batch, fresh in share:
         labels = task.labels(batch, classes, setup.num_classes, seed)
-        x = generate_batch(setup, batch, seed=seed, labels=labels, task=task)
+        x = make_batch(setup, batch, seed=seed, labels=labels, task=task)
         keep = [k for k, i in enumerate(batch) if i < num_images]
         yield [batch[k] for k in keep], to_uint8(x)[keep], [labels[k] for k in keep] if labels else None, fresh

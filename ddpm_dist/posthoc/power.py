@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..parallel.ema import ShardedEMA
+from ..parallel.sharded_ema import ShardedEMA
 from .phema import power_beta, std_to_exp
 
 

@@ -24,10 +24,10 @@ from ..parallel.collectives import all_reduce_sum_
 from ..parallel.env import init_distributed, read_env, shutdown
 from ..redact import to_json
 from ..sampling import folder
-from ..sampling.generate import generate_share, prepare
+from ..sampling.setup import make_share, prepare
 from ..sampling.plan import plan_batches, rank_share
 from .feature_metrics import KID_SUBSET_SIZE, KID_SUBSETS, PR_MAX_ROWS, FeatureBank, feature_metrics
-from .fid import Extractor, FeatureStats, RefStats, accumulate, frechet_distance, reference_stats
+from .statistics import Extractor, FeatureStats, RefStats, accumulate, frechet_distance, reference_stats
 from .inception import inception_extractor
 
 METRICS = {"fid": "FID", "frechet": "Frechet distance (digits classifier features, not FID)"}
@@ -129,7 +129,7 @@ def _score(job: FrechetJob, env) -> None:
         n_total = job.num_images or IN_MEMORY_DEFAULT
         share = rank_share(plan_batches(n_total, job.batch_size, set()), rank, world)
         probe = np.zeros((setup.shape[1], setup.shape[2], setup.shape[0]), dtype=np.uint8)
-        batches = (observe(imgs, idx, lab) for idx, imgs, lab, fresh in generate_share(
+        batches = (observe(imgs, idx, lab) for idx, imgs, lab, fresh in make_share(
             setup, share, seed=job.seed, classes=job.classes, num_images=n_total) if fresh)  # repeats count once
     bar = tqdm(total=n_total, desc="features", unit="img", disable=rank != 0)
     dim = extractor.features(probe[None]).shape[1]  # ranks without images still join the all-reduce

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli_common import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
-from ..parallel.env import spawn_local
-from .reconstruct import check_stds, export_path, make_plan, reconstruct
+from .command_line import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
+from .parallel.env import spawn_local
+from .posthoc.reconstruct import check_stds, export_path, make_plan, reconstruct
 
 
 def parse_stds(text: str) -> list[float]:
@@ -69,7 +69,7 @@ def reconstruct_command(args) -> int:
 
 
 def sweep_command(args) -> int:
-    from .sweep import SweepJob, parse_std_range, run_sweep
+    from .posthoc.sweep import SweepJob, parse_std_range, run_sweep
 
     if args.num_images < 2:
         raise ValueError(f"--num-images {args.num_images}: a Fréchet distance needs at least 2 images")

@@ -59,14 +59,14 @@ def compare_samplers(setup, configs: list[tuple[str, int]], out: str, *, num_ima
                      labels=None) -> str:
     """The same initial noise (same per-image seeds) through each sampler/step count, with wall time per image.
     `setup` is a sampling.SamplingSetup; each row keeps its options but the sampler and step count."""
-    from ..diffusion import generate, image_seed
+    from ..diffusion import denoise_from_seeds, image_seed
     plt = _plt()
     seeds = [image_seed(seed, i) for i in range(num_images)]
     fig, axes = plt.subplots(len(configs), 1, figsize=(1.0 * num_images + 2, 1.15 * len(configs)), squeeze=False)
     for ax, (sampler, steps) in zip(axes[:, 0], configs):
         options = setup.options.updated(sampler=sampler, steps=steps)
         t0 = time.perf_counter()
-        x = generate(setup.model, setup.schedule, seeds, setup.shape, options, device=setup.device, labels=labels,
+        x = denoise_from_seeds(setup.model, setup.schedule, seeds, setup.shape, options, device=setup.device, labels=labels,
                      null_class=setup.num_classes or None, prediction=setup.prediction)
         per_image = (time.perf_counter() - t0) / num_images
         _show(ax, to_uint8(x), f"{sampler.upper()} {steps} steps\n{per_image * 1e3:.0f} ms/img")
@@ -76,7 +76,7 @@ def compare_samplers(setup, configs: list[tuple[str, int]], out: str, *, num_ima
 
 def forward_reverse(setup, real: np.ndarray, out: str, *, steps: int = 8, seed: int = 0) -> str:
     """Left: the forward process q(x_t | x0) on real images; right: a reverse (DDPM) trajectory at the same t."""
-    from ..diffusion import TrajectoryRecorder, generate, image_seed, make_timesteps, q_sample
+    from ..diffusion import TrajectoryRecorder, denoise_from_seeds, image_seed, make_timesteps, q_sample
     plt = _plt()
     device = setup.device
     T = setup.schedule.num_steps
@@ -87,7 +87,7 @@ def forward_reverse(setup, real: np.ndarray, out: str, *, steps: int = 8, seed: 
     forward = [to_uint8(q_sample(setup.schedule, x0, torch.full((len(x0),), t, device=device), noise)) for t in ts]
     rec = TrajectoryRecorder(record_at=set(ts))
     labels = [i % setup.num_classes for i in range(len(x0))] if setup.num_classes else None
-    generate(setup.model, setup.schedule, [image_seed(seed, i) for i in range(len(x0))], setup.shape,
+    denoise_from_seeds(setup.model, setup.schedule, [image_seed(seed, i) for i in range(len(x0))], setup.shape,
              setup.options.updated(sampler="ddpm", steps=T), device=device, labels=labels,
              null_class=setup.num_classes or None, prediction=setup.prediction, callback=rec)
     reverse = {t: to_uint8(x) for t, x in zip(rec.steps, rec.x_t)}
