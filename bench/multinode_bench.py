@@ -1,6 +1,6 @@
 """Two hosts vs one host, side by side in one run: training images/s of the digits config with DDP and FSDP2 at
 the same global batch and the same number of ranks, either 2 processes on one host (loopback) or 1 process on
-each of 2 hosts (network namespaces joined by a bridge: tests/netns_cluster.py). On one machine this measures
+each of 2 hosts (network namespaces joined by a bridge: tests/support/netns_cluster.py). On one machine this measures
 the protocol across hosts (addresses, rendezvous, gloo over a veth pair and a bridge), not a network: both
 sides share the same two cores and memory. Needs root.
 
@@ -20,7 +20,7 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.netns_cluster import Cluster  # noqa: E402
+from tests.support.netns_cluster import Cluster  # noqa: E402
 
 
 def train_args(run: str, steps: int, batch: int, backend: str) -> list[str]:

@@ -134,7 +134,7 @@ def overhead(args):
 
 def scaling(args):
     """1 process vs 2 processes (torchrun-style spawn, gloo), same global batch."""
-    from tests.dist_workers import spawn  # the same spawn helper the tests use
+    from tests.support.dist_workers import spawn  # the same spawn helper the tests use
 
     results = {}
     out = tempfile.mkdtemp()

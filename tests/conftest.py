@@ -1,24 +1,19 @@
+"""Fixtures for every test; tests/unit, tests/distributed and tests/system get their marker from the folder."""
 import os
-import sys
-import time
 
 import pytest
 
-from ddpm_dist.parallel.env import free_port  # noqa: F401 - the one free-port helper, for the tests too
+from tests.support.common import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = sys.executable
-DIGITS = os.path.join(ROOT, "shards", "digits", "manifest.json")
+GROUPS = ("unit", "distributed", "system")
 
 
-def wait_for(predicate, timeout: float, what: str, every: float = 0.1) -> None:
-    """Poll `predicate` until it holds; a TimeoutError naming `what` after `timeout` seconds."""
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(every)
-    raise TimeoutError(f"{what} (after {timeout}s)")
+def pytest_collection_modifyitems(items):
+    """`pytest -m "not system"` and friends work by folder, whatever a file declares itself."""
+    for item in items:
+        group = os.path.relpath(str(item.path), os.path.join(ROOT, "tests")).split(os.sep)[0]
+        if group in GROUPS:
+            item.add_marker(getattr(pytest.mark, group))
 
 
 @pytest.fixture
@@ -33,12 +28,12 @@ def cpu_env(monkeypatch):
 
 @pytest.fixture(scope="session")
 def cluster():
-    """Two hosts in network namespaces (tests/netns_cluster.py), removed by name and PID at the end."""
+    """Two hosts in network namespaces (tests/support/netns_cluster.py), removed by name and PID at the end."""
     import shutil
 
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
         pytest.fail("the multi-host tests need root, iproute2 and nsenter (`make system-deps` installs them)")
-    from tests.netns_cluster import Cluster
+    from tests.support.netns_cluster import Cluster
 
     c = Cluster(2).up()
     try:
@@ -50,8 +45,8 @@ def cluster():
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """An uninterrupted 2-rank FSDP2 run on loopback: interrupted runs across hosts must end bitwise equal to it."""
-    from tests.multinode_helpers import COMMON, LOSS_STEPS
-    from tests.train_helpers import run_train
+    from tests.support.multinode_helpers import COMMON, LOSS_STEPS
+    from tests.support.train_helpers import run_train
 
     run = tmp_path_factory.mktemp("reference") / "run"
     run_train(run, LOSS_STEPS, "parallel.backend=fsdp", *COMMON, nproc=2)

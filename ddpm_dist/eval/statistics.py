@@ -110,7 +110,7 @@ def clean_resize(images: np.ndarray, size: int = 299) -> torch.Tensor:
     channel as a float32 PIL image, bicubic to size x size, clipped to [0, 255]). Written out because clean-fid's
     function concatenates, re-casts and then needs a strided copy per image: here each channel is clipped
     straight into the batch, and a channel equal to the one before (grey images made RGB) is resized once.
-    tests/test_fid.py holds it equal to clean-fid's."""
+    tests/unit/test_fid.py holds it equal to clean-fid's."""
     from PIL import Image
 
     out = np.empty((len(images), images.shape[-1], size, size), dtype=np.float32)

@@ -1,0 +1,98 @@
+"""Run training as users do (subprocesses, torchrun) and read checkpoints back for bitwise comparisons."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests.support.common import ROOT
+
+PYTHON = sys.executable
+FAST = ["model.preset=digits", "model.base_channels=16", "model.norm_groups=8", "train.global_batch=16",
+        "train.lr=0.001", "train.lr_schedule=constant", "train.warmup_images=64", "train.log_every=5",
+        "train.sample_every_images=0", "sample.steps=4", "data.audit=true", "diffusion.num_steps=200"]
+
+
+def child_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def train_args(run_dir, steps, *extra) -> list[str]:
+    """ddpm_dist.train's arguments: the digits config made fast, `steps` steps of 16 images, then `extra`."""
+    return ["--config", "configs/digits.yaml", f"run_dir={run_dir}", *FAST, f"train.total_images={16 * steps}", *extra]
+
+
+def train_cmd(run_dir, steps, *extra, nproc=1, launcher="python"):
+    args = train_args(run_dir, steps, *extra)
+    if nproc == 1 and launcher == "python":
+        return [PYTHON, "-m", "ddpm_dist.train", *args]
+    module = "launchers.torchrun" if launcher == "launcher" else "torch.distributed.run"
+    return [PYTHON, "-m", module, "--standalone", f"--nproc-per-node={nproc}", "-m", "ddpm_dist.train", *args]
+
+
+def run_train(run_dir, steps, *extra, nproc=1, launcher="python", timeout=600, check=True):
+    r = subprocess.run(train_cmd(run_dir, steps, *extra, nproc=nproc, launcher=launcher), cwd=ROOT, env=child_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def snapshot_tensors(run_dir) -> dict:
+    """Every committed post-hoc EMA snapshot of a run (RUN/ema_snapshots/<images>-<std>/), as checkpoint_tensors."""
+    root = os.path.join(run_dir, "ema_snapshots")
+    names = sorted(n for n in os.listdir(root) if not n.startswith(".") and os.path.isdir(os.path.join(root, n)))
+    return {f"{n}/{k}": v for n in names for k, v in checkpoint_tensors(os.path.join(root, n)).items()}
+
+
+def checkpoint_tensors(ckpt_dir) -> dict:
+    """Every tensor of a DCP checkpoint (model, optimizer, EMA), flattened to 'a.b.c' keys, on CPU."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = os.path.join(ckpt_dir, "..", f"{os.path.basename(ckpt_dir)}.pt")
+    dcp_to_torch_save(ckpt_dir, out)
+    state = torch.load(out, weights_only=True)
+    os.unlink(out)
+    flat = {}
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(f"{prefix}.{i}", x)
+        elif torch.is_tensor(v):
+            flat[prefix] = v
+        else:
+            flat[prefix] = torch.tensor(float(v)) if isinstance(v, (int, float)) else v
+    walk("", state)
+    return flat
+
+
+def final_checkpoint(run_dir) -> str:
+    ck = os.path.join(run_dir, "checkpoints")
+    return os.path.join(ck, sorted(d for d in os.listdir(ck) if d.startswith("step_"))[-1])
+
+
+def assert_bitwise_equal(a: dict, b: dict):
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def audit(run_dir, rank=0) -> dict:
+    """step -> sample indices, the last record of each step winning (steps redone after a crash repeat)."""
+    out = {}
+    with open(os.path.join(run_dir, "data_audit", f"rank{rank}.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            out[row["step"]] = row["index"]
+    return out

@@ -1,0 +1,164 @@
+"""Feature statistics and Fréchet distances against clean-fid's own pipeline, with a small extractor built here."""
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_dist.eval.statistics import Extractor, FeatureStats, RefStats, StatsMismatch, accumulate, frechet_distance, module_checksum
+from tests.support.common import PYTHON, ROOT
+from tests.support.dist_workers import spawn
+
+
+class SmallNet(torch.nn.Module):
+    """A random conv net over 299x299 inputs in 0..255 (the contract of clean-fid's feature models)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 5, stride=4),
+                                        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+
+    def forward(self, x):
+        return 10 * self.body(x / 128 - 1)
+
+
+def small_extractor():
+    net = SmallNet().eval()
+    return Extractor("small-test-net", net, module_checksum(net), "clean")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("imgs")
+    for name, shift in (("a", 0), ("b", 40)):
+        (root / name).mkdir()
+        for i in range(60):
+            img = np.clip(rng.normal(120 + shift, 50, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i:06d}.png")
+    return root
+
+
+def test_clean_resize_is_cleanfids_bit_for_bit():
+    """Our clean resize (channels clipped straight into the batch, a repeated grey channel resized once) against
+    clean-fid's build_resizer("clean"), image by image; and FeatureStats' buffered sums against numpy."""
+    from cleanfid.resize import build_resizer
+
+    from ddpm_dist.eval.statistics import clean_resize
+    rng = np.random.default_rng(3)
+    theirs = build_resizer("clean")
+    for shape in ((16, 16), (32, 32), (28, 40), (299, 299), (512, 300)):
+        rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        grey = np.repeat(rng.integers(0, 256, (*shape, 1), dtype=np.uint8), 3, axis=-1)
+        ours = clean_resize(np.stack([rgb, grey])).numpy()
+        assert np.array_equal(ours[0], theirs(rgb).transpose(2, 0, 1)), shape
+        assert np.array_equal(ours[1], theirs(grey).transpose(2, 0, 1)), shape
+    feats = torch.from_numpy(rng.normal(0.5, 1.0, (2500, 64)))
+    stats = FeatureStats(64)
+    for i in range(0, 2500, 48):  # crosses FeatureStats.FLUSH_ROWS twice, with a remainder
+        stats.add(feats[i:i + 48])
+    mu, cov = stats.mean_cov()
+    assert stats.n == 2500 and np.allclose(mu, feats.numpy().mean(0), atol=1e-12)
+    assert np.allclose(cov, np.cov(feats.numpy(), rowvar=False), atol=1e-10)
+
+
+def cleanfid_stats(folder, net):
+    from cleanfid import fid
+    feats = fid.get_folder_features(str(folder), model=net, num_workers=0, batch_size=16, device=torch.device("cpu"),
+                                    mode="clean", verbose=False)
+    return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
+
+
+def read(folder, indices):
+    return np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB")) for i in indices])
+
+
+def stats_worker(rank, world, folder, out):
+    ext = small_extractor()
+    mine = list(range(60))[rank::world]
+    stats = accumulate(ext, (read(folder, mine[i:i + 7]) for i in range(0, len(mine), 7)), FeatureStats(64))
+    stats.all_reduce(torch.device("cpu"))
+    if rank == 0:
+        mu, cov = stats.mean_cov()
+        np.savez(out, mu=mu, cov=cov, n=stats.n)
+
+
+def test_distributed_statistics_equal_cleanfid(folders, tmp_path):
+    out = tmp_path / "stats.npz"
+    spawn(stats_worker, 2, str(folders / "a"), str(out))
+    ours = np.load(out)
+    mu, cov = cleanfid_stats(folders / "a", small_extractor().net)
+    assert int(ours["n"]) == 60
+    assert np.allclose(ours["mu"], mu, rtol=1e-6, atol=1e-9 * np.abs(mu).max())
+    assert np.allclose(ours["cov"], cov, rtol=1e-6, atol=1e-6 * np.abs(cov).max())
+
+
+def test_frechet_distance_equals_cleanfid(folders):
+    from cleanfid.fid import frechet_distance as cf_fd
+    ext = small_extractor()
+    stats = {}
+    for name in ("a", "b"):
+        s = accumulate(ext, [read(folders / name, range(60))])
+        stats[name] = s.mean_cov()
+    ours = frechet_distance(*stats["a"], *stats["b"])
+    ref = cf_fd(*cleanfid_stats(folders / "a", ext.net), *cleanfid_stats(folders / "b", ext.net))
+    assert ours > 0.1 and abs(ours - ref) <= 1e-4 * abs(ref), (ours, ref)
+
+
+def test_mismatched_reference_statistics_are_refused(folders, tmp_path):
+    ext = small_extractor()
+    mu, cov = accumulate(ext, [read(folders / "a", range(20))]).mean_cov()
+    ref = RefStats(mu, cov, 20, ext.name, ext.checksum, "clean", "data")
+    path = ref.save(str(tmp_path / "ref.npz"))
+    RefStats.load(path).check(ext)  # same extractor: fine
+    other = small_extractor()
+    with torch.no_grad():
+        other.net.body[0].weight.add_(0.01)
+    other.checksum = module_checksum(other.net)
+    with pytest.raises(StatsMismatch, match="would not be comparable"):
+        RefStats.load(path).check(other)
+    legacy = Extractor(ext.name, ext.net, ext.checksum, "none")
+    with pytest.raises(StatsMismatch, match="resize"):
+        RefStats.load(path).check(legacy)
+
+
+def test_fid_without_inception_file_says_where_to_put_it(tmp_path, folders):
+    env = {**os.environ, "PYTHONPATH": ROOT, "DDPM_INCEPTION": str(tmp_path / "nowhere.pt"), "HOME": str(tmp_path)}
+    r = subprocess.run([PYTHON, "-m", "ddpm_dist.evaluate", "fid", "--samples", str(folders / "a"), "--data",
+                        os.path.join(ROOT, "shards/digits/manifest.json")], cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: Inception weights 'inception-2015-12-05.pt' not found") and "--inception PATH" in line
+
+
+def test_an_inception_file_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch):
+    """No primary source publishes the file's checksum: the first verified use pins it; a different file is
+    refused before it is loaded (TorchScript carries code), with one line, unless explicitly allowed."""
+    from ddpm_dist.eval.inception import UnverifiedWeights, file_checksum, verify_inception
+
+    pin = tmp_path / "pin.sha256"
+    monkeypatch.setenv("DDPM_INCEPTION_PIN", str(pin))
+    first, other = tmp_path / "first.pt", tmp_path / "inception-2015-12-05.pt"
+    first.write_bytes(b"the file used first")
+    other.write_bytes(b"a planted file")
+    verify_inception(str(first), file_checksum(str(first)))
+    assert pin.read_text().strip() == file_checksum(str(first))
+    verify_inception(str(first), file_checksum(str(first)))  # the same file again: fine
+    with pytest.raises(UnverifiedWeights, match="not the checksum pinned in"):
+        verify_inception(str(other), file_checksum(str(other)))
+    verify_inception(str(other), file_checksum(str(other)), allow_unverified=True)  # allowed: warned, not pinned
+    assert pin.read_text().strip() == file_checksum(str(first))
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path), "DDPM_INCEPTION_PIN": str(pin)}
+    r = subprocess.run([PYTHON, "-m", "ddpm_dist.evaluate", "ref-stats", "--data",
+                        os.path.join(ROOT, "shards/digits/manifest.json"), "--out", str(tmp_path / "ref.npz"),
+                        "--inception", str(other)], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: Inception file '{other}' has sha256 ") and "--allow-unverified-inception" in line
+    assert not (tmp_path / "ref.npz").exists()
