@@ -117,6 +117,21 @@ def test_parts_import_only_what_sits_below_them(graph):
     assert not ALLOWED["models"] | ALLOWED["diffusion"]
 
 
+def test_parts_form_floors(graph):
+    """Folder level: no loop between parts (viz <-> sampling was one), so the parts stack into floors and every
+    import points down; the table allows no loop either."""
+    edges = {(part(m), part(d)) for m, deps in graph.items() if m not in ENTRY_POINTS and m != "ddpm_dist"
+             for d in deps if part(d) != part(m)}
+    edges |= {(p, q) for p, allowed in ALLOWED.items() for q in allowed}
+    floors, left = [], set(ALLOWED)
+    while left:
+        ground = {p for p in left if not any(a == p and b in left for a, b in edges)}
+        assert ground, f"a loop among {sorted(left)}"
+        floors.append(sorted(ground))
+        left -= ground
+    assert floors[0] == ["cpu_malloc", "diffusion", "images", "models", "redact", "rng"], floors
+
+
 def test_every_part_is_in_the_table():
     parts = {part(m) for m in modules() if m not in ENTRY_POINTS and m != "ddpm_dist"}
     assert parts == set(ALLOWED), parts ^ set(ALLOWED)
