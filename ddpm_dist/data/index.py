@@ -33,8 +33,8 @@ import webdataset as wds
 from PIL import Image
 
 from . import storage
-from .manifest import MANIFEST_NAME, Manifest, ShardError, ShardInfo, index_json, one_line, parse_json, \
-    parse_manifest, show
+from .manifest import MANIFEST_NAME, Manifest, ShardError, ShardInfo, one_line, parse_json, parse_manifest, show
+from .member_index import index_json
 from .samples import HashingStream, Prefixed, _members, _tar_faults, check_uncompressed
 
 PARTS_DIR = "index-parts"

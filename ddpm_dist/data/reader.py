@@ -35,7 +35,7 @@ def byte_runs(index: list, positions: Iterable[int], max_gap: int = MERGE_GAP,
     """(start, end, positions) per request: sorted positions merged while the hole between them is small (at most
     max_gap, and at most the next sample's own span or 4 KB: what is read through never outweighs what is
     wanted) and the request stays within max_bytes. Positions whose entry is None (past the end of a truncated
-    shard, see manifest.parse_index) are left out."""
+    shard, see member_index.parse_index) are left out."""
     runs: list[tuple[int, int, list[int]]] = []
     for p in sorted(positions):
         if index[p][1] is None:

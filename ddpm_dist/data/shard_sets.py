@@ -21,13 +21,13 @@ from .manifest import (  # noqa: F401 - re-exported: the manifest and sample par
     Manifest,
     ShardError,
     ShardInfo,
-    index_json,
     load_manifest,
     one_line,
     parse_json,
     show,
     write_manifest,
 )
+from .member_index import index_json  # noqa: F401 - re-exported
 from .samples import HashingStream, decode_image, decode_label, iter_tar_samples, tar_index  # noqa: F401 - re-exported
 from .sources import Sample
 

@@ -269,7 +269,7 @@ def test_an_index_of_one_entry_per_line_is_parsed_only_where_a_visit_reads(tmp_p
     import json
     import shutil
 
-    from ddpm_dist.data.manifest import index_json, parse_index
+    from ddpm_dist.data.member_index import index_json, parse_index
 
     m = load_manifest(DIGITS)
     info = m.shards[0]

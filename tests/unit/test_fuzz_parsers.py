@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from ddpm_dist.config import ConfigError, load_config
 from ddpm_dist.data import DataError, ShardError, load_manifest
-from ddpm_dist.data.manifest import MAX_SAMPLE_BYTES, index_json, parse_manifest
+from ddpm_dist.data.manifest import MAX_SAMPLE_BYTES, parse_manifest
+from ddpm_dist.data.member_index import index_json
 from ddpm_dist.data.samples import decode_image, decode_label, iter_tar_samples, tar_index
 from tests.support.common import ROOT
 from tests.support.fuzz_helpers import (
