@@ -99,7 +99,7 @@ def newest_checkpoint(run_or_ckpt: str, choice: str = "latest") -> str:
         best = best_checkpoint(found)
         if best is None:
             raise FileNotFoundError(f"no checkpoint under '{run_or_ckpt}' has an in-training Fréchet distance "
-                                    f"(train with train.eval_every_images and checkpoint.keep_best=true)")
+                                    f"(train with eval.every_images and checkpoint.keep_best=true)")
         return best
     if choice != "latest":
         raise ValueError(f"checkpoint choice '{choice}': expected latest or best")

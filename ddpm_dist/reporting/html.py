@@ -165,7 +165,7 @@ def section_samples(d: RunData) -> str:
 def section_evaluation(d: RunData) -> str:
     out = []
     if d.evals:
-        out.append("<h3>In training (train.eval_every_images)</h3>")
+        out.append("<h3>In training (eval.every_images)</h3>")
         out.append(table(("images seen", "Fréchet distance", "extractor", "n"),
                          ([num(r.get("images")), num(r.get("frechet_distance")), esc(r.get("extractor", "")),
                            num(r.get("n"))] for r in d.evals), text_cols=(2,)))
@@ -190,7 +190,7 @@ def section_evaluation(d: RunData) -> str:
         if rec["picture"] is not None:
             out.append(picture(rec["picture"], "reconstruction metrics", "", pixels=False))
     if not out:
-        return note(f"no evaluation yet: train with train.eval_every_images, or run python -m ddpm_dist.evaluate "
+        return note(f"no evaluation yet: train with eval.every_images, or run python -m ddpm_dist.evaluate "
                     f"frechet --run {d.run_dir} (writes frechet.json there)")
     return "".join(out)
 

@@ -1,4 +1,4 @@
-"""In-training evaluation: every train.eval_every_images, a Fréchet distance on a small n with the same
+"""In-training evaluation: every eval.every_images, a Fréchet distance on a small n with the same
 code as `python -m ddpm_dist.evaluate` (seed-addressed generation shared by all ranks, float64 feature
 sums all-reduced), reported to the metrics sinks; from the same features (all-gathered) rank 0 adds KID,
 precision / recall and, for class-conditional models, per-class Fréchet distances."""
@@ -25,18 +25,18 @@ REF_FEATURES = 10_000  # real features kept in the cached reference (Inception: 
 class InTrainingEval:
     def __init__(self, cfg: Config, device: torch.device, rank: int, world_size: int):
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
-        self.extractor = make_extractor(cfg.train.eval_extractor, inception=cfg.train.eval_inception or None,
+        self.extractor = make_extractor(cfg.eval.extractor, inception=cfg.eval.inception or None,
                                         data=cfg.data.source, device=device)
         self.ref = self._reference()
 
     def _reference(self) -> RefStats:
-        """Reference statistics of the training data (or its validation split, train.eval_reference), cached in
+        """Reference statistics of the training data (or its validation split, eval.reference), cached in
         the run directory (rank 0 computes)."""
-        split = self.cfg.train.eval_reference
+        split = self.cfg.eval.reference
         name = self.extractor.name + ("" if split == "train" else f"_{split}")
         path = os.path.join(self.cfg.run_dir, f"ref_stats_{name}.npz")
         if self.rank == 0 and not os.path.exists(path):
-            compute_ref_stats(self.cfg.data.source, self.extractor, self.cfg.train.eval_batch_size,
+            compute_ref_stats(self.cfg.data.source, self.extractor, self.cfg.eval.batch_size,
                               max_features=REF_FEATURES, split=split).save(path)
         barrier()
         ref = RefStats.load(path)
@@ -44,9 +44,9 @@ class InTrainingEval:
         return ref
 
     def __call__(self, ema_model: torch.nn.Module, images_seen: int, metrics) -> float:
-        n = self.cfg.train.eval_num_images
+        n = self.cfg.eval.num_images
         setup = SamplingSetup.for_model(ema_model, self.cfg.diffusion, self.cfg.sample, "in-training EMA")
-        share = rank_share(plan_batches(n, self.cfg.train.eval_batch_size, set()), self.rank, self.world_size)
+        share = rank_share(plan_batches(n, self.cfg.eval.batch_size, set()), self.rank, self.world_size)
         t0 = time.perf_counter()
         made = 0
 

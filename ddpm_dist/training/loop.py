@@ -141,8 +141,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
         loss, grad_norm = run_step(engine, run.schedule, batches, step=progress.step, rank=env.rank,
                                    world_size=env.world_size, cfg=cfg, num_classes=run.model_cfg.num_classes, lr=lr)
         t_ema = time.perf_counter()
-        ema.update(ema_beta(cfg.train.global_batch, progress.images, cfg.train.ema_halflife_images,
-                            cfg.train.ema_warmup_ratio))
+        ema.update(ema_beta(cfg.train.global_batch, progress.images, cfg.ema.halflife_images, cfg.ema.warmup_ratio))
         if power:
             power.update(progress.images + cfg.train.global_batch, cfg.train.global_batch)
         ema_seconds = time.perf_counter() - t_ema
@@ -171,7 +170,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
         if due(cfg.train.sample_every_images):
             outputs.sample_grid(run, progress.images)
         evaluation = None  # the Fréchet distance of this step's EMA: a checkpoint of these weights records it
-        if due(cfg.train.eval_every_images):
+        if due(cfg.eval.every_images):
             if evaluator is None:
                 from .in_training_eval import InTrainingEval
                 evaluator = InTrainingEval(cfg, env.device, env.rank, env.world_size)

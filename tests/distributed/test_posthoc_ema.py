@@ -65,7 +65,7 @@ def test_coefficients_are_exact_for_a_snapshotted_profile():
 
 def test_config():
     cfg = load_config(None, ["ema.stds=[0.05,0.1]", "ema.snapshot_every_images=64"])
-    assert cfg.ema.stds == [0.05, 0.1] and cfg.train.ema_halflife_images > 0  # the half-life EMA stays as it is
+    assert cfg.ema.stds == [0.05, 0.1] and cfg.ema.halflife_images > 0  # the half-life EMA stays as it is
     for bad in (["ema.stds=[0.3]", "ema.snapshot_every_images=64"], ["ema.stds=[0.05]"], ["ema.stds=[0,0.1]"]):
         with pytest.raises(ConfigError, match="ema.s") as e:
             load_config(None, bad)

@@ -193,7 +193,7 @@ def test_overfit_one_batch(tmp_path):
     run = tmp_path / "overfit"
     run_train(run, 2000, "train.overfit_batches=1", "train.global_batch=4", "train.total_images=8000",
               "train.lr=0.001", "train.warmup_images=0", "train.grad_clip=0", "model.num_classes=10",
-              "model.base_channels=32", "train.label_dropout=0.0", "train.ema_halflife_images=400",
+              "model.base_channels=32", "train.label_dropout=0.0", "ema.halflife_images=400",
               "train.log_every=50", "checkpoint.every_images=0")
     rows = [json.loads(line) for line in open(run / "metrics.jsonl") if '"train"' in line]
     assert rows[-1]["loss"] < 0.15 * rows[0]["loss"], [r["loss"] for r in rows]

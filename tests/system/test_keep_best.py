@@ -53,8 +53,8 @@ def eval_rows(run) -> list[dict]:
         return [r for r in map(json.loads, f) if r["event"] == "eval"]
 
 
-EVAL = ["train.eval_every_images=32", "train.eval_num_images=32", "train.eval_batch_size=32", "checkpoint.keep_last=1",
-        "checkpoint.keep_best=true", "train.eval_reference=validation"]
+EVAL = ["eval.every_images=32", "eval.num_images=32", "eval.batch_size=32", "checkpoint.keep_last=1",
+        "checkpoint.keep_best=true", "eval.reference=validation"]
 
 
 def test_training_keeps_the_best_evaluated_checkpoint_through_a_resume(tmp_path):
@@ -76,7 +76,7 @@ def test_training_keeps_the_best_evaluated_checkpoint_through_a_resume(tmp_path)
         assert kept_best["eval"]["frechet_distance"] == pytest.approx(best["frechet_distance"], rel=1e-12)
     assert best["images"] == 16 * 8, f"the spoiled steps were evaluated better: {[r['frechet_distance'] for r in rows]}"
     with np.load(run / "ref_stats_digits-classifier_validation.npz", allow_pickle=False) as z:
-        assert int(z["n"]) == 179  # the reference is the held-out split (train.eval_reference=validation)
+        assert int(z["n"]) == 179  # the reference is the held-out split (eval.reference=validation)
 
     out = tmp_path / "best"
     r = subprocess.run([PYTHON, "-m", "ddpm_dist.sample", "--run", str(run), "--checkpoint", "best", "--out", str(out),
@@ -104,5 +104,5 @@ def test_keep_best_needs_evaluation(tmp_path):
                         "checkpoint.keep_best=true"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == (
-        "error: checkpoint.keep_best needs train.eval_every_images > 0 (the Fréchet distance it keeps the best of)")
+        "error: checkpoint.keep_best needs eval.every_images > 0 (the Fréchet distance it keeps the best of)")
     assert not os.path.exists(tmp_path / "run")

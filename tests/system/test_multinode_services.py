@@ -63,8 +63,8 @@ def test_prometheus_here_scrapes_every_rank_of_both_hosts(cluster, prometheus, t
     run, exporter = tmp_path / "run", free_port()
     procs = launch(cluster, run, 100_000, 1, "parallel.backend=ddp", "metrics.prometheus=true",
                    f"metrics.prometheus_port={exporter}", f"metrics.sd_dir={sd}", "metrics.job=4343",
-                   "checkpoint.every_images=320", "train.sample_every_images=640", "train.eval_every_images=640",
-                   "train.eval_num_images=32", "train.max_wall_seconds=240", launcher="launchers.torchrun",
+                   "checkpoint.every_images=320", "train.sample_every_images=640", "eval.every_images=640",
+                   "eval.num_images=32", "train.max_wall_seconds=240", launcher="launchers.torchrun",
                    env={"DDPM_CACHE": str(tmp_path / "cache")})
     hosts = {f"{h.addr}:{exporter}" for h in cluster.hosts}
     try:

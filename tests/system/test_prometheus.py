@@ -117,7 +117,7 @@ def test_every_panel_and_alert_returns_data_from_a_real_run(tmp_path, prometheus
     cmd = train_cmd(run, 100000, "parallel.backend=ddp", "metrics.prometheus=true", "metrics.prometheus_addr=127.0.0.1",
                     f"metrics.prometheus_port={exporter}",
                     f"metrics.sd_dir={sd}", "metrics.job=4242", "checkpoint.every_images=320",
-                    "train.sample_every_images=640", "train.eval_every_images=640", "train.eval_num_images=32",
+                    "train.sample_every_images=640", "eval.every_images=640", "eval.num_images=32",
                     "train.max_wall_seconds=240", nproc=2, launcher="launcher")
     env = child_env(DDPM_CACHE=str(tmp_path / "cache"))
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(tmp_path / "train.log", "w"), stderr=subprocess.STDOUT,

@@ -77,8 +77,8 @@ def finished_run(tmp_path_factory):
     """40 steps with two grids, two in-training evaluations and two checkpoints; then a sample folder (grid,
     trajectory), `evaluate frechet` (frechet.json) and `evaluate recon` (recon.json, recon.png)."""
     run = tmp_path_factory.mktemp("report") / "run"
-    run_train(run, 40, "train.sample_every_images=320", "checkpoint.every_images=320", "train.eval_every_images=320",
-              "train.eval_num_images=64", "train.eval_extractor=digits")
+    run_train(run, 40, "train.sample_every_images=320", "checkpoint.every_images=320", "eval.every_images=320",
+              "eval.num_images=64", "eval.extractor=digits")
     for cmd in (["ddpm_dist.sample", "--run", run, "--out", run / "samples" / "final", "--num-images", "16"],
                 ["ddpm_dist.evaluate", "frechet", "--run", run, "--num-images", "64"],
                 ["ddpm_dist.evaluate", "recon", "--run", run, "--num-images", "16", "--t", "10,100", "--ddim-steps", "4",

@@ -19,7 +19,7 @@ from tests.support.train_helpers import child_env, run_train, train_args
 
 pytestmark = pytest.mark.system
 SINK = ["metrics.tensorboard=true", "train.log_every=2", "train.sample_every_images=64", "checkpoint.every_images=64",
-        "train.eval_every_images=64", "train.eval_num_images=32", "train.eval_batch_size=32"]
+        "eval.every_images=64", "eval.num_images=32", "eval.batch_size=32"]
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,13 @@
 """Config: YAML + overrides, one-line errors naming the key, resolved copy, CLI exit codes."""
 import os
+import re
 import subprocess
 
 import pytest
+import yaml
 
-from ddpm_dist.config import ConfigError, check_batch, load_config, save_resolved
+from ddpm_dist.config import (RENAMED, Config, ConfigError, EMAConfig, EvalConfig, check_batch, load_config,
+                              save_resolved)
 from tests.support.common import PYTHON, ROOT
 
 
@@ -78,3 +81,70 @@ def test_all_shipped_configs_load():
     for name in os.listdir(os.path.join(ROOT, "configs")):
         if name.endswith(".yaml"):
             load_config(os.path.join(ROOT, "configs", name))
+
+
+@pytest.mark.parametrize("override,match", [
+    ("eval.batch_size=0", "eval.batch_size: must be positive, got 0"),
+    ("eval.extractor=clip", "eval.extractor: 'clip' is not one of digits, inception"),
+    ("eval.reference=test", "eval.reference: 'test' is not one of train, validation"),
+    ("ema.stds=[0.3]", "ema.stds: [0.3] not in (0, 0.28)"),
+    ("ema.stds=[0.05]", "ema.snapshot_every_images: must be positive with ema.stds set"),
+    ("parallel.zero_stage=4", "parallel.zero_stage: must be 1, 2 or 3"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last: must be positive"),
+    ("data.shard_buffer_mb=0", "data.shard_buffer_mb: must be at least 1"),
+    ("diffusion.beta_end=2", "diffusion.beta_start/beta_end"),
+    ("model.time_conditioning=film", "model.time_conditioning: 'film' is not one of scale_shift, add"),
+    ("train.label_dropout=1", "train.label_dropout: must be in [0, 1)"),
+])
+def test_each_section_validates_itself_naming_the_full_key(override, match):
+    with pytest.raises(ConfigError, match=re.escape(match)) as e:
+        load_config(None, [override])
+    assert "\n" not in str(e.value)
+    dotted, value = override.split("=")
+    section, key = dotted.split(".")
+    alone = getattr(Config(), section)  # the same check, by the section alone
+    alone.validate()
+    setattr(alone, key, yaml.safe_load(value))
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        alone.validate()
+
+
+def test_checks_across_sections_name_both_keys():
+    with pytest.raises(ConfigError, match=r"checkpoint.keep_best needs eval.every_images > 0"):
+        load_config(None, ["checkpoint.keep_best=true"])
+    with pytest.raises(ConfigError, match=r"eval.every_images: .* not super-resolution \(train.sr_factor\)"):
+        load_config(None, ["train.sr_factor=2", "model.cond_channels=3", "eval.every_images=64"])
+    EvalConfig(every_images=64).validate()  # neither section alone knows the other
+    EMAConfig(stds=[0.05], snapshot_every_images=8).validate()
+
+
+def test_renamed_keys_load_under_their_new_names_with_one_line_each(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    text = "train:\n  lr: 0.5\n  eval_every_images: 128\n  ema_halflife_images: 300\n"
+    cfg = load_config(write(tmp_path, text), ["train.eval_num_images=32", "train.ema_warmup_ratio=0.2"])
+    assert (cfg.train.lr, cfg.eval.every_images, cfg.eval.num_images) == (0.5, 128, 32)
+    assert (cfg.ema.halflife_images, cfg.ema.warmup_ratio) == (300.0, 0.2)
+    assert capsys.readouterr().err.splitlines() == [
+        "config: train.ema_halflife_images is now ema.halflife_images",  # the file's, in RENAMED's order
+        "config: train.eval_every_images is now eval.every_images",
+        "config: train.eval_num_images is now eval.num_images",  # then each override's
+        "config: train.ema_warmup_ratio is now ema.warmup_ratio"]
+    load_config(None, ["eval.every_images=8", "ema.halflife_images=10"])  # today's names: nothing said
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "1")  # one line per job, not per rank
+    assert load_config(None, ["train.eval_every_images=8"]).eval.every_images == 8
+    assert capsys.readouterr().err == ""
+
+
+def test_an_old_and_a_new_key_for_the_same_setting_are_refused(tmp_path):
+    path = write(tmp_path, "train:\n  eval_every_images: 1\neval:\n  every_images: 2\n")
+    with pytest.raises(ConfigError, match="train.eval_every_images and eval.every_images are both set"):
+        load_config(path)
+
+
+def test_renamed_keys_map_old_names_that_are_gone_to_names_that_exist():
+    cfg = Config()
+    for old, new in RENAMED.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        assert not hasattr(getattr(cfg, old_section), old_key) and hasattr(getattr(cfg, new_section), new_key)

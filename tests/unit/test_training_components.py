@@ -56,7 +56,7 @@ def test_train_that_raises_releases_what_it_started(tmp_path, monkeypatch):
     cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"), [
         f"run_dir={tmp_path / 'run'}", *FAST, "data.audit=false", f"data.source={DIGITS}", "train.total_images=64",
         "train.log_every=1",
-        "train.eval_every_images=16", "train.eval_extractor=inception", f"train.eval_inception={tmp_path / 'none.pt'}",
+        "eval.every_images=16", "eval.extractor=inception", f"eval.inception={tmp_path / 'none.pt'}",
         "metrics.prometheus=true", f"metrics.prometheus_port={port}", f"metrics.sd_dir={sd}"])
     monkeypatch.setenv("DDPM_INCEPTION", str(tmp_path / "none.pt"))
     monkeypatch.setenv("HOME", str(tmp_path))
