@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_dist.config import load_config  # noqa: E402
+from ddpm_dist.config import ParallelConfig, TrainConfig, load_config  # noqa: E402
 from ddpm_dist.diffusion import make_schedule  # noqa: E402
 from ddpm_dist.models import UNet, resolve_model_config  # noqa: E402
 from ddpm_dist.parallel import parallelize, read_env  # noqa: E402
@@ -38,8 +38,8 @@ def main():
     cfg = load_config(None, [f"model.preset={args.preset}", f"train.global_batch={args.batch}"])
     model_cfg = resolve_model_config(cfg.model)
     torch.manual_seed(0)
-    engine = parallelize(UNet(model_cfg), "single", read_env(), optimizer_args=dict(lr=1e-4, betas=[0.9, 0.999],
-                         weight_decay=0.0), bf16=False, micro_batch=args.batch, accum_steps=1, grad_clip=1.0)
+    engine = parallelize(UNet(model_cfg), ParallelConfig(backend="single"), read_env(),
+                         TrainConfig(lr=1e-4, grad_clip=1.0), micro_batch=args.batch, accum_steps=1)
     ema = ShardedEMA(engine)
     schedule = make_schedule("linear", 1000)
     shape = (args.batch, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
@@ -52,8 +52,8 @@ def main():
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
-            loss, _ = run_step(engine, schedule, data, step=step, rank=0, world_size=1, cfg=cfg,
-                               num_classes=model_cfg.num_classes, lr=1e-4)
+            loss, _ = run_step(engine, schedule, data, step=step, rank=0, world_size=1, seed=cfg.seed, train=cfg.train,
+                               diffusion=cfg.diffusion, num_classes=model_cfg.num_classes, lr=1e-4)
             ema.update(0.999)
             float(loss)
             step += 1

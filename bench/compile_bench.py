@@ -29,7 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ddpm_dist.config import load_config  # noqa: E402
+from ddpm_dist.config import ParallelConfig, TrainConfig, load_config  # noqa: E402
 from ddpm_dist.diffusion import make_schedule  # noqa: E402
 from ddpm_dist.models import UNet, resolve_model_config  # noqa: E402
 
@@ -45,9 +45,8 @@ class Trainer:
         self.model_cfg = resolve_model_config(self.cfg.model)
         module = UNet(self.model_cfg)
         module.load_state_dict(state)
-        self.engine = parallelize(module, "single", read_env(), optimizer_args=dict(lr=1e-4, betas=[0.9, 0.999],
-                                  weight_decay=0.0), bf16=False, micro_batch=batch, accum_steps=1, grad_clip=1.0,
-                                  **engine_kw)
+        self.engine = parallelize(module, ParallelConfig(backend="single"), read_env(),
+                                  TrainConfig(lr=1e-4, grad_clip=1.0, **engine_kw), micro_batch=batch, accum_steps=1)
         self.schedule = make_schedule("linear", 1000)
         g = torch.Generator().manual_seed(0)
         c, s = self.model_cfg.in_channels, self.model_cfg.image_size
@@ -63,7 +62,8 @@ class Trainer:
         t0 = time.perf_counter()
         for _ in range(steps):
             loss, _ = run_step(self.engine, self.schedule, [self.batches[self.step % 2]], step=self.step, rank=0,
-                               world_size=1, cfg=self.cfg, num_classes=self.model_cfg.num_classes, lr=1e-4)
+                               world_size=1, seed=self.cfg.seed, train=self.cfg.train, diffusion=self.cfg.diffusion,
+                               num_classes=self.model_cfg.num_classes, lr=1e-4)
             self.step += 1
         float(loss)
         return (time.perf_counter() - t0) / steps

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_dist.config import load_config  # noqa: E402
+from ddpm_dist.config import ParallelConfig, TrainConfig, load_config  # noqa: E402
 from ddpm_dist.diffusion import make_schedule, q_sample  # noqa: E402
 from ddpm_dist.models import UNet, resolve_model_config  # noqa: E402
 
@@ -69,9 +69,8 @@ class OurLoop:
         from ddpm_dist.training.preemption import Preemption
 
         self.cfg, self.model_cfg = cfg, model_cfg
-        self.engine = parallelize(model, "single", read_env(), optimizer_args=optimizer_args(cfg), bf16=False,
-                                  micro_batch=cfg.train.global_batch, accum_steps=1,
-                                  grad_clip=1.0)
+        self.engine = parallelize(model, ParallelConfig(backend="single"), read_env(), cfg.train,  # grad_clip 1, fp32
+                                  micro_batch=cfg.train.global_batch, accum_steps=1)
         self.ema = ShardedEMA(self.engine)
         self.metrics = Metrics(MetricsConfig(), rank=0, local_rank=0, world_size=1, run="bench", run_dir=run_dir,
                                log_every=cfg.train.log_every)
@@ -91,9 +90,11 @@ class OurLoop:
             ts = time.perf_counter()
             lr = lr_at(self.step * cfg.train.global_batch)
             loss, norm = run_step(self.engine, self.schedule, [data[self.step % len(data)]], step=self.step, rank=0,
-                                  world_size=1, cfg=cfg, num_classes=self.model_cfg.num_classes, lr=lr)
+                                  world_size=1, seed=cfg.seed, train=cfg.train, diffusion=cfg.diffusion,
+                                  num_classes=self.model_cfg.num_classes, lr=lr)
             te = time.perf_counter()
-            self.ema.update(ema_beta(cfg.train.global_batch, self.step * cfg.train.global_batch, 50_000, 0.05))
+            self.ema.update(ema_beta(cfg.train.global_batch, self.step * cfg.train.global_batch,
+                                     cfg.ema.halflife_images, cfg.ema.warmup_ratio))
             self.step += 1
             self.metrics.train_step(step=self.step, images=self.step * cfg.train.global_batch, loss=loss, lr=lr,
                                     grad_norm=norm, step_seconds=time.perf_counter() - ts, data_wait=0.0,
@@ -158,9 +159,8 @@ def _scaling_worker(rank, world, backend, preset, batch, steps, path):
     cfg = load_config(None, [f"model.preset={preset}", f"train.global_batch={batch}", "parallel.zero_stage=2"])
     model_cfg = resolve_model_config(cfg.model)
     torch.manual_seed(0)
-    engine = parallelize(UNet(model_cfg), backend, read_env(), optimizer_args=dict(lr=1e-4, betas=[0.9, 0.999],
-                         weight_decay=0.0), bf16=False, micro_batch=batch // world, accum_steps=1, grad_clip=1.0,
-                         zero_stage=2)
+    engine = parallelize(UNet(model_cfg), ParallelConfig(backend=backend, zero_stage=2), read_env(),
+                         TrainConfig(lr=1e-4, grad_clip=1.0), micro_batch=batch // world, accum_steps=1)
     ema = ShardedEMA(engine)
     schedule = make_schedule("linear", 1000)
     data = batches(model_cfg, batch // world, 2, seed=rank)
@@ -169,8 +169,8 @@ def _scaling_worker(rank, world, backend, preset, batch, steps, path):
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
             t0 = time.perf_counter()
-        loss, _ = run_step(engine, schedule, [data[step % 2]], step=step, rank=rank, world_size=world, cfg=cfg,
-                           num_classes=model_cfg.num_classes, lr=1e-4)
+        loss, _ = run_step(engine, schedule, [data[step % 2]], step=step, rank=rank, world_size=world, seed=cfg.seed,
+                           train=cfg.train, diffusion=cfg.diffusion, num_classes=model_cfg.num_classes, lr=1e-4)
         ema.update(0.999)
     float(loss)
     if rank == 0:

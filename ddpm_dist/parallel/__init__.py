@@ -28,12 +28,13 @@ def ensure_process_group(env: DistEnv) -> None:
     dist.init_process_group(env.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def parallelize(module, backend: str, env: DistEnv, *, optimizer_args: dict, bf16: bool, micro_batch: int,
-                accum_steps: int, grad_clip: float, zero_stage: int = 2, reshard_after_forward: bool = True,
-                hybrid_shard: bool = False, compile: bool = False, channels_last: bool = False) -> Engine:
-    """Wrap a single-device module in the engine named by `backend`; `compile` and `channels_last` as in Engine."""
-    backend = resolve_backend(backend, env)
-    fast = {"compile": compile, "channels_last": channels_last}
+def parallelize(module, parallel, env: DistEnv, train, *, micro_batch: int, accum_steps: int) -> Engine:
+    """Wrap a single-device module in the engine that `parallel` (the config's parallel section: backend, zero_stage,
+    reshard_after_forward, hybrid_shard) names, with the optimizer and precision of `train` (its train section: lr,
+    betas, weight_decay, bf16, grad_clip, compile and channels_last as in Engine)."""
+    backend = resolve_backend(parallel.backend, env)
+    optimizer_args = dict(lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    bf16, fast = train.bf16, {"compile": train.compile, "channels_last": train.channels_last}
     if backend == "single":
         if env.distributed:
             raise ValueError(f"parallel.backend=single cannot run with {env.world_size} processes (use ddp, fsdp or zero)")
@@ -45,12 +46,12 @@ def parallelize(module, backend: str, env: DistEnv, *, optimizer_args: dict, bf1
     if backend == "fsdp":
         from .fsdp import FSDPEngine
         return FSDPEngine(module, env.device, optimizer_args, bf16, world_size=env.world_size,
-                          local_world_size=env.local_world_size, reshard_after_forward=reshard_after_forward,
-                          hybrid=hybrid_shard, **fast)
+                          local_world_size=env.local_world_size, reshard_after_forward=parallel.reshard_after_forward,
+                          hybrid=parallel.hybrid_shard, **fast)
     if backend == "zero":
         from .zero import ZeroEngine
-        return ZeroEngine(module, env.device, optimizer_args, bf16, stage=zero_stage, micro_batch=micro_batch,
-                          accum_steps=accum_steps, world_size=env.world_size, grad_clip=grad_clip, **fast)
+        return ZeroEngine(module, env.device, optimizer_args, bf16, stage=parallel.zero_stage, micro_batch=micro_batch,
+                          accum_steps=accum_steps, world_size=env.world_size, grad_clip=train.grad_clip, **fast)
     raise ValueError(f"unknown parallel.backend '{backend}' (expected auto, {', '.join(BACKENDS)})")
 
 

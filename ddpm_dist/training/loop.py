@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..config import Config
+from ..config import Config, DiffusionConfig, TrainConfig
 from ..data.degrade import lowres_condition
 from ..diffusion import diffusion_loss
 from ..images import model_range
@@ -35,10 +35,11 @@ from .state import Progress
 log = logging.getLogger(__name__)
 
 
-def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: int, world_size: int, cfg: Config,
-             num_classes: int, lr: float) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches; returns (mean loss on this rank, grad norm) as tensors
-    on the device: nothing here waits for the GPU (the metrics read them every log_every steps)."""
+def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: int, world_size: int, seed: int,
+             train: TrainConfig, diffusion: DiffusionConfig, num_classes: int, lr: float) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches, from the run's seed and its train and diffusion sections;
+    returns (mean loss on this rank, grad norm) as tensors on the device: nothing here waits for the GPU (the
+    metrics read them every log_every steps)."""
     device = engine.device
     accum = len(micro_batches)
     micro = micro_batches[0]["image"].shape[0]
@@ -48,24 +49,24 @@ def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: in
         x0 = batch["image"].to(device, non_blocking=True)
         if x0.dtype == torch.uint8:  # the stream ships uint8 (a quarter of the bytes); callers may pass [-1, 1] floats
             x0 = model_range(x0)
-        t, drop, noise = slot_randomness(cfg.seed, step, rank_slots(i, rank, world_size, micro), schedule.num_steps,
-                                         x0.shape[1:], cfg.train.label_dropout, device)
+        t, drop, noise = slot_randomness(seed, step, rank_slots(i, rank, world_size, micro), schedule.num_steps,
+                                         x0.shape[1:], train.label_dropout, device)
         kwargs = {}
         if num_classes:
             y = batch["label"].to(device)
             kwargs["y"] = torch.where(drop, torch.full_like(y, num_classes), y)
-        if cfg.train.sr_factor:  # super-resolution: the condition is made from the batch itself
-            kwargs["cond"] = lowres_condition(x0, cfg.train.sr_factor)
+        if train.sr_factor:  # super-resolution: the condition is made from the batch itself
+            kwargs["cond"] = lowres_condition(x0, train.sr_factor)
         if dropout:  # dropout masks from the global RNG: reseed per (step, micro-step, rank) for exact resume
-            seed_device_rng(device, mix_seed(cfg.seed, step, i, rank))
+            seed_device_rng(device, mix_seed(seed, step, i, rank))
         last = i == accum - 1
         with engine.sync_gradients(last):
             loss = diffusion_loss(engine.forward, schedule, x0, t, noise,
-                                  prediction=cfg.diffusion.prediction, weighting=cfg.diffusion.loss_weighting,
-                                  min_snr_gamma=cfg.diffusion.min_snr_gamma, model_kwargs=kwargs)
+                                  prediction=diffusion.prediction, weighting=diffusion.loss_weighting,
+                                  min_snr_gamma=diffusion.min_snr_gamma, model_kwargs=kwargs)
             engine.backward(loss, accum, last)
         total += loss.detach().float()
-    grad_norm = engine.step(lr, cfg.train.grad_clip)
+    grad_norm = engine.step(lr, train.grad_clip)
     return total / accum, grad_norm
 
 
@@ -139,7 +140,8 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
             _audit(cfg.run_dir, env.rank, progress.step, batches)
         lr = run.lr_schedule(progress.images)
         loss, grad_norm = run_step(engine, run.schedule, batches, step=progress.step, rank=env.rank,
-                                   world_size=env.world_size, cfg=cfg, num_classes=run.model_cfg.num_classes, lr=lr)
+                                   world_size=env.world_size, seed=cfg.seed, train=cfg.train, diffusion=cfg.diffusion,
+                                   num_classes=run.model_cfg.num_classes, lr=lr)
         t_ema = time.perf_counter()
         ema.update(ema_beta(cfg.train.global_batch, progress.images, cfg.ema.halflife_images, cfg.ema.warmup_ratio))
         if power:

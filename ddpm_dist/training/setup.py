@@ -79,11 +79,7 @@ def build_run(cfg: Config, env: DistEnv, started: contextlib.ExitStack, progress
     seed_everything(cfg.seed)  # identical initial weights on every rank
     module = UNet(model_cfg)
     num_params = sum(p.numel() for p in module.parameters())
-    engine = parallelize(module, backend, env, bf16=cfg.train.bf16, micro_batch=micro, accum_steps=accum,
-                         grad_clip=cfg.train.grad_clip, zero_stage=cfg.parallel.zero_stage,
-                         reshard_after_forward=cfg.parallel.reshard_after_forward, hybrid_shard=cfg.parallel.hybrid_shard,
-                         compile=cfg.train.compile, channels_last=cfg.train.channels_last,
-                         optimizer_args=dict(lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay))
+    engine = parallelize(module, cfg.parallel, env, cfg.train, micro_batch=micro, accum_steps=accum)
     ema = ShardedEMA(engine)
     power = PowerEMA(engine, cfg.ema.stds) if cfg.ema.stds else None
 

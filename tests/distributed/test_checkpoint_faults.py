@@ -86,14 +86,15 @@ def test_checkpoint_of_another_backend_is_a_clear_error(tmp_path):
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from ddpm_dist.artifacts import CheckpointError
+    from ddpm_dist.config import ParallelConfig, TrainConfig
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.checkpoint import CheckpointManager
 
     cfg = resolve_model_config("tiny")
-    engine = parallelize(UNet(cfg), "single", read_env(), optimizer_args=dict(lr=1e-3, betas=[0.9, 0.999],
-                         weight_decay=0.0), bf16=False, micro_batch=1, accum_steps=1, grad_clip=1.0)
+    engine = parallelize(UNet(cfg), ParallelConfig(backend="single"), read_env(), TrainConfig(lr=1e-3, grad_clip=1.0),
+                         micro_batch=1, accum_steps=1)
     ema = ShardedEMA(engine)
     manager = CheckpointManager(str(tmp_path / "ck"), {"engine": engine, "ema": ema}, rank=0, keep_last=2)
     manager.save(1, 8)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from ddpm_dist.config import ConfigError, load_config
+from ddpm_dist.config import ConfigError, ParallelConfig, TrainConfig, load_config
 from ddpm_dist.models import build_model
 from tests.support.dist_workers import train_steps
 
@@ -152,9 +152,8 @@ def test_checkpoint_moves_between_compiled_and_eager(eager, tmp_path, first, the
 
     def build(seed, compile):
         seed_everything(seed)
-        engine = parallelize(UNet(model_cfg), "single", read_env(), optimizer_args=dict(lr=1e-3, betas=[0.9, 0.999],
-                             weight_decay=0.0), bf16=False, micro_batch=4, accum_steps=1, grad_clip=1.0,
-                             compile=compile)
+        engine = parallelize(UNet(model_cfg), ParallelConfig(backend="single"), read_env(),
+                             TrainConfig(lr=1e-3, grad_clip=1.0, compile=compile), micro_batch=4, accum_steps=1)
         parts = {"engine": engine, "ema": ShardedEMA(engine), "progress": Progress()}
         return parts, CheckpointManager(str(tmp_path), parts, rank=0, identity={
             "backend": "single", "model_config": dataclasses.asdict(model_cfg)})
@@ -163,7 +162,8 @@ def test_checkpoint_moves_between_compiled_and_eager(eager, tmp_path, first, the
         p = parts["progress"]
         for _ in range(steps):
             loss, _ = run_step(parts["engine"], schedule, [{"image": x, "label": y}], step=p.step, rank=0,
-                               world_size=1, cfg=cfg, num_classes=0, lr=1e-3)
+                               world_size=1, seed=cfg.seed, train=cfg.train, diffusion=cfg.diffusion, num_classes=0,
+                               lr=1e-3)
             parts["ema"].update(0.9)
             p.step, p.images = p.step + 1, p.images + 4
             losses.append(float(loss))

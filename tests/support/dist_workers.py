@@ -44,7 +44,7 @@ def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_ba
                 zero_stage=2, model="tiny", lr=1e-3, ema_beta=0.9, hybrid=False, compile=False, channels_last=False,
                 overrides=()):
     """Run `steps` optimizer steps on a fixed global batch; returns (losses, full params, full EMA) on every rank."""
-    from ddpm_dist.config import load_config
+    from ddpm_dist.config import ParallelConfig, TrainConfig, load_config
     from ddpm_dist.diffusion import make_schedule
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
@@ -58,9 +58,9 @@ def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_ba
     model_cfg = resolve_model_config(cfg.model)
     seed_everything(0)
     micro = global_batch // (world_size * accum)
-    engine = parallelize(UNet(model_cfg), backend, read_env(), optimizer_args=dict(lr=lr, betas=[0.9, 0.999],
-                         weight_decay=0.0), bf16=bf16, micro_batch=micro, accum_steps=accum, grad_clip=1.0,
-                         zero_stage=zero_stage, hybrid_shard=hybrid, compile=compile, channels_last=channels_last)
+    engine = parallelize(UNet(model_cfg), ParallelConfig(backend=backend, zero_stage=zero_stage, hybrid_shard=hybrid),
+                         read_env(), TrainConfig(lr=lr, bf16=bf16, grad_clip=1.0, compile=compile,
+                                                 channels_last=channels_last), micro_batch=micro, accum_steps=accum)
     ema = ShardedEMA(engine)
     schedule = make_schedule("linear", 100)
     x, y = synthetic_batch(global_batch, model_cfg.in_channels, model_cfg.image_size, model_cfg.num_classes)
@@ -70,8 +70,8 @@ def train_steps(backend: str, world_size: int, rank: int, *, steps=20, global_ba
         for i in range(accum):
             s = slice((i * world_size + rank) * micro, (i * world_size + rank + 1) * micro)
             micro_batches.append({"image": x[s], "label": y[s]})
-        loss, _ = run_step(engine, schedule, micro_batches, step=step, rank=rank, world_size=world_size, cfg=cfg,
-                           num_classes=model_cfg.num_classes, lr=lr)
+        loss, _ = run_step(engine, schedule, micro_batches, step=step, rank=rank, world_size=world_size, seed=cfg.seed,
+                           train=cfg.train, diffusion=cfg.diffusion, num_classes=model_cfg.num_classes, lr=lr)
         ema.update(ema_beta)
         losses.append(all_reduce_mean([float(loss)], engine.device)[0])
     return losses, engine.full_model_state(), ema.full_state(), engine, ema
@@ -125,6 +125,7 @@ def reshard_worker(rank, world_size, ckpt_path, out_file):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     from ddpm_dist.artifacts import read_meta
+    from ddpm_dist.config import ParallelConfig, TrainConfig
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
@@ -132,8 +133,8 @@ def reshard_worker(rank, world_size, ckpt_path, out_file):
 
     meta = read_meta(ckpt_path)
     model_cfg = resolve_model_config(meta["model_config"])
-    engine = parallelize(UNet(model_cfg), "fsdp", read_env(), optimizer_args=dict(lr=1e-3, betas=[0.9, 0.999],
-                         weight_decay=0.0), bf16=False, micro_batch=1, accum_steps=1, grad_clip=1.0)
+    engine = parallelize(UNet(model_cfg), ParallelConfig(backend="fsdp"), read_env(),
+                         TrainConfig(lr=1e-3, grad_clip=1.0), micro_batch=1, accum_steps=1)
     ema = ShardedEMA(engine)
     manager = CheckpointManager(os.path.dirname(ckpt_path), {"engine": engine, "ema": ema}, rank=rank,
                                 identity={"backend": "fsdp", "model_config": meta["model_config"]})
@@ -150,7 +151,7 @@ def resume_worker(rank, world_size, out_dir, backend, zero_stage):
     manager's one call; both train 2 more steps. Rank 0 writes both ends for a bitwise comparison."""
     from safetensors.torch import save_file
 
-    from ddpm_dist.config import load_config
+    from ddpm_dist.config import ParallelConfig, TrainConfig, load_config
     from ddpm_dist.data import Layout, TrainStream, load_manifest
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
@@ -169,9 +170,8 @@ def resume_worker(rank, world_size, out_dir, backend, zero_stage):
 
     def build(seed):
         seed_everything(seed)
-        engine = parallelize(UNet(model_cfg), backend, read_env(), optimizer_args=dict(lr=1e-3, betas=[0.9, 0.999],
-                             weight_decay=0.0), bf16=False, micro_batch=micro, accum_steps=1, grad_clip=1.0,
-                             zero_stage=zero_stage)
+        engine = parallelize(UNet(model_cfg), ParallelConfig(backend=backend, zero_stage=zero_stage), read_env(),
+                             TrainConfig(lr=1e-3, grad_clip=1.0), micro_batch=micro, accum_steps=1)
         parts = {"engine": engine, "ema": ShardedEMA(engine), "progress": Progress(), "lr_schedule":
                  LRSchedule.from_config(cfg.train), "data": TrainStream(load_manifest(DIGITS), rank=rank, seed=3,
                                                                           layout=Layout(world_size, micro, 0))}
@@ -182,8 +182,8 @@ def resume_worker(rank, world_size, out_dir, backend, zero_stage):
         p = parts["progress"]
         for _ in range(steps):
             lr = parts["lr_schedule"](p.images)
-            run_step(parts["engine"], schedule, [next(batches)], step=p.step, rank=rank, world_size=world_size, cfg=cfg,
-                     num_classes=model_cfg.num_classes, lr=lr)
+            run_step(parts["engine"], schedule, [next(batches)], step=p.step, rank=rank, world_size=world_size,
+                     seed=cfg.seed, train=cfg.train, diffusion=cfg.diffusion, num_classes=model_cfg.num_classes, lr=lr)
             parts["ema"].update(0.9)
             p.step, p.images = p.step + 1, p.images + 8
 

@@ -14,7 +14,7 @@ def profiles_run(rank, world_size, run_dir, backend, stds, truth_stds, steps, sn
     truth.safetensors (the full power EMAs at `truth_stds`, tracked explicitly) and every rank bytes-<rank>.json."""
     from safetensors.torch import save_file
 
-    from ddpm_dist.config import load_config
+    from ddpm_dist.config import ParallelConfig, TrainConfig, load_config
     from ddpm_dist.posthoc.power import PowerEMA
     from ddpm_dist.posthoc.snapshots import SnapshotWriter
     from ddpm_dist.models import UNet, resolve_model_config
@@ -27,9 +27,8 @@ def profiles_run(rank, world_size, run_dir, backend, stds, truth_stds, steps, sn
     model_cfg = resolve_model_config(cfg.model)
     seed_everything(0)
     micro = GLOBAL_BATCH // world_size
-    engine = parallelize(UNet(model_cfg), backend, read_env(), optimizer_args=dict(lr=2e-3, betas=[0.9, 0.999],
-                         weight_decay=0.0), bf16=False, micro_batch=micro, accum_steps=1, grad_clip=1.0,
-                         zero_stage=zero_stage)
+    engine = parallelize(UNet(model_cfg), ParallelConfig(backend=backend, zero_stage=zero_stage), read_env(),
+                         TrainConfig(lr=2e-3, grad_clip=1.0), micro_batch=micro, accum_steps=1)
     power, truth = PowerEMA(engine, stds), PowerEMA(engine, truth_stds)
     writer = SnapshotWriter(run_dir, rank, dataclasses.asdict(model_cfg))
     schedule = cfg.diffusion.make_schedule()
@@ -37,7 +36,7 @@ def profiles_run(rank, world_size, run_dir, backend, stds, truth_stds, steps, sn
     for step in range(steps):
         s = slice(rank * micro, (rank + 1) * micro)
         run_step(engine, schedule, [{"image": x[s], "label": y[s]}], step=step, rank=rank, world_size=world_size,
-                 cfg=cfg, num_classes=0, lr=2e-3)
+                 seed=cfg.seed, train=cfg.train, diffusion=cfg.diffusion, num_classes=0, lr=2e-3)
         images = (step + 1) * GLOBAL_BATCH
         power.update(images, GLOBAL_BATCH)
         truth.update(images, GLOBAL_BATCH)

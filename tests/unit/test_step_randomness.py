@@ -56,6 +56,6 @@ def test_a_training_step_asks_only_for_its_ranks_slots(monkeypatch):
     cfg = load_config(None, ["model.preset=tiny", "model.num_classes=4", "train.label_dropout=0.5"])
     engine = Engine(build_model(cfg.model), torch.device("cpu"), {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0})
     batch = {"image": torch.zeros(3, 3, 16, 16), "label": torch.zeros(3, dtype=torch.long)}
-    loop.run_step(engine, make_schedule("linear", 100), [batch, batch], step=5, rank=2, world_size=4, cfg=cfg,
-                  num_classes=4, lr=1e-3)
+    loop.run_step(engine, make_schedule("linear", 100), [batch, batch], step=5, rank=2, world_size=4, seed=cfg.seed,
+                  train=cfg.train, diffusion=cfg.diffusion, num_classes=4, lr=1e-3)
     assert asked == [[6, 7, 8], [18, 19, 20]]
