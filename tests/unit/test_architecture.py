@@ -132,6 +132,19 @@ def test_parts_form_floors(graph):
     assert floors[0] == ["cpu_malloc", "diffusion", "images", "models", "redact", "rng"], floors
 
 
+def test_the_documented_table_is_this_table():
+    """docs/ARCHITECTURE.md's "Who may import whom" says what ALLOWED enforces, row for row."""
+    doc = open(os.path.join(ROOT, "docs", "ARCHITECTURE.md")).read().split("## Who may import whom")[1]
+    rows = {}
+    for line in doc.split("\n## ")[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")] if line.startswith("| `") else None
+        if cells and not cells[0].startswith("commands"):
+            deps = set() if cells[1] == "nothing of ddpm_dist" else {d.strip(" `") for d in cells[1].split(",")}
+            for name in cells[0].split(","):
+                rows[name.strip(" `")] = deps
+    assert rows == ALLOWED
+
+
 def test_every_part_is_in_the_table():
     parts = {part(m) for m in modules() if m not in ENTRY_POINTS and m != "ddpm_dist"}
     assert parts == set(ALLOWED), parts ^ set(ALLOWED)
