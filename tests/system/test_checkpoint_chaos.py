@@ -20,7 +20,9 @@ from tests.support.train_helpers import (
     train_cmd,
 )
 
-STEPS = 200
+# 12 launches each commit at most ~9 steps beyond the one they resumed from (a kill within 8 logged steps or inside
+# the next save), so no launch can reach the end before the 12th kill
+STEPS = 120
 # a checkpoint every 4 steps; the post-hoc EMA profiles too, a snapshot every 6 steps (kills land inside those as well)
 EVERY = ["checkpoint.every_images=64", "checkpoint.keep_last=2", "ema.stds=[0.05,0.1]", "ema.snapshot_every_images=96"]
 
@@ -39,9 +41,12 @@ def audit_lines(run_dir) -> int:
     return sum(1 for _ in open(path)) if os.path.exists(path) else 0
 
 
-def test_sigkill_chaos_ends_equal_to_uninterrupted(tmp_path):
+def test_sigkill_chaos_ends_equal_to_uninterrupted(tmp_path, request):
     ref, run = tmp_path / "ref", tmp_path / "chaos"
-    run_train(ref, STEPS, *EVERY)
+    # the uninterrupted run goes on beside the kills (its own directory, one thread of the two cores)
+    with open(tmp_path / "ref.log", "w") as log:
+        ref_p = subprocess.Popen(train_cmd(ref, STEPS, *EVERY), cwd=ROOT, env=child_env(), stdout=log, stderr=log)
+    request.addfinalizer(ref_p.kill)  # a failure below leaves no training behind (a no-op once it has ended)
     rng = random.Random(1234)
     kills, mid_save_kills, launches = 0, 0, []
     deadline = time.time() + 600
@@ -86,6 +91,7 @@ def test_sigkill_chaos_ends_equal_to_uninterrupted(tmp_path):
         assert m.group(1).endswith(f"step_{max(committed):09d}")
         resumed += 1
     assert resumed >= 5
+    assert ref_p.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-4000:]
     assert_bitwise_equal(checkpoint_tensors(final_checkpoint(ref)), checkpoint_tensors(final_checkpoint(run)))
     assert_bitwise_equal(snapshot_tensors(ref), snapshot_tensors(run))
     assert audit(ref) == audit(run)
