@@ -17,7 +17,15 @@ import pytest
 from PIL import Image
 
 from tests.support.common import PYTHON, ROOT
-from tests.support.train_helpers import assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint, run_train
+from tests.support.train_helpers import (
+    assert_bitwise_equal,
+    audit,
+    checkpoint_tensors,
+    child_env,
+    final_checkpoint,
+    run_train,
+    train_cmd,
+)
 
 pytestmark = pytest.mark.system
 IMAGES, PER_SHARD, SIZE = 512, 64, 16  # 8 shards of 64 digits, upscaled 8x8 -> 16x16 by img2dataset
@@ -71,6 +79,22 @@ def _no_other_hosts_env() -> dict:
                     http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                     HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     return env
+
+
+def side_by_side(tmp_path, *cmds) -> None:
+    """Run independent commands at once (the start-ups overlap on the two cores); each must succeed."""
+    logs = [open(tmp_path / f"side_by_side{i}.log", "w+") for i in range(len(cmds))]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+             for cmd, log in zip(cmds, logs)]
+    try:
+        for p, log in zip(procs, logs):
+            code = p.wait(timeout=600)
+            log.seek(0)
+            assert code == 0, log.read()[-4000:]
+    finally:
+        for p, log in zip(procs, logs):
+            p.terminate()  # a no-op for those that ended (torchrun stops its ranks on SIGTERM)
+            log.close()
 
 
 def _listing(folder) -> dict:
@@ -141,8 +165,8 @@ def test_img2dataset_crawl_is_indexed_and_trains_two_ranks_resuming_exactly(serv
     # 2 ranks train from the index; an interrupted run resumes to exactly the uninterrupted one.
     opts = [f"data.source={out / 'manifest.json'}", "model.num_classes=0", "parallel.backend=fsdp"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_train(straight, 2 * N, *opts, nproc=2)
-    run_train(resumed, N, *opts, nproc=2)
+    # the uninterrupted run and the first half of the interrupted one share nothing: they run side by side
+    side_by_side(tmp_path, train_cmd(straight, 2 * N, *opts, nproc=2), train_cmd(resumed, N, *opts, nproc=2))
     second = run_train(resumed, 2 * N, *opts, nproc=2)
     assert f"resumed from {resumed}/checkpoints/step_{N:09d}" in second.stderr
     drawn = []
