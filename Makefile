@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 RUN ?= runs/digits
 
-.PHONY: install demo test system-deps clean
+.PHONY: install demo test lint format system-deps clean
 
 # Idempotent: re-runs only when pyproject.toml changes. torch first, from the pinned versions,
 # so nothing later can pull another build; deepspeed compiles against it (no build isolation).
@@ -42,7 +42,16 @@ system-deps:
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  slurmctld slurmd slurm-client munge prometheus iproute2 util-linux chromium >/dev/null; fi
 
-test: install system-deps
+# ruff, configured in pyproject.toml: the formatter's layout and the linter's rules, checked before the tests.
+lint: install
+	$(BIN)/ruff format --check ddpm_dist launchers tests bench
+	$(BIN)/ruff check ddpm_dist launchers tests bench
+
+format: install
+	$(BIN)/ruff format ddpm_dist launchers tests bench
+	$(BIN)/ruff check --fix ddpm_dist launchers tests bench
+
+test: install system-deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 tests
 
 clean:

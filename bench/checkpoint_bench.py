@@ -4,6 +4,7 @@ total overhead of checkpointing every N steps in percent of training time. Goal:
 
     .venv/bin/python bench/checkpoint_bench.py [--preset ddpm-cifar10] [--batch 4] [--every 5] [--steps 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,14 @@ def main():
     cfg = load_config(None, [f"model.preset={args.preset}", f"train.global_batch={args.batch}"])
     model_cfg = resolve_model_config(cfg.model)
     torch.manual_seed(0)
-    engine = parallelize(UNet(model_cfg), ParallelConfig(backend="single"), read_env(),
-                         TrainConfig(lr=1e-4, grad_clip=1.0), micro_batch=args.batch, accum_steps=1)
+    engine = parallelize(
+        UNet(model_cfg),
+        ParallelConfig(backend="single"),
+        read_env(),
+        TrainConfig(lr=1e-4, grad_clip=1.0),
+        micro_batch=args.batch,
+        accum_steps=1,
+    )
     ema = ShardedEMA(engine)
     schedule = make_schedule("linear", 1000)
     shape = (args.batch, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
@@ -52,8 +59,19 @@ def main():
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
-            loss, _ = run_step(engine, schedule, data, step=step, rank=0, world_size=1, seed=cfg.seed, train=cfg.train,
-                               diffusion=cfg.diffusion, num_classes=model_cfg.num_classes, lr=1e-4)
+            loss, _ = run_step(
+                engine,
+                schedule,
+                data,
+                step=step,
+                rank=0,
+                world_size=1,
+                seed=cfg.seed,
+                train=cfg.train,
+                diffusion=cfg.diffusion,
+                num_classes=model_cfg.num_classes,
+                lr=1e-4,
+            )
             ema.update(0.999)
             float(loss)
             step += 1
@@ -66,8 +84,9 @@ def main():
     results = {}
     for mode in ("sync", "async"):
         directory = os.path.join(root, mode)
-        manager = CheckpointManager(directory, {"engine": engine, "ema": ema}, rank=0, keep_last=2,
-                                    async_save=mode == "async")
+        manager = CheckpointManager(
+            directory, {"engine": engine, "ema": ema}, rank=0, keep_last=2, async_save=mode == "async"
+        )
         stalls = []
         for _ in range(3):
             t0 = time.perf_counter()
@@ -89,7 +108,9 @@ def main():
     print(f"model {args.preset}: {size / 1e6:.0f} MB of state; batch {args.batch}; one step {step_time * 1e3:.0f} ms")
     print(f"{'mode':6s} {'stall':>9s} {'stall/step':>11s} {'overhead every ' + str(args.every) + ' steps':>26s}")
     for mode, (stall, total) in results.items():
-        print(f"{mode:6s} {stall * 1e3:7.0f}ms {stall / step_time:11.2f} {100 * (total - train_only) / train_only:25.1f}%")
+        print(
+            f"{mode:6s} {stall * 1e3:7.0f}ms {stall / step_time:11.2f} {100 * (total - train_only) / train_only:25.1f}%"
+        )
     print(f"async stall / sync stall = {results['async'][0] / results['sync'][0]:.3f}")
     shutil.rmtree(root, ignore_errors=True)
 

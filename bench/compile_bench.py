@@ -13,6 +13,7 @@
 
     .venv/bin/python bench/compile_bench.py [--presets digits,ddpm-cifar10] [--batch 16] [--steps 3] [--rounds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,19 +41,36 @@ class Trainer:
     def __init__(self, preset: str, batch: int, state: dict, ac: str = "", **engine_kw):
         from ddpm_dist.parallel import parallelize, read_env
 
-        self.cfg = load_config(None, [f"model.preset={preset}", f"train.global_batch={batch}", "train.grad_clip=1.0",
-                                      f"model.activation_checkpointing={ac}"])
+        self.cfg = load_config(
+            None,
+            [
+                f"model.preset={preset}",
+                f"train.global_batch={batch}",
+                "train.grad_clip=1.0",
+                f"model.activation_checkpointing={ac}",
+            ],
+        )
         self.model_cfg = resolve_model_config(self.cfg.model)
         module = UNet(self.model_cfg)
         module.load_state_dict(state)
-        self.engine = parallelize(module, ParallelConfig(backend="single"), read_env(),
-                                  TrainConfig(lr=1e-4, grad_clip=1.0, **engine_kw), micro_batch=batch, accum_steps=1)
+        self.engine = parallelize(
+            module,
+            ParallelConfig(backend="single"),
+            read_env(),
+            TrainConfig(lr=1e-4, grad_clip=1.0, **engine_kw),
+            micro_batch=batch,
+            accum_steps=1,
+        )
         self.schedule = make_schedule("linear", 1000)
         g = torch.Generator().manual_seed(0)
         c, s = self.model_cfg.in_channels, self.model_cfg.image_size
-        self.batches = [{"image": torch.rand(batch, c, s, s, generator=g) * 2 - 1,
-                         "label": torch.randint(0, max(self.model_cfg.num_classes, 1), (batch,), generator=g)}
-                        for _ in range(2)]
+        self.batches = [
+            {
+                "image": torch.rand(batch, c, s, s, generator=g) * 2 - 1,
+                "label": torch.randint(0, max(self.model_cfg.num_classes, 1), (batch,), generator=g),
+            }
+            for _ in range(2)
+        ]
         self.step = 0
 
     def run(self, steps: int) -> float:
@@ -61,9 +79,19 @@ class Trainer:
 
         t0 = time.perf_counter()
         for _ in range(steps):
-            loss, _ = run_step(self.engine, self.schedule, [self.batches[self.step % 2]], step=self.step, rank=0,
-                               world_size=1, seed=self.cfg.seed, train=self.cfg.train, diffusion=self.cfg.diffusion,
-                               num_classes=self.model_cfg.num_classes, lr=1e-4)
+            loss, _ = run_step(
+                self.engine,
+                self.schedule,
+                [self.batches[self.step % 2]],
+                step=self.step,
+                rank=0,
+                world_size=1,
+                seed=self.cfg.seed,
+                train=self.cfg.train,
+                diffusion=self.cfg.diffusion,
+                num_classes=self.model_cfg.num_classes,
+                lr=1e-4,
+            )
             self.step += 1
         float(loss)
         return (time.perf_counter() - t0) / steps
@@ -88,15 +116,24 @@ def initial_state(preset: str) -> dict:
 
 
 def compile_ratio(args):
-    print(f"compiled vs eager, batch {args.batch}, fp32, {args.rounds} rounds x {args.steps} steps, "
-          f"{torch.get_num_threads()} threads, inductor cache {'warm' if args.warm_cache else 'cold'}")
+    print(
+        f"compiled vs eager, batch {args.batch}, fp32, {args.rounds} rounds x {args.steps} steps, "
+        f"{torch.get_num_threads()} threads, inductor cache {'warm' if args.warm_cache else 'cold'}"
+    )
     for preset in args.presets.split(","):
         state = initial_state(preset)
-        (compiled, eager), (first, _) = side_by_side([lambda p=preset, s=state: Trainer(p, args.batch, s, compile=True),
-                                                      lambda p=preset, s=state: Trainer(p, args.batch, s)],
-                                                     args.steps, args.rounds)
-        print(f"  {preset:13s} eager {eager * 1e3:8.1f} ms/step, compiled {compiled * 1e3:8.1f} ms/step, ratio "
-              f"compiled/eager {compiled / eager:.3f}; compile time {first - eager:.0f} s")
+        (compiled, eager), (first, _) = side_by_side(
+            [
+                lambda p=preset, s=state: Trainer(p, args.batch, s, compile=True),
+                lambda p=preset, s=state: Trainer(p, args.batch, s),
+            ],
+            args.steps,
+            args.rounds,
+        )
+        print(
+            f"  {preset:13s} eager {eager * 1e3:8.1f} ms/step, compiled {compiled * 1e3:8.1f} ms/step, ratio "
+            f"compiled/eager {compiled / eager:.3f}; compile time {first - eager:.0f} s"
+        )
 
 
 def _status_bytes(field: str) -> int:
@@ -134,29 +171,57 @@ def memory_ratio(args):
         # A fixed mmap threshold: every tensor buffer is mapped on allocation and unmapped on free, so the RSS
         # follows the live tensors (glibc's default moves the threshold up and keeps freed memory, run by run).
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-        r = subprocess.run([sys.executable, __file__, "--memory-worker", ac, "--memory-preset", args.memory_preset,
-                            "--batch", str(args.batch), "--steps", "2"],
-                           capture_output=True, text=True, check=True, env=env)
+        r = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--memory-worker",
+                ac,
+                "--memory-preset",
+                args.memory_preset,
+                "--batch",
+                str(args.batch),
+                "--steps",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         rows[ac] = json.loads(r.stdout.strip().splitlines()[-1])
     state = initial_state(args.memory_preset)
-    seconds, _ = side_by_side([lambda ac=ac: Trainer(args.memory_preset, args.batch, state, ac=ac) for ac in modes],
-                              args.steps, args.rounds)
+    seconds, _ = side_by_side(
+        [lambda ac=ac: Trainer(args.memory_preset, args.batch, state, ac=ac) for ac in modes], args.steps, args.rounds
+    )
     where = "GPU max_memory_allocated" if torch.cuda.is_available() else "CPU peak RSS"
     none = rows[""]["peak"] - rows[""]["base"]
-    print(f"activation checkpointing, {args.memory_preset} at batch {args.batch}: peak of a training step less the "
-          f"state before it ({where}, a fresh process each), step time side by side in one process:")
+    print(
+        f"activation checkpointing, {args.memory_preset} at batch {args.batch}: peak of a training step less the "
+        f"state before it ({where}, a fresh process each), step time side by side in one process:"
+    )
     for ac, t in zip(modes, seconds):
         act = rows[ac]["peak"] - rows[ac]["base"]
-        print(f"  {ac or 'none':6s} activations {act / 2**20:6.0f} MiB (peak {rows[ac]['peak'] / 2**20:6.0f} MiB), "
-              f"{t * 1e3:7.0f} ms/step; ratio to none: memory {act / none:.2f}, time {t / seconds[0]:.2f}")
+        print(
+            f"  {ac or 'none':6s} activations {act / 2**20:6.0f} MiB (peak {rows[ac]['peak'] / 2**20:6.0f} MiB), "
+            f"{t * 1e3:7.0f} ms/step; ratio to none: memory {act / none:.2f}, time {t / seconds[0]:.2f}"
+        )
 
 
 def channels_last_ratio(args):
     state = initial_state(args.memory_preset)
-    (nhwc, nchw), _ = side_by_side([lambda: Trainer(args.memory_preset, args.batch, state, channels_last=True),
-                                    lambda: Trainer(args.memory_preset, args.batch, state)], args.steps, args.rounds)
-    print(f"channels_last, {args.memory_preset} at batch {args.batch}, eager: {nhwc * 1e3:.1f} ms/step vs contiguous "
-          f"{nchw * 1e3:.1f} ms/step, ratio channels_last/contiguous {nhwc / nchw:.3f}")
+    (nhwc, nchw), _ = side_by_side(
+        [
+            lambda: Trainer(args.memory_preset, args.batch, state, channels_last=True),
+            lambda: Trainer(args.memory_preset, args.batch, state),
+        ],
+        args.steps,
+        args.rounds,
+    )
+    print(
+        f"channels_last, {args.memory_preset} at batch {args.batch}, eager: {nhwc * 1e3:.1f} ms/step vs contiguous "
+        f"{nchw * 1e3:.1f} ms/step, ratio channels_last/contiguous {nhwc / nchw:.3f}"
+    )
 
 
 if __name__ == "__main__":

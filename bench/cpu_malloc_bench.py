@@ -5,6 +5,7 @@ median round counts.
 
     .venv/bin/python bench/cpu_malloc_bench.py [--preset digits] [--batch 128] [--steps 10] [--rounds 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,9 +53,15 @@ def child(args) -> None:
     faults0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
     for _ in range(args.steps):
         step()
-    print(json.dumps({"step_s": (time.perf_counter() - t0) / args.steps,
-                      "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "step_s": (time.perf_counter() - t0) / args.steps,
+                "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def run_child(mode: str, args) -> dict:
@@ -62,9 +69,24 @@ def run_child(mode: str, args) -> dict:
     env.pop("DDPM_KEEP_MALLOC", None)
     if mode == "default":
         env["DDPM_KEEP_MALLOC"] = "1"  # keep_freed_memory() leaves a user's allocator alone: glibc's defaults stay
-    out = subprocess.run([sys.executable, __file__, "--child", mode, "--preset", args.preset, "--batch",
-                          str(args.batch), "--steps", str(args.steps)], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--preset",
+            args.preset,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -80,16 +102,21 @@ def main() -> None:
         return child(args)
     results = {"kept": [], "default": []}
     for r in range(args.rounds):
-        for mode in (("kept", "default") if r % 2 else ("default", "kept")):
+        for mode in ("kept", "default") if r % 2 else ("default", "kept"):
             results[mode].append(run_child(mode, args))
-    med = {m: [statistics.median(x[k] for x in v) for k in ("step_s", "faults", "peak_rss_mb")]
-           for m, v in results.items()}
+    med = {
+        m: [statistics.median(x[k] for x in v) for k in ("step_s", "faults", "peak_rss_mb")] for m, v in results.items()
+    }
     print(f"model {args.preset}, batch {args.batch}, {args.rounds} rounds x {args.steps} steps, fresh processes")
     for m in ("default", "kept"):
-        print(f"  {m:8s} malloc: {med[m][0] * 1e3:7.1f} ms/step, {med[m][1]:8.0f} page faults/step, "
-              f"peak RSS {med[m][2]:6.0f} MB")
-    print(f"step time kept/default {med['kept'][0] / med['default'][0]:.3f}, "
-          f"peak RSS kept/default {med['kept'][2] / med['default'][2]:.3f}")
+        print(
+            f"  {m:8s} malloc: {med[m][0] * 1e3:7.1f} ms/step, {med[m][1]:8.0f} page faults/step, "
+            f"peak RSS {med[m][2]:6.0f} MB"
+        )
+    print(
+        f"step time kept/default {med['kept'][0] / med['default'][0]:.3f}, "
+        f"peak RSS kept/default {med['kept'][2] / med['default'][2]:.3f}"
+    )
 
 
 if __name__ == "__main__":

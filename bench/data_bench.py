@@ -4,6 +4,7 @@ S3 API server on loopback (moto); there the baseline reads one object per image 
 
     .venv/bin/python bench/data_bench.py [--workers 2] [--epochs 3] [--size 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ class S3Files(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         import fsspec
+
         fs = fsspec.filesystem("s3")  # fsspec caches one instance per process (s3fs is not fork-safe)
         with Image.open(io.BytesIO(fs.cat_file(self.keys[i]))) as im:
             return self.transform(im.convert("RGB")), self.labels[i]
@@ -84,15 +86,25 @@ def main():
         return throughput(({**b, "image": model_range(b["image"])} for b in stream), n)
 
     def imagefolder(ds):
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                                             drop_last=True, persistent_workers=args.workers > 0)
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=args.batch,
+            shuffle=True,
+            num_workers=args.workers,
+            drop_last=True,
+            persistent_workers=args.workers > 0,
+        )
+
         def forever():
             while True:
                 yield from loader
+
         return throughput(forever(), n)
 
-    print(f"{len(images)} images {args.size}x{args.size}x3 PNG, batch {args.batch}, {args.workers} workers, "
-          f"{args.epochs} epochs each, torch threads {torch.get_num_threads()}")
+    print(
+        f"{len(images)} images {args.size}x{args.size}x3 PNG, batch {args.batch}, {args.workers} workers, "
+        f"{args.epochs} epochs each, torch threads {torch.get_num_threads()}"
+    )
     rows = []
     a, b = ours(os.path.join(tmp, "shards", "manifest.json")), imagefolder(ImageFolder(folder, transform))
     rows.append(("local disk", a, b))
@@ -113,10 +125,17 @@ def s3_row(args, images, labels, tmp, ours, imagefolder, transform):
     server.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                          AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL=url, FSSPEC_S3_ENDPOINT_URL=url)
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_EC2_METADATA_DISABLED="true",
+            AWS_ENDPOINT_URL=url,
+            FSSPEC_S3_ENDPOINT_URL=url,
+        )
         import boto3
         import s3fs
+
         boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
         src = ((f"img{i:05d}", img, int(y)) for i, (img, y) in enumerate(zip(images, labels)))
         build_shards(src, "s3://bench/shards", samples_per_shard=256, progress=False)

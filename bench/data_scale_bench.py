@@ -42,6 +42,7 @@ Layouts (8 DataLoader workers, batch 64 per rank, block `--block` samples):
   cursor    json.dumps(state_dict()) of that stream a few batches into L3 (two layout changes in the epoch), and the
             due set's pieces (len(due.lo)) it is made into: what storing the runs explicitly would cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,20 +55,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CONFIGS = [  # (samples, shards, world)
-    (10 ** 6, 10 ** 3, 8),
-    (10 ** 8, 10 ** 5, 1024),
-    (10 ** 9, 10 ** 6, 4096),
+    (10**6, 10**3, 8),
+    (10**8, 10**5, 1024),
+    (10**9, 10**6, 4096),
 ]
 from data_scale_children import BATCH, WORKERS  # noqa: E402 - beside this file (bench/ is sys.path[0])
+
 PEER_MAX_BYTES = 8 << 30  # the 10^9 peer case runs only when the 10^8 peak extrapolates (linearly) below this
 
 
 # ---------------------------------------------------------------- the parent
 
+
 def run_child(kind: str, cfg, block: int, timeout: float) -> dict:
     n, s, w = cfg
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_scale_children.py"), kind,
-           str(n), str(s), str(w), str(block)]
+    cmd = [
+        sys.executable,
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_scale_children.py"),
+        kind,
+        str(n),
+        str(s),
+        str(w),
+        str(block),
+    ]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -81,10 +91,22 @@ def run_child(kind: str, cfg, block: int, timeout: float) -> dict:
 
 def peer_available() -> str:
     """'' when streaming's partition can be loaded, else why not."""
-    p = subprocess.run([sys.executable, "-c", "import importlib.util,sys; "
-                        "sys.exit(0 if importlib.util.find_spec('streaming') else 1)"], capture_output=True)
-    return "" if p.returncode == 0 else ("mosaicml-streaming is not installed: peer columns skipped "
-                                         "(.venv/bin/pip install --no-deps mosaicml-streaming==0.13.0)")
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('streaming') else 1)",
+        ],
+        capture_output=True,
+    )
+    return (
+        ""
+        if p.returncode == 0
+        else (
+            "mosaicml-streaming is not installed: peer columns skipped "
+            "(.venv/bin/pip install --no-deps mosaicml-streaming==0.13.0)"
+        )
+    )
 
 
 def fmt(x, spec=".2f", missing="-"):
@@ -108,8 +130,11 @@ def main() -> None:
     note = "peer skipped (--no-peer)" if args.no_peer else peer_available()
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    print(f"load average {' '.join(load)}, {os.cpu_count()} cpus; batch {BATCH}/rank, {WORKERS} workers/rank, "
-          f"block {args.block}; each figure a fresh process", flush=True)
+    print(
+        f"load average {' '.join(load)}, {os.cpu_count()} cpus; batch {BATCH}/rank, {WORKERS} workers/rank, "
+        f"block {args.block}; each figure a fresh process",
+        flush=True,
+    )
     if note:
         print(note, flush=True)
     results = []
@@ -122,13 +147,21 @@ def main() -> None:
             print(f"  {n:.0e} samples / {s:.0e} shards / world {w}: {kind} {json.dumps(row[kind])[:300]}", flush=True)
         if not note:
             # the peer holds arrays of N ids: extrapolate its peak linearly from the largest smaller data set measured
-            prev = max((r for r in results if r["samples"] < n and "peak_mb" in r.get("peer", {})),
-                       key=lambda r: r["samples"], default=None)
-            need = prev["peer"]["peak_mb"] * 2 ** 20 * (n / prev["samples"]) if prev is not None else None
-            if n >= 10 ** 9 and (need is None or need > PEER_MAX_BYTES):
-                why = (f"would need ~{need / 2 ** 30:.0f} GB (measured {prev['peer']['peak_mb'] / 1024:.2f} GB at "
-                       f"{prev['samples']:.0e}, linear)") if need is not None else \
-                    "no smaller measurement to extrapolate its memory from (include --configs 1)"
+            prev = max(
+                (r for r in results if r["samples"] < n and "peak_mb" in r.get("peer", {})),
+                key=lambda r: r["samples"],
+                default=None,
+            )
+            need = prev["peer"]["peak_mb"] * 2**20 * (n / prev["samples"]) if prev is not None else None
+            if n >= 10**9 and (need is None or need > PEER_MAX_BYTES):
+                why = (
+                    (
+                        f"would need ~{need / 2**30:.0f} GB (measured {prev['peer']['peak_mb'] / 1024:.2f} GB at "
+                        f"{prev['samples']:.0e}, linear)"
+                    )
+                    if need is not None
+                    else "no smaller measurement to extrapolate its memory from (include --configs 1)"
+                )
                 row["peer"] = {"skipped": f"not run: {why}"}
             else:
                 row["peer"] = run_child("peer", cfg, args.block, args.timeout)
@@ -139,10 +172,12 @@ def main() -> None:
                 print(f"  ... peer resume {json.dumps(row['peer_resume'])[:300]}", flush=True)
         results.append(row)
 
-    base = next((r["plan"].get("peak_mb") for r in results if r["samples"] == 10 ** 6), None)
+    base = next((r["plan"].get("peak_mb") for r in results if r["samples"] == 10**6), None)
     print()
-    print("| samples / shards / world | plan s | plan MB (above 10^6) | cursor B | due pieces | resume s "
-          "| start-up requests / rank (bound) | start-up s | peer s | peer MB | plan s ours/peer | MB ours/peer |")
+    print(
+        "| samples / shards / world | plan s | plan MB (above 10^6) | cursor B | due pieces | resume s "
+        "| start-up requests / rank (bound) | start-up s | peer s | peer MB | plan s ours/peer | MB ours/peer |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         p, rs, st, pe = r["plan"], r["resume"], r["startup"], r.get("peer", {})
@@ -155,12 +190,14 @@ def main() -> None:
         if "peer_resume" in r and "seconds" in r["peer_resume"]:
             peer_cell += f" (after W -> W/2: {r['peer_resume']['seconds']:.3f})"
         err = lambda d, key, spec: d.get("error") or fmt(d.get(key), spec)  # noqa: E731
-        print(f"| 10^{len(str(r['samples'])) - 1} / 10^{len(str(r['shards'])) - 1} / {r['world']:,} "
-              f"| {err(p, 'seconds', '.4f')} | {err(p, 'peak_mb', '.1f')} ({fmt(above, '+.1f')}) "
-              f"| {err(rs, 'cursor_bytes', 'd')} | {fmt(rs.get('pieces'), ',d')} | {err(rs, 'seconds', '.3f')} "
-              f"| {err(st, 'requests', 'd')} ({fmt(st.get('bound'), '.1f')}) | {err(st, 'seconds', '.3f')} "
-              f"| {peer_cell} | {fmt(peer_mb, '.1f')} | {fmt(ratio_s, '.2g')} | {fmt(ratio_mb, '.2g')} |")
-    big = next((r for r in results if r["samples"] == 10 ** 9), None)
+        print(
+            f"| 10^{len(str(r['samples'])) - 1} / 10^{len(str(r['shards'])) - 1} / {r['world']:,} "
+            f"| {err(p, 'seconds', '.4f')} | {err(p, 'peak_mb', '.1f')} ({fmt(above, '+.1f')}) "
+            f"| {err(rs, 'cursor_bytes', 'd')} | {fmt(rs.get('pieces'), ',d')} | {err(rs, 'seconds', '.3f')} "
+            f"| {err(st, 'requests', 'd')} ({fmt(st.get('bound'), '.1f')}) | {err(st, 'seconds', '.3f')} "
+            f"| {peer_cell} | {fmt(peer_mb, '.1f')} | {fmt(ratio_s, '.2g')} | {fmt(ratio_mb, '.2g')} |"
+        )
+    big = next((r for r in results if r["samples"] == 10**9), None)
     if big is not None:
         p, rs, st = big["plan"], big["resume"], big["startup"]
         above = p.get("peak_mb", 0) - base if base is not None else None
@@ -169,8 +206,7 @@ def main() -> None:
             ("plan <= 64 MB above the 10^6 figure", above, lambda v: v <= 64, ".1f"),
             ("cursor <= 64 KB", rs.get("cursor_bytes"), lambda v: v <= 64 * 1024, "d"),
             ("layout-change resume <= 2 s", rs.get("seconds"), lambda v: v <= 2.0, ".3f"),
-            ("start-up requests per rank <= shards / world + 10", st.get("requests"),
-             lambda v: v <= st["bound"], "d"),
+            ("start-up requests per rank <= shards / world + 10", st.get("requests"), lambda v: v <= st["bound"], "d"),
         ]
         print()
         print("targets at 10^9 samples, 10^6 shards, world 4,096:")
@@ -181,10 +217,13 @@ def main() -> None:
             print(f"  note: start-up made other filesystem calls at world {r['world']}: {r['startup']['other_calls']}")
     how = next((r["peer"]["how"] for r in results if "how" in r.get("peer", {})), None)
     if how:
-        print(f"peer: mosaicml-streaming {results[0]['peer'].get('version', '?')}, get_partitions('relaxed', ...) "
-              f"({how})")
-    print("simulated: counts and claimed sizes only; start-up for one rank (world // 2) over sparse files, the other "
-          "ranks' verdicts filled in locally by `share` without requests")
+        print(
+            f"peer: mosaicml-streaming {results[0]['peer'].get('version', '?')}, get_partitions('relaxed', ...) ({how})"
+        )
+    print(
+        "simulated: counts and claimed sizes only; start-up for one rank (world // 2) over sparse files, the other "
+        "ranks' verdicts filled in locally by `share` without requests"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"configs": results, "load": load, "block": args.block, "note": note}, f, indent=1)

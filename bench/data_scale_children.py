@@ -1,6 +1,7 @@
 """The measured side of bench/data_scale_bench.py: each function runs in a fresh process (this file as a script:
 `data_scale_children.py KIND SAMPLES SHARDS WORLD BLOCK`) and prints one JSON line. What is simulated and what is
 real is said in data_scale_bench.py's docstring."""
+
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ BATCH, WORKERS, RANKS_PER_NODE, SEED, BYTES_PER_SAMPLE = 64, 8, 8, 0, 4096
 
 
 # ---------------------------------------------------------------- in the child process
+
 
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -46,12 +48,14 @@ class Peak:
             peak = _status_kb("VmHWM")
         else:
             import resource
+
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return max(0, peak - self.rss0) / 1024  # MB (MiB)
 
 
 def simulated_counts(n: int, shards: int):
     import numpy as np
+
     rng = np.random.default_rng(1234)
     mean = n // shards
     counts = rng.integers(mean - mean // 2, mean + mean // 2 + 1, shards, dtype=np.int64)
@@ -64,14 +68,20 @@ def simulated_counts(n: int, shards: int):
 
 def child_plan(n, shards, world, block):
     from ddpm_dist.data.plan import EpochPlan, Layout
+
     counts = simulated_counts(n, shards)
     peak = Peak().start()
     t0 = time.perf_counter()
     plan = EpochPlan(counts, SEED, 0, Layout(world, BATCH, WORKERS, block))
     shard, positions = next(plan.blocks(world // 2, 0))
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_mb": peak.stop(), "peak_method": peak.method,
-            "batches_per_rank": plan.batches_per_rank, "first_block": [int(shard), len(positions)]}
+    return {
+        "seconds": seconds,
+        "peak_mb": peak.stop(),
+        "peak_method": peak.method,
+        "batches_per_rank": plan.batches_per_rank,
+        "first_block": [int(shard), len(positions)],
+    }
 
 
 def _stream(counts, world, batch, workers, block, rank):
@@ -80,6 +90,7 @@ def _stream(counts, world, batch, workers, block, rank):
 
     from ddpm_dist.data.plan import Layout
     from ddpm_dist.data.stream import TrainStream
+
     ts = TrainStream.__new__(TrainStream)
     ts.manifest = SimpleNamespace(num_samples=int(counts.sum()))
     ts.rank, ts.layout, ts.seed, ts.counts = rank, Layout(world, batch, workers, block), SEED, counts
@@ -89,6 +100,7 @@ def _stream(counts, world, batch, workers, block, rank):
 
 def child_resume(n, shards, world, block):
     from ddpm_dist.data.plan import EpochPlan
+
     counts = simulated_counts(n, shards)
     l1, l2 = (world, BATCH, WORKERS, block), (world // 2, 2 * BATCH, WORKERS // 2, max(1, block // 2))
     d1 = (n // (world * BATCH)) // 3 + 1
@@ -112,11 +124,21 @@ def child_resume(n, shards, world, block):
     cursor = json.dumps(ts3.state_dict())
     assert due.total == n - d1 * world * BATCH - d2 * l2[0] * l2[1], "the due set lost count"
     arrays = due.lo.nbytes + due.hi.nbytes + due.rem.nbytes + due.cnt.nbytes + due.before.nbytes
-    return {"seconds": seconds, "load_seconds": t_load, "peak_mb": peak_mb, "cursor_bytes": len(cursor),
-            "cursor": json.loads(cursor), "pieces": int(len(due.lo)), "remainders": len(due.remainders),
-            "piece_array_bytes": int(arrays), "due": int(due.total), "first_block": [int(shard), len(positions)],
-            "layouts": [[*l1, d1], [*l2, d2], list(l1)], "lanes_per_change": [l1[0] * l1[2], l2[0] * l2[2]],
-            "pieces_per_lane": float(len(due.lo)) / (l1[0] * l1[2] + l2[0] * l2[2])}
+    return {
+        "seconds": seconds,
+        "load_seconds": t_load,
+        "peak_mb": peak_mb,
+        "cursor_bytes": len(cursor),
+        "cursor": json.loads(cursor),
+        "pieces": int(len(due.lo)),
+        "remainders": len(due.remainders),
+        "piece_array_bytes": int(arrays),
+        "due": int(due.total),
+        "first_block": [int(shard), len(positions)],
+        "layouts": [[*l1, d1], [*l2, d2], list(l1)],
+        "lanes_per_change": [l1[0] * l1[2], l2[0] * l2[2]],
+        "pieces_per_lane": float(len(due.lo)) / (l1[0] * l1[2] + l2[0] * l2[2]),
+    }
 
 
 def child_startup(n, shards, world, block):
@@ -126,6 +148,7 @@ def child_startup(n, shards, world, block):
     from fsspec.implementations.local import LocalFileSystem
 
     from ddpm_dist.data import startup
+
     counts = simulated_counts(n, shards)
     sizes = counts * BYTES_PER_SAMPLE
     rank = world // 2
@@ -144,12 +167,14 @@ def child_startup(n, shards, world, block):
                 with lock:
                     calls[name] = calls.get(name, 0) + 1
                 return fn(*a, **k)
+
             return wrapper
+
         for name in ("info", "ls", "exists", "open", "_open", "isdir", "isfile", "lexists", "cat_file", "find"):
             if hasattr(LocalFileSystem, name):
                 setattr(LocalFileSystem, name, counted(name, getattr(LocalFileSystem, name)))
         others = np.ones(shards, dtype=bool)
-        others[mine.start:mine.stop] = False
+        others[mine.start : mine.stop] = False
 
         def share(found):  # the other ranks' verdicts, not requested: present with the claimed size
             out = found.copy()
@@ -161,12 +186,18 @@ def child_startup(n, shards, world, block):
         t0 = time.perf_counter()
         real = startup.check_shards(url, counts, rank, world, share=share)
         seconds = time.perf_counter() - t0
-        assert np.array_equal(real[mine.start:mine.stop], sizes[mine.start:mine.stop])
-        return {"seconds": seconds, "peak_mb": peak.stop(), "requests": calls.get("info", 0),
-                "other_calls": {k: v for k, v in calls.items() if k != "info"}, "slice": len(mine),
-                "bound": shards / world + 10}
+        assert np.array_equal(real[mine.start : mine.stop], sizes[mine.start : mine.stop])
+        return {
+            "seconds": seconds,
+            "peak_mb": peak.stop(),
+            "requests": calls.get("info", 0),
+            "other_calls": {k: v for k, v in calls.items() if k != "info"},
+            "slice": len(mine),
+            "bound": shards / world + 10,
+        }
     finally:
         import shutil
+
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -175,10 +206,12 @@ def _peer_module():
     (the package __init__ imports its data loader and cloud SDKs; the partition modules need only numpy)."""
     try:
         from streaming.base import partition
+
         return partition, "import streaming.base.partition"
     except ImportError as e:
         import importlib.util
         import types
+
         spec = importlib.util.find_spec("streaming")
         if spec is None or spec.origin is None:
             raise
@@ -191,12 +224,14 @@ def _peer_module():
         for name in [m for m in sys.modules if m.startswith("streaming.") and m != "streaming.base"]:
             sys.modules.pop(name)
         from streaming.base import partition
+
         return partition, f"partition/*.py loaded under empty parent packages (import streaming: {e})"
 
 
 def child_peer(n, shards, world, block, resume=False):
     partition, how = _peer_module()
     from importlib.metadata import version
+
     nodes = max(1, world // RANKS_PER_NODE)
     if resume:  # after W -> W/2 (global batch kept: 2 x 64 per rank), a third of the epoch seen
         seen = (n // (world * BATCH)) // 3 * world * BATCH
@@ -207,12 +242,24 @@ def child_peer(n, shards, world, block, resume=False):
     t0 = time.perf_counter()
     ids = partition.get_partitions(*args)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_mb": peak.stop(), "shape": list(ids.shape), "result_mb": ids.nbytes / 2 ** 20,
-            "how": how, "version": version("mosaicml-streaming"), "args": list(args[1:])}
+    return {
+        "seconds": seconds,
+        "peak_mb": peak.stop(),
+        "shape": list(ids.shape),
+        "result_mb": ids.nbytes / 2**20,
+        "how": how,
+        "version": version("mosaicml-streaming"),
+        "args": list(args[1:]),
+    }
 
 
-CHILDREN = {"plan": child_plan, "resume": child_resume, "startup": child_startup, "peer": child_peer,
-            "peer_resume": lambda *a: child_peer(*a, resume=True)}
+CHILDREN = {
+    "plan": child_plan,
+    "resume": child_resume,
+    "startup": child_startup,
+    "peer": child_peer,
+    "peer_resume": lambda *a: child_peer(*a, resume=True),
+}
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@
                                     [--device cpu|cuda] [--peak-tflops T] [--threads N] [--table-presets all]
                                     [--skip-table] [--skip-mfu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,12 @@ PEAK_TFLOPS = {
 # kernels' formulas (the backward recomputes the scores). Our UNet's q/k/v are transposed views, so today SDPA
 # takes the math path on the CPU (bmm, counted by torch itself); this keeps the count right if that changes.
 CPU_ATTENTION = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad_out, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad_out, q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *args, out_shape=None, **kw: (
+        sdpa_flop_count(q, k, v)
+    ),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        lambda grad_out, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(grad_out, q, k, v)
+    ),
 }
 
 
@@ -101,6 +104,7 @@ def brute_force_forward(model, device) -> tuple[int, int]:
         other[0] += 4 * (h * w) ** 2 * c  # q k^T and (softmax) v, over all heads together
 
     from ddpm_dist.models.unet import Attention
+
     hooks = []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -121,8 +125,10 @@ def brute_force_forward(model, device) -> tuple[int, int]:
 def flop_table(presets, device):
     schedule = make_schedule("linear", 1000)  # gather() moves its values to the timesteps' device
     print(f"FLOPs per image (FlopCounterMode, counted at batch 1 and 2 on {device.type}):")
-    print(f"  {'preset':13s} {'params':>8s} {'GFLOPs/train image':>19s} {'GFLOPs/sampling step':>21s} "
-          f"{'train/fwd':>9s} {'linear':>6s} {'conv/fwd':>8s} {'shapes/fwd':>10s}")
+    print(
+        f"  {'preset':13s} {'params':>8s} {'GFLOPs/train image':>19s} {'GFLOPs/sampling step':>21s} "
+        f"{'train/fwd':>9s} {'linear':>6s} {'conv/fwd':>8s} {'shapes/fwd':>10s}"
+    )
     per_image = {}
     for name in presets:
         torch.manual_seed(0)
@@ -132,13 +138,18 @@ def flop_table(presets, device):
         linear = train[1] == 2 * train[0] and fwd[1] == 2 * fwd[0]
         conv, analytic = brute_force_forward(model, device)
         per_image[name] = train[1] / 2
-        print(f"  {name:13s} {count_parameters(model) / 1e6:7.2f}M {train[1] / 2e9:19.3f} {fwd[1] / 2e9:21.3f} "
-              f"{train[1] / fwd[1]:9.3f} {'exact' if linear else 'NO':>6s} {conv / (fwd[1] / 2):8.4f} "
-              f"{analytic / (fwd[1] / 2):10.4f}", flush=True)
+        print(
+            f"  {name:13s} {count_parameters(model) / 1e6:7.2f}M {train[1] / 2e9:19.3f} {fwd[1] / 2e9:21.3f} "
+            f"{train[1] / fwd[1]:9.3f} {'exact' if linear else 'NO':>6s} {conv / (fwd[1] / 2):8.4f} "
+            f"{analytic / (fwd[1] / 2):10.4f}",
+            flush=True,
+        )
         del model
-    print("  train/fwd: training over sampling FLOPs (3 would be forward + 2x forward for the backward; the first conv "
-          "needs no input gradient).\n  conv/fwd, shapes/fwd: brute-force sum over Conv2d layers of 2*Cin*Cout*k*k*H*W "
-          "(and + Linear + attention) over the counted forward.")
+    print(
+        "  train/fwd: training over sampling FLOPs (3 would be forward + 2x forward for the backward; the first conv "
+        "needs no input gradient).\n  conv/fwd, shapes/fwd: brute-force sum over Conv2d layers of 2*Cin*Cout*k*k*H*W "
+        "(and + Linear + attention) over the counted forward."
+    )
     return per_image
 
 
@@ -163,7 +174,7 @@ class Matmul:
 
     @property
     def flops(self):
-        return 2 * self.size ** 3 / self.best
+        return 2 * self.size**3 / self.best
 
 
 def reference(device, key, measured, args) -> tuple[float, str]:
@@ -189,8 +200,12 @@ def time_training(name, batch, steps, device, bf16, modes, between=lambda: None)
     for mode in modes:
         torch.manual_seed(0)
         model = build_model(name).to(device).train()
-        runs[mode] = dict(model=model, fn=torch.compile(model) if mode == "compiled" else model,
-                          opt=torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True), times=[])
+        runs[mode] = dict(
+            model=model,
+            fn=torch.compile(model) if mode == "compiled" else model,
+            opt=torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True),
+            times=[],
+        )
     data = [make_batch(runs[modes[0]]["model"].config, batch, device, seed=s) for s in range(2)]
 
     def step(run, i):
@@ -206,7 +221,7 @@ def time_training(name, batch, steps, device, bf16, modes, between=lambda: None)
         run["times"].append(time.perf_counter() - t0)
 
     for i in range(steps + 2):  # two warm-up steps each (the first one compiles)
-        for mode in (modes if i % 2 else modes[::-1]):
+        for mode in modes if i % 2 else modes[::-1]:
             step(runs[mode], i)
         between()
     return {mode: (min(r["times"][2:]), statistics.median(r["times"][2:]), r["times"][0]) for mode, r in runs.items()}
@@ -229,19 +244,28 @@ def mfu(args, per_image, device):
         rows += [(name, mode, *r) for mode, r in results.items()]
         print(f"  timed {name} ({', '.join(modes)})", flush=True)
     ref, where = reference(device, key, matmul.flops, args)
-    print(f"\nmatmul: {matmul.flops / 1e9:,.1f} GFLOP/s measured ({matmul.size}x{matmul.size} {key}, best of "
-          f"{matmul.reps} spread over the run, {torch.get_num_threads()} threads); MFU reference: {ref / 1e9:,.1f} "
-          f"GFLOP/s ({where})")
-    print(f"training step (forward, loss, backward, AdamW), batch {args.batch}, {args.steps} steps after 2 warm-up"
-          f"{', eager and compiled alternating' if args.compile else ''}, {'bf16 autocast' if args.bf16 else 'fp32'}; "
-          f"MFU from the best step (like the matmul):")
-    print(f"  {'preset':13s} {'mode':8s} {'best ms':>9s} {'median ms':>9s} {'img/s':>8s} {'GFLOP/s':>8s} {'MFU':>7s} "
-          f"{'of matmul':>9s} {'compile s':>9s}")
+    print(
+        f"\nmatmul: {matmul.flops / 1e9:,.1f} GFLOP/s measured ({matmul.size}x{matmul.size} {key}, best of "
+        f"{matmul.reps} spread over the run, {torch.get_num_threads()} threads); MFU reference: {ref / 1e9:,.1f} "
+        f"GFLOP/s ({where})"
+    )
+    print(
+        f"training step (forward, loss, backward, AdamW), batch {args.batch}, {args.steps} steps after 2 warm-up"
+        f"{', eager and compiled alternating' if args.compile else ''}, {'bf16 autocast' if args.bf16 else 'fp32'}; "
+        f"MFU from the best step (like the matmul):"
+    )
+    print(
+        f"  {'preset':13s} {'mode':8s} {'best ms':>9s} {'median ms':>9s} {'img/s':>8s} {'GFLOP/s':>8s} {'MFU':>7s} "
+        f"{'of matmul':>9s} {'compile s':>9s}"
+    )
     for name, mode, best, median, first in rows:
         achieved = per_image[name] * args.batch / best
         comp = f"{first - median:9.1f}" if mode == "compiled" else f"{'':9s}"
-        print(f"  {name:13s} {mode:8s} {best * 1e3:9.1f} {median * 1e3:9.1f} {args.batch / best:8.1f} "
-              f"{achieved / 1e9:8.1f} {achieved / ref:7.1%} {achieved / matmul.flops:9.1%} {comp}", flush=True)
+        print(
+            f"  {name:13s} {mode:8s} {best * 1e3:9.1f} {median * 1e3:9.1f} {args.batch / best:8.1f} "
+            f"{achieved / 1e9:8.1f} {achieved / ref:7.1%} {achieved / matmul.flops:9.1%} {comp}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
@@ -267,9 +291,11 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device.type}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+    print(
+        f"torch {torch.__version__}, {device.type}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus"
+    )
     per_image = {} if args.skip_table else flop_table(table, device)
     if not args.skip_mfu:
         mfu(args, per_image, device)

@@ -6,6 +6,7 @@ sides share the same two cores and memory. Needs root.
 
     sudo .venv/bin/python bench/multinode_bench.py [--steps 80] [--batch 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,20 @@ from tests.support.netns_cluster import Cluster  # noqa: E402
 
 
 def train_args(run: str, steps: int, batch: int, backend: str) -> list[str]:
-    return ["-m", "ddpm_dist.train", "--config", "configs/digits.yaml", f"run_dir={run}", f"parallel.backend={backend}",
-            f"train.global_batch={batch}", f"train.total_images={steps * batch}", "train.log_every=10",
-            "train.sample_every_images=0", "checkpoint.every_images=0", "sample.steps=2"]
+    return [
+        "-m",
+        "ddpm_dist.train",
+        "--config",
+        "configs/digits.yaml",
+        f"run_dir={run}",
+        f"parallel.backend={backend}",
+        f"train.global_batch={batch}",
+        f"train.total_images={steps * batch}",
+        "train.log_every=10",
+        "train.sample_every_images=0",
+        "checkpoint.every_images=0",
+        "sample.steps=2",
+    ]
 
 
 def images_per_s(run: str) -> float:
@@ -38,20 +50,56 @@ def images_per_s(run: str) -> float:
 
 def one_host(run: str, args, backend: str) -> float:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    *train_args(run, args.steps, args.batch, backend)], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *train_args(run, args.steps, args.batch, backend),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return images_per_s(run)
 
 
 def two_hosts(cluster: Cluster, run: str, args, backend: str) -> float:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     rdzv = uuid.uuid4().hex[:8]
-    procs = [cluster.popen(h, [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                               "--node-rank", str(i), "--rdzv-backend", "c10d", "--rdzv-endpoint", "n1:29400",
-                               "--rdzv-id", rdzv, *train_args(run, args.steps, args.batch, backend)],
-                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for i, h in enumerate(cluster.hosts)]
+    procs = [
+        cluster.popen(
+            h,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(i),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                "n1:29400",
+                "--rdzv-id",
+                rdzv,
+                *train_args(run, args.steps, args.batch, backend),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, h in enumerate(cluster.hosts)
+    ]
     if any(p.wait() for p in procs):
         raise RuntimeError(f"two-host {backend} run failed")
     return images_per_s(run)

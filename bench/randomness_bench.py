@@ -4,6 +4,7 @@ batch and slicing it (before issue 14). Side by side in one run; the ratio to wo
 
     .venv/bin/python bench/randomness_bench.py [--local-batch 16] [--size 32] [--device cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,16 @@ def main() -> None:
     base = None
     for world_size in (1, 2, 4, 8, 16, 32, 64):
         rank = world_size - 1  # the last rank: the slice the global draw wastes most on
-        ours = timed(lambda s: slot_randomness(0, s, rank_slots(0, rank, world_size, micro), 1000, shape, 0.1, device),
-                     args.reps, device)
-        old = timed(lambda s: global_draw(0, s, world_size, micro, shape, device), args.reps, device)
+        ours = timed(
+            lambda s, rank=rank, world_size=world_size: slot_randomness(
+                0, s, rank_slots(0, rank, world_size, micro), 1000, shape, 0.1, device
+            ),
+            args.reps,
+            device,
+        )
+        old = timed(
+            lambda s, world_size=world_size: global_draw(0, s, world_size, micro, shape, device), args.reps, device
+        )
         base = base or (ours, old)
         print(f"{world_size:>6} {ours * 1e3:>11.2f} {old * 1e3:>12.2f} {ours / base[0]:>12.2f} {old / base[1]:>13.2f}")
 

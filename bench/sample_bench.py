@@ -10,6 +10,7 @@
 
     .venv/bin/python bench/sample_bench.py [--batch 64] [--steps 50] [--images 256] [--workers 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,16 @@ def sampler_overhead(args):
             full = []
             for r in range(3):
                 t0 = time.perf_counter()
-                denoise_from_seeds(model, schedule, [image_seed(r, i) for i in range(args.batch)], shape,
-                         SamplerOptions(sampler, args.steps, eta), device="cpu", labels=y.tolist(), null_class=10)
+                denoise_from_seeds(
+                    model,
+                    schedule,
+                    [image_seed(r, i) for i in range(args.batch)],
+                    shape,
+                    SamplerOptions(sampler, args.steps, eta),
+                    device="cpu",
+                    labels=y.tolist(),
+                    null_class=10,
+                )
                 full.append(time.perf_counter() - t0)
         rows.append((sampler, statistics.median(full) / (args.steps * statistics.median(fwd))))
     print(f"sampler overhead, digits model, batch {args.batch}, {args.steps} steps (1.00 = nothing but model calls):")
@@ -67,9 +76,14 @@ class BenchNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 7, stride=4), torch.nn.ReLU(),
-                                        torch.nn.Conv2d(32, 128, 5, stride=4), torch.nn.ReLU(),
-                                        torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten())
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 7, stride=4),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 128, 5, stride=4),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(4),
+            torch.nn.Flatten(),
+        )
 
     def forward(self, x):
         return self.body(x / 128 - 1)
@@ -89,14 +103,26 @@ def feature_throughput(args):
     def ours():
         def batches():
             for i in range(0, args.images, 32):
-                yield np.stack([np.asarray(Image.open(os.path.join(folder, f"{k:06d}.png")).convert("RGB"))
-                                for k in range(i, min(i + 32, args.images))])
+                yield np.stack(
+                    [
+                        np.asarray(Image.open(os.path.join(folder, f"{k:06d}.png")).convert("RGB"))
+                        for k in range(i, min(i + 32, args.images))
+                    ]
+                )
+
         stats = accumulate(ext, batches(), FeatureStats(2048))
         return stats.mean_cov()
 
     def theirs():
-        feats = fid.get_folder_features(folder, model=net, num_workers=args.workers, batch_size=32,
-                                        device=torch.device("cpu"), mode="clean", verbose=False)
+        feats = fid.get_folder_features(
+            folder,
+            model=net,
+            num_workers=args.workers,
+            batch_size=32,
+            device=torch.device("cpu"),
+            mode="clean",
+            verbose=False,
+        )
         return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
     a, b = [], []
@@ -114,8 +140,10 @@ def feature_throughput(args):
     print(f"  time ours / clean-fid: {x / y:.3f}")
     stages = stage_times(folder, ext, args.images)
     total = sum(stages.values())
-    print(f"  where our time goes, each stage alone ({total:.2f} s in all; the pipeline overlaps decode and resize "
-          "with the network):")
+    print(
+        f"  where our time goes, each stage alone ({total:.2f} s in all; the pipeline overlaps decode and resize "
+        "with the network):"
+    )
     for name, sec in stages.items():
         print(f"    {name:<14} {sec:6.2f} s  {100 * sec / total:5.1f}%")
 
@@ -125,7 +153,7 @@ def stage_times(folder, ext, n):
     t0 = time.perf_counter()
     images = [np.asarray(Image.open(os.path.join(folder, f"{k:06d}.png")).convert("RGB")) for k in range(n)]
     t1 = time.perf_counter()
-    batches = [ext.prepare(np.stack(images[i:i + 32])) for i in range(0, n, 32)]
+    batches = [ext.prepare(np.stack(images[i : i + 32])) for i in range(0, n, 32)]
     t2 = time.perf_counter()
     with torch.no_grad():
         feats = [ext.net(x) for x in batches]

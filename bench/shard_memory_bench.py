@@ -9,6 +9,7 @@ requests per shard are counted from the server's request log.
 
     .venv/bin/python bench/shard_memory_bench.py [--images 42000] [--buffer-mb 64] [--workers 2] [--no-s3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,6 @@ def worker_peak_rss_mb() -> list[float]:
     return out
 
 
-
-
 def measure(batches, n_images: int) -> tuple[float, list[float]]:
     """(images/s after the first batch, worker peak RSS) over n_images."""
     it = iter(batches)
@@ -75,8 +74,9 @@ def measure(batches, n_images: int) -> tuple[float, list[float]]:
 
 
 def ours(url: str, args, buffer_mb: int):
-    stream = TrainStream(load_manifest(url), rank=0, layout=Layout(1, args.batch, args.workers), seed=0,
-                         buffer_bytes=buffer_mb << 20)
+    stream = TrainStream(
+        load_manifest(url), rank=0, layout=Layout(1, args.batch, args.workers), seed=0, buffer_bytes=buffer_mb << 20
+    )
     return measure(stream, args.measure)
 
 
@@ -89,9 +89,16 @@ def peer(url: str, args):
     def init(_):
         register_webdataset_opener()
 
-    ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=None, workersplitter=wds.split_by_worker,
-                         empty_check=False)
-          .repeat().shuffle(1000).decode().to_tuple("npy", "cls").batched(args.batch, partial=False))
+    ds = (
+        wds.WebDataset(
+            urls, shardshuffle=len(urls), nodesplitter=None, workersplitter=wds.split_by_worker, empty_check=False
+        )
+        .repeat()
+        .shuffle(1000)
+        .decode()
+        .to_tuple("npy", "cls")
+        .batched(args.batch, partial=False)
+    )
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers, worker_init_fn=init)
     return measure(loader, args.measure)
 
@@ -132,29 +139,52 @@ def run(args, tmp: str) -> None:
     sets = {}
     for name, mb in (("16MB", 16), ("512MB", 512)):
         out = os.path.join(tmp, name)
-        build_shards(images(args.images, args.size), out, image_format="npy", samples_per_shard=10**9,
-                     max_shard_bytes=mb << 20, shuffle_seed=None, progress=False)
+        build_shards(
+            images(args.images, args.size),
+            out,
+            image_format="npy",
+            samples_per_shard=10**9,
+            max_shard_bytes=mb << 20,
+            shuffle_seed=None,
+            progress=False,
+        )
         sets[name] = os.path.join(out, "manifest.json")
         m = load_manifest(sets[name])
         print(f"{name} shards: {len(m.shards)} x ~{m.shards[0].bytes / 2**20:.0f} MB, {m.num_samples} images")
-    print(f"batch {args.batch}, {args.workers} workers, shard_buffer_mb {args.buffer_mb}, {args.measure} images timed, "
-          f"median of {args.rounds} rounds (configurations interleaved, order rotated, each in a fresh process)")
+    print(
+        f"batch {args.batch}, {args.workers} workers, shard_buffer_mb {args.buffer_mb}, {args.measure} images timed, "
+        f"median of {args.rounds} rounds (configurations interleaved, order rotated, each in a fresh process)"
+    )
     common = ["--batch", str(args.batch), "--workers", str(args.workers), "--measure", str(args.measure)]
     configs = {
         "ours 16MB shards": ["--one", "ours", "--manifest", sets["16MB"], "--buffer-mb", str(args.buffer_mb), *common],
-        "ours 512MB shards": ["--one", "ours", "--manifest", sets["512MB"], "--buffer-mb", str(args.buffer_mb), *common],
+        "ours 512MB shards": [
+            "--one",
+            "ours",
+            "--manifest",
+            sets["512MB"],
+            "--buffer-mb",
+            str(args.buffer_mb),
+            *common,
+        ],
         "whole shard 16MB (before)": ["--one", "ours", "--manifest", sets["16MB"], "--buffer-mb", "1024", *common],
         "whole shard 512MB (before)": ["--one", "ours", "--manifest", sets["512MB"], "--buffer-mb", "1024", *common],
         "webdataset 16MB shards": ["--one", "webdataset", "--manifest", sets["16MB"], *common],
     }
     results = interleaved(configs, args.rounds)
     report([(name, float(np.median(rates)), rss) for name, (rates, rss) in results.items()])
-    print(f"peak RSS per worker 512MB / 16MB shards: "
-          f"{max(results['ours 512MB shards'][1]) / max(results['ours 16MB shards'][1]):.2f}")
-    print(f"throughput 512MB shards bounded / 16MB whole shard (today's): "
-          f"{paired(results, 'ours 512MB shards', 'whole shard 16MB (before)')}")
-    print(f"same code, same shards (noise gauge): ours 16MB / whole shard 16MB: "
-          f"{paired(results, 'ours 16MB shards', 'whole shard 16MB (before)')}")
+    print(
+        f"peak RSS per worker 512MB / 16MB shards: "
+        f"{max(results['ours 512MB shards'][1]) / max(results['ours 16MB shards'][1]):.2f}"
+    )
+    print(
+        f"throughput 512MB shards bounded / 16MB whole shard (today's): "
+        f"{paired(results, 'ours 512MB shards', 'whole shard 16MB (before)')}"
+    )
+    print(
+        f"same code, same shards (noise gauge): ours 16MB / whole shard 16MB: "
+        f"{paired(results, 'ours 16MB shards', 'whole shard 16MB (before)')}"
+    )
     print(f"ours / webdataset, local: {paired(results, 'ours 16MB shards', 'webdataset 16MB shards')}")
     if not args.no_s3:
         s3(args, tmp)
@@ -167,7 +197,7 @@ def interleaved(configs: dict, rounds: int) -> dict[str, tuple[list[float], list
     names = list(configs)
     out: dict[str, tuple[list[float], list[float]]] = {}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             rate, peak = one_process(configs[name])
             out.setdefault(name, ([], peak))[0].append(rate)
     return out
@@ -209,8 +239,11 @@ def s3(args, tmp) -> None:
     port = free_port()
     log_path = os.path.join(tmp, "moto.log")
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -222,10 +255,17 @@ def s3(args, tmp) -> None:
                     raise RuntimeError("the S3 API server did not start") from None
                 time.sleep(0.2)
         url = f"http://127.0.0.1:{port}"
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                          AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL=url, FSSPEC_S3_ENDPOINT_URL=url)
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_EC2_METADATA_DISABLED="true",
+            AWS_ENDPOINT_URL=url,
+            FSSPEC_S3_ENDPOINT_URL=url,
+        )
         import boto3
         import fsspec
+
         boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
         fs = fsspec.filesystem("s3")
         rows = []
@@ -233,17 +273,39 @@ def s3(args, tmp) -> None:
         for name in ("16MB", "512MB"):
             fs.put(os.path.join(tmp, name), f"bench/{name}", recursive=True)
             before = gets_per_tar(log_path)
-            rows.append((f"ours s3 {name} shards", *one_process(["--one", "ours", "--manifest",
-                         f"s3://bench/{name}/manifest.json", "--buffer-mb", str(args.buffer_mb), *common])))
+            rows.append(
+                (
+                    f"ours s3 {name} shards",
+                    *one_process(
+                        [
+                            "--one",
+                            "ours",
+                            "--manifest",
+                            f"s3://bench/{name}/manifest.json",
+                            "--buffer-mb",
+                            str(args.buffer_mb),
+                            *common,
+                        ]
+                    ),
+                )
+            )
             after = gets_per_tar(log_path)
-            print(f"s3 {name}: GET requests per shard touched: "
-                  f"{sorted(after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0))}")
+            print(
+                f"s3 {name}: GET requests per shard touched: "
+                f"{sorted(after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0))}"
+            )
         before = gets_per_tar(log_path)
-        rows.append(("webdataset s3 16MB shards", *one_process(["--one", "webdataset", "--manifest",
-                                                                 "s3://bench/16MB/manifest.json", *common])))
+        rows.append(
+            (
+                "webdataset s3 16MB shards",
+                *one_process(["--one", "webdataset", "--manifest", "s3://bench/16MB/manifest.json", *common]),
+            )
+        )
         after = gets_per_tar(log_path)
-        print(f"s3 webdataset 16MB: GET requests per shard touched: "
-              f"{sorted(after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0))}")
+        print(
+            f"s3 webdataset 16MB: GET requests per shard touched: "
+            f"{sorted(after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0))}"
+        )
         report(rows)
         print(f"ours / webdataset, s3: {rows[0][1] / rows[2][1]:.2f}")
     finally:

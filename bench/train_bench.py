@@ -10,6 +10,7 @@
 
     .venv/bin/python bench/train_bench.py [--preset digits] [--batch 128] [--steps 10] [--rounds 7]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,13 @@ from ddpm_dist.models import UNet, resolve_model_config  # noqa: E402
 def batches(model_cfg, batch, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = (batch, model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
-    return [{"image": torch.rand(shape, generator=g) * 2 - 1,
-             "label": torch.randint(0, max(model_cfg.num_classes, 1), (batch,), generator=g)} for _ in range(n)]
+    return [
+        {
+            "image": torch.rand(shape, generator=g) * 2 - 1,
+            "label": torch.randint(0, max(model_cfg.num_classes, 1), (batch,), generator=g),
+        }
+        for _ in range(n)
+    ]
 
 
 def bare_loop(model, data, schedule, num_classes, steps, opt_args):
@@ -69,11 +75,24 @@ class OurLoop:
         from ddpm_dist.training.preemption import Preemption
 
         self.cfg, self.model_cfg = cfg, model_cfg
-        self.engine = parallelize(model, ParallelConfig(backend="single"), read_env(), cfg.train,  # grad_clip 1, fp32
-                                  micro_batch=cfg.train.global_batch, accum_steps=1)
+        self.engine = parallelize(
+            model,
+            ParallelConfig(backend="single"),
+            read_env(),
+            cfg.train,  # grad_clip 1, fp32
+            micro_batch=cfg.train.global_batch,
+            accum_steps=1,
+        )
         self.ema = ShardedEMA(self.engine)
-        self.metrics = Metrics(MetricsConfig(), rank=0, local_rank=0, world_size=1, run="bench", run_dir=run_dir,
-                               log_every=cfg.train.log_every)
+        self.metrics = Metrics(
+            MetricsConfig(),
+            rank=0,
+            local_rank=0,
+            world_size=1,
+            run="bench",
+            run_dir=run_dir,
+            log_every=cfg.train.log_every,
+        )
         self.preemption = Preemption(torch.device("cpu"))
         self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_steps)
         self.step = 0
@@ -89,17 +108,42 @@ class OurLoop:
         for _ in range(steps):
             ts = time.perf_counter()
             lr = lr_at(self.step * cfg.train.global_batch)
-            loss, norm = run_step(self.engine, self.schedule, [data[self.step % len(data)]], step=self.step, rank=0,
-                                  world_size=1, seed=cfg.seed, train=cfg.train, diffusion=cfg.diffusion,
-                                  num_classes=self.model_cfg.num_classes, lr=lr)
+            loss, norm = run_step(
+                self.engine,
+                self.schedule,
+                [data[self.step % len(data)]],
+                step=self.step,
+                rank=0,
+                world_size=1,
+                seed=cfg.seed,
+                train=cfg.train,
+                diffusion=cfg.diffusion,
+                num_classes=self.model_cfg.num_classes,
+                lr=lr,
+            )
             te = time.perf_counter()
-            self.ema.update(ema_beta(cfg.train.global_batch, self.step * cfg.train.global_batch,
-                                     cfg.ema.halflife_images, cfg.ema.warmup_ratio))
+            self.ema.update(
+                ema_beta(
+                    cfg.train.global_batch,
+                    self.step * cfg.train.global_batch,
+                    cfg.ema.halflife_images,
+                    cfg.ema.warmup_ratio,
+                )
+            )
             self.step += 1
-            self.metrics.train_step(step=self.step, images=self.step * cfg.train.global_batch, loss=loss, lr=lr,
-                                    grad_norm=norm, step_seconds=time.perf_counter() - ts, data_wait=0.0,
-                                    ema_seconds=time.perf_counter() - te, rank_images=cfg.train.global_batch,
-                                    skipped_total=0, epoch=0)
+            self.metrics.train_step(
+                step=self.step,
+                images=self.step * cfg.train.global_batch,
+                loss=loss,
+                lr=lr,
+                grad_norm=norm,
+                step_seconds=time.perf_counter() - ts,
+                data_wait=0.0,
+                ema_seconds=time.perf_counter() - te,
+                rank_images=cfg.train.global_batch,
+                skipped_total=0,
+                epoch=0,
+            )
             if self.step % cfg.train.stop_check_every == 0:
                 self.preemption.should_stop()
         return (time.perf_counter() - t0) / steps
@@ -109,8 +153,16 @@ def overhead(args):
     from ddpm_dist.cpu_malloc import keep_freed_memory
 
     keep_freed_memory()
-    cfg = load_config(None, [f"model.preset={args.preset}", f"train.global_batch={args.batch}", "train.grad_clip=1.0",
-                             "train.log_every=10", "train.label_dropout=0.1"])
+    cfg = load_config(
+        None,
+        [
+            f"model.preset={args.preset}",
+            f"train.global_batch={args.batch}",
+            "train.grad_clip=1.0",
+            "train.log_every=10",
+            "train.label_dropout=0.1",
+        ],
+    )
     model_cfg = resolve_model_config(cfg.model)
     data = batches(model_cfg, args.batch, 4)
     torch.manual_seed(0)
@@ -128,8 +180,10 @@ def overhead(args):
         if not r % 2:
             t_ours.append(ours.run(data, args.steps))
     a, b = statistics.median(t_ours), statistics.median(t_bare)
-    print(f"model {args.preset} ({sum(p.numel() for p in ours_model.parameters()) / 1e6:.2f}M), batch {args.batch}, "
-          f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads")
+    print(
+        f"model {args.preset} ({sum(p.numel() for p in ours_model.parameters()) / 1e6:.2f}M), batch {args.batch}, "
+        f"{args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads"
+    )
     print(f"per step: ours {a * 1e3:.1f} ms, bare {b * 1e3:.1f} ms, ratio ours/bare {a / b:.3f}")
 
 
@@ -143,10 +197,15 @@ def scaling(args):
         path = os.path.join(out, f"{backend}.txt")
         spawn(_scaling_worker, world, backend, args.preset, args.batch, args.steps, path)
         results[backend] = float(open(path).read())
-    print(f"images/s at global batch {args.batch} (CPU, gloo; 2 processes share the machine's "
-          f"{os.cpu_count()} cores with 1 thread each, 1 process uses all):")
+    print(
+        f"images/s at global batch {args.batch} (CPU, gloo; 2 processes share the machine's "
+        f"{os.cpu_count()} cores with 1 thread each, 1 process uses all):"
+    )
     for backend in ("single", "ddp", "fsdp", "zero"):
-        print(f"  {backend:6s} {results[backend]:8.1f} img/s  ratio to 1 process {results[backend] / results['single']:.2f}")
+        print(
+            f"  {backend:6s} {results[backend]:8.1f} img/s  "
+            f"ratio to 1 process {results[backend] / results['single']:.2f}"
+        )
 
 
 def _scaling_worker(rank, world, backend, preset, batch, steps, path):
@@ -159,8 +218,14 @@ def _scaling_worker(rank, world, backend, preset, batch, steps, path):
     cfg = load_config(None, [f"model.preset={preset}", f"train.global_batch={batch}", "parallel.zero_stage=2"])
     model_cfg = resolve_model_config(cfg.model)
     torch.manual_seed(0)
-    engine = parallelize(UNet(model_cfg), ParallelConfig(backend=backend, zero_stage=2), read_env(),
-                         TrainConfig(lr=1e-4, grad_clip=1.0), micro_batch=batch // world, accum_steps=1)
+    engine = parallelize(
+        UNet(model_cfg),
+        ParallelConfig(backend=backend, zero_stage=2),
+        read_env(),
+        TrainConfig(lr=1e-4, grad_clip=1.0),
+        micro_batch=batch // world,
+        accum_steps=1,
+    )
     ema = ShardedEMA(engine)
     schedule = make_schedule("linear", 1000)
     data = batches(model_cfg, batch // world, 2, seed=rank)
@@ -169,8 +234,19 @@ def _scaling_worker(rank, world, backend, preset, batch, steps, path):
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
             t0 = time.perf_counter()
-        loss, _ = run_step(engine, schedule, [data[step % 2]], step=step, rank=rank, world_size=world, seed=cfg.seed,
-                           train=cfg.train, diffusion=cfg.diffusion, num_classes=model_cfg.num_classes, lr=1e-4)
+        loss, _ = run_step(
+            engine,
+            schedule,
+            [data[step % 2]],
+            step=step,
+            rank=rank,
+            world_size=world,
+            seed=cfg.seed,
+            train=cfg.train,
+            diffusion=cfg.diffusion,
+            num_classes=model_cfg.num_classes,
+            lr=1e-4,
+        )
         ema.update(0.999)
     float(loss)
     if rank == 0:

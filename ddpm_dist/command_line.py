@@ -1,6 +1,7 @@
 """What the entry points share: the sampler options as command-line flags (built from SamplerOptions, so
 each is declared once) and turning expected errors into one-line exits. Entry points only; no library
 module imports this."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,16 @@ from .diffusion import SamplerOptions
 from .parallel.faults import PeerLost
 from .redact import redact
 
-EXPECTED_ERRORS: tuple = (ConfigError, FileNotFoundError, ValueError, DataError, ShardError, StorageError, CheckpointError,
-                          PeerLost)
+EXPECTED_ERRORS: tuple = (
+    ConfigError,
+    FileNotFoundError,
+    ValueError,
+    DataError,
+    ShardError,
+    StorageError,
+    CheckpointError,
+    PeerLost,
+)
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,22 +38,37 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(SamplerOptions):
         kind = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) is typing.Union else hints[f.name]
         if kind is bool:
-            group.add_argument("--clip" if f.name == "clip_x0" else "--" + f.name.replace("_", "-"), dest=f.name,
-                               action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            group.add_argument(
+                "--clip" if f.name == "clip_x0" else "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f.metadata["help"],
+            )
         else:
-            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
-                               choices=f.metadata.get("choices"), help=f.metadata["help"])
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=kind,
+                default=None,
+                choices=f.metadata.get("choices"),
+                help=f.metadata["help"],
+            )
 
 
 def sampler_overrides(args: argparse.Namespace) -> dict:
     """The sampler flags that were given, as SamplerOptions fields."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerOptions)
-            if getattr(args, f.name, None) is not None}
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SamplerOptions)
+        if getattr(args, f.name, None) is not None
+    }
 
 
 def is_rank0() -> bool:
     """Under torchrun/SLURM every rank runs the entry point: only rank 0 reports."""
     from .parallel.env import read_env
+
     return read_env().rank == 0
 
 

@@ -7,6 +7,7 @@ depends on the order of allocations. Keeping freed blocks in the process removes
 (bench/cpu_malloc_bench.py): what is kept is what the next step uses again. GPU memory has its own
 caching allocator, so this is for CPU processes only.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -41,6 +42,10 @@ def keep_freed_memory() -> bool:
         return False
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     _applied = ok
-    log.debug("glibc malloc: mmap threshold %d MiB, trim threshold %d MiB (%s)", MMAP_THRESHOLD >> 20,
-              TRIM_THRESHOLD >> 20, "applied" if ok else "refused")
+    log.debug(
+        "glibc malloc: mmap threshold %d MiB, trim threshold %d MiB (%s)",
+        MMAP_THRESHOLD >> 20,
+        TRIM_THRESHOLD >> 20,
+        "applied" if ok else "refused",
+    )
     return ok

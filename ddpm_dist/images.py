@@ -1,5 +1,6 @@
 """Image conversions, in one place: uint8 NHWC arrays (files, shards, feature extractors) <-> float32 NCHW
 tensors in [-1, 1] (what the model sees), and PNG bytes."""
+
 from __future__ import annotations
 
 import io

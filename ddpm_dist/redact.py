@@ -4,6 +4,7 @@ file (config.yaml, meta.json, sampling.json, result JSON, discovery files, metri
 Removed: credentials in URLs (`scheme://user:secret@host`), query strings of URLs (presigned signatures,
 tokens), and the values of secret-bearing environment variables (AWS_SECRET_ACCESS_KEY, *_TOKEN, ...)
 wherever they appear, so a credential taken from the environment is never copied into a file."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,10 @@ import logging
 import os
 import re
 
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@'\"]*@)?(?P<rest>[^\s'\"?#]*)"
-                  r"(?P<query>\?[^\s'\"#]*)?")
+_URL = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@'\"]*@)?(?P<rest>[^\s'\"?#]*)"
+    r"(?P<query>\?[^\s'\"#]*)?"
+)
 _SECRET_ENV = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|SESSION|API_KEY|ACCESS_KEY)", re.I)
 MIN_SECRET_LEN = 8  # shorter values ("test", "1") would blank out ordinary words
 

@@ -1,5 +1,6 @@
 """python -m ddpm_dist.report --run DIR [--out report.html]: one self-contained HTML page about a run
 (finished, running or preempted); open it in any browser, no server and no network needed."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Deterministic seed derivation shared by the data stream, the trainer and the sampler."""
+
 from __future__ import annotations
 
 _M = 0xFFFFFFFFFFFFFFFF

@@ -1,4 +1,5 @@
 """python -m ddpm_dist.shards build|inspect|verify|index — WebDataset shards with a manifest on any fsspec URL."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,43 +17,77 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_dist.shards", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write shards + manifest from an image source")
-    b.add_argument("--source", choices=SOURCE_KINDS, required=True,
-                   help="digits (embedded, scikit-learn), folder (one sub-folder per class, or flat), numpy (.npz/.npy "
-                        "uint8 NHWC), cifar10/mnist/celeba (torchvision files under --input)")
+    b.add_argument(
+        "--source",
+        choices=SOURCE_KINDS,
+        required=True,
+        help="digits (embedded, scikit-learn), folder (one sub-folder per class, or flat), numpy (.npz/.npy "
+        "uint8 NHWC), cifar10/mnist/celeba (torchvision files under --input)",
+    )
     b.add_argument("--input", help="folder, array file, or torchvision root")
     b.add_argument("--split", default="train", help="torchvision split (train/test/valid)")
     b.add_argument("--out", required=True, help="output prefix: a folder, s3://bucket/prefix, memory://...")
-    b.add_argument("--size", type=_size, default=None, metavar="N|HxW",
-                   help="resize every image to N x N (or H x W) by --resize; digits: upsample 8x8 to N x N (default "
-                        "16). Without it images keep their size and must all share one")
-    b.add_argument("--resize", choices=RESIZE_MODES, default=None,
-                   help="how --size is reached (default center_crop): center_crop/random_crop scale the short side to "
-                        "the size and crop (random_crop: a crop per image from --shuffle-seed), border fits the whole "
-                        "image and pads, stretch ignores the aspect ratio, none requires the size (data/resize.py)")
+    b.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        metavar="N|HxW",
+        help="resize every image to N x N (or H x W) by --resize; digits: upsample 8x8 to N x N (default "
+        "16). Without it images keep their size and must all share one",
+    )
+    b.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        default=None,
+        help="how --size is reached (default center_crop): center_crop/random_crop scale the short side to "
+        "the size and crop (random_crop: a crop per image from --shuffle-seed), border fits the whole "
+        "image and pads, stretch ignores the aspect ratio, none requires the size (data/resize.py)",
+    )
     b.add_argument("--prefix", default="shard", help="shard file name prefix")
     b.add_argument("--samples-per-shard", type=int, default=1000)
     b.add_argument("--max-shard-bytes", type=int, default=0, help="also cut a shard before it passes this size")
     b.add_argument("--format", choices=("png", "npy"), default="png")
     b.add_argument("--shuffle-seed", type=int, default=0, help="-1 keeps the source order")
     b.add_argument("--overwrite", action="store_true", help="replace shards under a non-empty --out")
-    b.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
-                   help="hold out this fraction of the images as a validation split (same manifest, own shards, "
-                        "never trained on): recon, inpainting and super-resolution evaluate on it")
+    b.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="hold out this fraction of the images as a validation split (same manifest, own shards, "
+        "never trained on): recon, inpainting and super-resolution evaluate on it",
+    )
     i = sub.add_parser("inspect", help="counts, image size, label histogram, preview grid")
     i.add_argument("manifest")
     i.add_argument("--preview", default="shards_preview.png", help="where to write a grid of the first 64 images")
     v = sub.add_parser("verify", help="re-read every shard: checksums, counts, every sample decodes")
     v.add_argument("manifest")
-    x = sub.add_parser("index", help="index foreign shards once (a brace pattern, a folder, img2dataset's output): "
-                                     "per-shard indexes + a manifest to train from",
-                       description=INDEX_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x = sub.add_parser(
+        "index",
+        help="index foreign shards once (a brace pattern, a folder, img2dataset's output): "
+        "per-shard indexes + a manifest to train from",
+        description=INDEX_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     x.add_argument("pattern", help="brace pattern of tar URLs ('s3://b/crawl/{00000..09999}.tar') or a folder of tars")
-    x.add_argument("--out", default=None, help="where the manifest and indexes go (default: beside the shards; give "
-                                               "one for a read-only bucket: the manifest then names shards by URL)")
-    x.add_argument("--world-size", type=int, default=1,
-                   help="local processes to spawn, each indexing every N-th shard (ignored under torchrun/SLURM)")
-    x.add_argument("--part", default=None, metavar="P/N",
-                   help="index only part P of N and write its record (one job of an array); then --finalize")
+    x.add_argument(
+        "--out",
+        default=None,
+        help="where the manifest and indexes go (default: beside the shards; give "
+        "one for a read-only bucket: the manifest then names shards by URL)",
+    )
+    x.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="local processes to spawn, each indexing every N-th shard (ignored under torchrun/SLURM)",
+    )
+    x.add_argument(
+        "--part",
+        default=None,
+        metavar="P/N",
+        help="index only part P of N and write its record (one job of an array); then --finalize",
+    )
     x.add_argument("--finalize", action="store_true", help="write the manifest from the part records under --out")
     x.add_argument("--overwrite", action="store_true", help="replace an existing manifest under --out")
     return p
@@ -110,8 +145,10 @@ def _index(args) -> int:
         if not (p.isdigit() and n.isdigit() and int(p) < int(n)):
             raise sh.ShardError(f"--part '{args.part}': expected P/N with 0 <= P < N")
         records = index.index_part(plan, int(p), int(n))
-        print(f"indexed part {p} of {n}: {len(records)} shards, {sum(r['num_samples'] for r in records)} samples "
-              f"(then: index '{args.pattern}' --out {storage.redact(plan.out)} --finalize)")
+        print(
+            f"indexed part {p} of {n}: {len(records)} shards, {sum(r['num_samples'] for r in records)} samples "
+            f"(then: index '{args.pattern}' --out {storage.redact(plan.out)} --finalize)"
+        )
         return 0
     if args.finalize:
         m = index.finalize(plan)
@@ -123,9 +160,11 @@ def _index(args) -> int:
             return 0
         m = sh.load_manifest(plan.manifest_url())
     odd = f"; image shapes vary: {m.extra['image_shapes']}" if "image_shapes" in m.extra else ""
-    print(f"indexed {len(plan.urls)} shards ({len(m.shards)} with samples), {m.num_samples} samples of "
-          f"{m.image_size[0]}x{m.image_size[1]}x{m.channels} {m.image_format}{odd}: "
-          f"train from {storage.redact(plan.manifest_url())}")
+    print(
+        f"indexed {len(plan.urls)} shards ({len(m.shards)} with samples), {m.num_samples} samples of "
+        f"{m.image_size[0]}x{m.image_size[1]}x{m.channels} {m.image_format}{odd}: "
+        f"train from {storage.redact(plan.manifest_url())}"
+    )
     return 0
 
 
@@ -134,14 +173,25 @@ def main(argv: list[str]) -> int:
     if args.cmd == "build":
         source = open_source(args.source, args.input, args.size, args.split, args.resize, max(args.shuffle_seed, 0))
         total = 1797 if args.source == "digits" else None
-        m = sh.build_shards(source, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
-                            max_shard_bytes=args.max_shard_bytes, image_format=args.format,
-                            shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
-                            overwrite=args.overwrite, total=total, val_fraction=args.val_fraction)
+        m = sh.build_shards(
+            source,
+            args.out,
+            prefix=args.prefix,
+            samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=args.max_shard_bytes,
+            image_format=args.format,
+            shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
+            overwrite=args.overwrite,
+            total=total,
+            val_fraction=args.val_fraction,
+        )
         val = m.split("validation") if m.validation else None
         held = f" + {len(val.shards)} validation shards, {val.num_samples} samples" if val else ""
-        print(f"wrote {len(m.shards)} shards, {m.num_samples} samples{held} of {m.image_size[0]}x{m.image_size[1]}x{m.channels} "
-              f"to {storage.redact(args.out)} (manifest: {storage.redact(storage.join(args.out, sh.MANIFEST_NAME))})")
+        print(
+            f"wrote {len(m.shards)} shards, {m.num_samples} samples{held} "
+            f"of {m.image_size[0]}x{m.image_size[1]}x{m.channels} "
+            f"to {storage.redact(args.out)} (manifest: {storage.redact(storage.join(args.out, sh.MANIFEST_NAME))})"
+        )
         return 0
     if args.cmd == "index":
         return _index(args)

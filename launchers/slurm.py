@@ -16,6 +16,7 @@ Examples:
     python -m launchers.slurm shards --nodes 4 --tasks-per-node 16 -- index 's3://b/crawl/{00000..99999}.tar' \\
         --out /shared/crawl-index      # 64 tasks, each indexes every 64th shard; task 0 writes the manifest
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ VERBS = ("train", "sample", "evaluate", "shards")  # shards: `index` as one task
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launchers.slurm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launchers.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("verb", choices=VERBS)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node = tasks per node (0: CPU tasks)")
@@ -44,16 +46,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qos", default=None)
     p.add_argument("--constraint", default=None)
     p.add_argument("--time", type=int, default=60, help="time limit in minutes")
-    p.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit at which SLURM sends USR2 (save, requeue)")
-    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra sbatch option, e.g. --sbatch exclusive= --sbatch reservation=r1 (repeatable)")
+    p.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        help="seconds before the time limit at which SLURM sends USR2 (save, requeue)",
+    )
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra sbatch option, e.g. --sbatch exclusive= --sbatch reservation=r1 (repeatable)",
+    )
     p.add_argument("--job-name", default=None)
     p.add_argument("--log-folder", default="slurm_logs/%j")
     p.add_argument("--max-requeues", type=int, default=20)
     p.add_argument("--seeds", default=None, help="comma list: one job per seed (a job array); run_dir gets -seedN")
-    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="one job per combination (a job array); run_dir gets a suffix (repeatable)")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one job per combination (a job array); run_dir gets a suffix (repeatable)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and print their results")
     p.epilog = "Everything after -- goes to python -m ddpm_dist.<verb> unchanged."
@@ -64,7 +80,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """(launcher options, entry point arguments): split at the first --."""
     if "--" in argv:
         i = argv.index("--")
-        return argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1 :]
     return argv, []
 
 
@@ -109,8 +125,11 @@ class Job:
         # from SLURM's own variables in ddpm_dist.parallel.env.read_env, as under a bare srun.
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if job_env.global_rank == 0:
-            print(f"[launchers.slurm] job {job_env.job_id}: {self.verb} on {job_env.num_tasks} task(s), "
-                  f"requeue {restarts} of at most {self.max_requeues}", flush=True)
+            print(
+                f"[launchers.slurm] job {job_env.job_id}: {self.verb} on {job_env.num_tasks} task(s), "
+                f"requeue {restarts} of at most {self.max_requeues}",
+                flush=True,
+            )
         code = run_entry(self.verb, self.argv)
         if code == REQUEUE_EXIT_CODE:
             if job_env.global_rank == 0:
@@ -127,6 +146,7 @@ class Job:
 
     def checkpoint(self, *args, **kwargs):
         import submitit
+
         return submitit.helpers.DelayedSubmission(Job(self.verb, self.argv, self.max_requeues))
 
 
@@ -145,16 +165,24 @@ def make_executor(args):
     import submitit
 
     if not args.dry_run and not shutil.which("sbatch"):
-        raise SystemExit("error: sbatch not found: this launcher submits to SLURM (use torchrun or launchers.torchrun locally)")
+        raise SystemExit(
+            "error: sbatch not found: this launcher submits to SLURM (use torchrun or launchers.torchrun locally)"
+        )
     executor = submitit.AutoExecutor(folder=args.log_folder, cluster="slurm")
     tasks = args.gpus_per_node or args.tasks_per_node or 1
     extra = {}
     for kv in args.sbatch:
         key, _, value = kv.partition("=")
         extra[key.lstrip("-")] = value if value else True
-    params = dict(nodes=args.nodes, tasks_per_node=tasks, cpus_per_task=args.cpus_per_task, timeout_min=args.time,
-                  name=args.job_name or f"ddpm-{args.verb}", slurm_signal_delay_s=args.signal_delay,
-                  slurm_additional_parameters=extra)
+    params = dict(
+        nodes=args.nodes,
+        tasks_per_node=tasks,
+        cpus_per_task=args.cpus_per_task,
+        timeout_min=args.time,
+        name=args.job_name or f"ddpm-{args.verb}",
+        slurm_signal_delay_s=args.signal_delay,
+        slurm_additional_parameters=extra,
+    )
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
     if args.mem_gb:
@@ -188,7 +216,7 @@ def main(argv: list[str]) -> int:
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR2"
     with executor.batch():  # one job array for seeds / sweeps
         submitted = [executor.submit(Job(args.verb, a, args.max_requeues)) for _, a in jobs]
-    for (suffix, a), job in zip(jobs, submitted):
+    for (suffix, _), job in zip(jobs, submitted):
         print(f"submitted job {job.job_id} ({args.verb}{' ' + suffix if suffix else ''})")
         print(f"  logs:   {job.paths.stdout}  {job.paths.stderr}")
         print(f"  follow: tail -f {job.paths.stderr}    state: squeue -j {job.job_id}    cancel: scancel {job.job_id}")

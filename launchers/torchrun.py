@@ -4,6 +4,7 @@ torchrun with what preemptible jobs need: SIGUSR1, SIGUSR2 and SIGTERM are forwa
 (torchrun alone dies on SIGUSR1, orphaning its workers, and exits 1 on SIGTERM), and the exit code
 is 75 ("requeue me") when the workers stopped for a preemption after saving a checkpoint.
 Workers leave their PIDs and exit codes in a private folder named by DDPM_SIGNAL_DIR."""
+
 from __future__ import annotations
 
 import ctypes
@@ -57,8 +58,12 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, lambda s, f: received.append(s))
     env = {**os.environ, "DDPM_SIGNAL_DIR": folder}
     # Its own session: a signal to our process group must not reach (and kill) torchrun directly.
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv], env=env, start_new_session=True,
-                            preexec_fn=_exit_with_launcher)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", *argv],
+        env=env,
+        start_new_session=True,
+        preexec_fn=_exit_with_launcher,
+    )
     delivered: dict[str, set] = {}
     try:
         while True:

@@ -1,4 +1,5 @@
 """Fixtures for every test; tests/unit, tests/distributed and tests/system get their marker from the folder."""
+
 import os
 
 import pytest
@@ -19,8 +20,11 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def cpu_env(monkeypatch):
     """A child-process environment: one thread per process, no inherited launcher variables."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    }
     env["PYTHONPATH"] = ROOT
     env["OMP_NUM_THREADS"] = "1"
     return env

@@ -9,6 +9,7 @@ and the run's diffusion and sampler settings in its metadata.
 
 Checkpoints come from shared filesystems and buckets, so nothing read here is unpickled beyond DCP's own
 metadata classes: every DCP read goes through `load_dcp` (safe_dcp.py)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,8 +71,10 @@ def read_meta(path: str) -> dict:
     with open(os.path.join(path, META)) as f:
         meta = json.load(f)
     if meta.get("checkpoint_format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint '{path}' has format {meta.get('checkpoint_format', 1)}, this ddpm_dist reads "
-                              f"{CHECKPOINT_FORMAT}: sample from the run's export.safetensors or start a new run_dir")
+        raise CheckpointError(
+            f"checkpoint '{path}' has format {meta.get('checkpoint_format', 1)}, this ddpm_dist reads "
+            f"{CHECKPOINT_FORMAT}: sample from the run's export.safetensors or start a new run_dir"
+        )
     return meta
 
 
@@ -98,25 +101,32 @@ def newest_checkpoint(run_or_ckpt: str, choice: str = "latest") -> str:
     if choice == "best":
         best = best_checkpoint(found)
         if best is None:
-            raise FileNotFoundError(f"no checkpoint under '{run_or_ckpt}' has an in-training Fréchet distance "
-                                    f"(train with eval.every_images and checkpoint.keep_best=true)")
+            raise FileNotFoundError(
+                f"no checkpoint under '{run_or_ckpt}' has an in-training Fréchet distance "
+                f"(train with eval.every_images and checkpoint.keep_best=true)"
+            )
         return best
     if choice != "latest":
         raise ValueError(f"checkpoint choice '{choice}': expected latest or best")
     return found[-1]
 
 
-def load_checkpoint_weights(run_or_ckpt: str, which: str = "ema", choice: str = "latest"
-                            ) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint_weights(
+    run_or_ckpt: str, which: str = "ema", choice: str = "latest"
+) -> tuple[dict[str, torch.Tensor], dict]:
     """EMA ('ema') or raw ('model') weights of a checkpoint (`choice`: latest or best), in one process without
     a process group: DCP reshards whatever world size wrote them."""
     path = newest_checkpoint(run_or_ckpt, choice)
     meta = read_meta(path)
     keys = DCP_WEIGHTS[which]
     if meta["formats"].get(keys[0]) not in PORTABLE_FORMATS:
-        raise ValueError(f"the {which} weights of '{path}' are in {meta['formats'].get(keys[0])} format: use the run's "
-                         f"export.safetensors")
-    template = {k: v.detach().clone().float() for k, v in UNet(resolve_model_config(meta["model_config"])).state_dict().items()}
+        raise ValueError(
+            f"the {which} weights of '{path}' are in {meta['formats'].get(keys[0])} format: use the run's "
+            f"export.safetensors"
+        )
+    template = {
+        k: v.detach().clone().float() for k, v in UNet(resolve_model_config(meta["model_config"])).state_dict().items()
+    }
     state: dict = template
     for key in reversed(keys):
         state = {key: state}
@@ -126,8 +136,9 @@ def load_checkpoint_weights(run_or_ckpt: str, which: str = "ema", choice: str = 
     return template, meta
 
 
-def save_export(path: str, ema: dict[str, torch.Tensor], raw: Optional[dict[str, torch.Tensor]], model_config,
-                info: dict) -> str:
+def save_export(
+    path: str, ema: dict[str, torch.Tensor], raw: Optional[dict[str, torch.Tensor]], model_config, info: dict
+) -> str:
     """EMA (and raw) weights in one safetensors file, readable by everyone who may read the run (0666 & ~umask)."""
     from safetensors.torch import save_file
 
@@ -156,7 +167,7 @@ def load_export(path: str, which: str = "ema") -> tuple[dict[str, torch.Tensor],
         if meta.get("format") != EXPORT_FORMAT:
             raise ValueError(f"'{path}' is not a ddpm_dist export (format {meta.get('format')!r})")
         prefix = which + "."
-        weights = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        weights = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"export '{path}' has no '{which}' weights")
     return weights, json.loads(meta["model_config"]), json.loads(meta.get("info", "{}"))
@@ -186,6 +197,7 @@ def _known(cls, data: Optional[dict]):
 @dataclass
 class TrainedModel:
     """A trained network (on the CPU, eval mode) with what it was trained with."""
+
     model: UNet
     diffusion: DiffusionConfig
     sampler: SamplerOptions  # the run's sample section: the default for sampling it

@@ -1,6 +1,7 @@
 """torch.distributed.checkpoint's load without unpickling anything but its metadata classes: checkpoints come from
 shared filesystems and buckets. `load_dcp` is dcp.load with a reader whose `.metadata` unpickler admits only
 METADATA_GLOBALS and a planner that loads DCP's byte entries with torch.load(weights_only=True)."""
+
 from __future__ import annotations
 
 import functools
@@ -17,14 +18,28 @@ from .errors import CheckpointError
 # of every backend (single, FSDP2, ZeRO-1/2/3; sync and async; fp32 and bf16). Anything else is refused unrun.
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 METADATA_GLOBALS = frozenset(
-    {(_DCP_METADATA, n) for n in ("Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata",
-                                  "TensorProperties", "ChunkStorageMetadata", "BytesStorageMetadata",
-                                  "_MEM_FORMAT_ENCODING")}  # the enum TensorProperties pickles memory_format as
-    | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # which file and byte range holds an item
-       ("torch", "Size"),
-       ("torch.serialization", "_get_layout"),  # a torch.layout pickles as _get_layout("torch.strided")
-       ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath")}  # StorageMeta.checkpoint_id (Python 3.13: _local)
-    | {("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype)})  # a dtype pickles as torch.<name>
+    {
+        (_DCP_METADATA, n)
+        for n in (
+            "Metadata",
+            "StorageMeta",
+            "MetadataIndex",
+            "TensorStorageMetadata",
+            "TensorProperties",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }  # the enum TensorProperties pickles memory_format as
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # which file and byte range holds an item
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # a torch.layout pickles as _get_layout("torch.strided")
+        ("pathlib", "PosixPath"),
+        ("pathlib._local", "PosixPath"),
+    }  # StorageMeta.checkpoint_id (Python 3.13: _local)
+    | {("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
+)  # a dtype pickles as torch.<name>
 UNTRUSTED = "a checkpoint from an untrusted source?"
 
 
@@ -49,8 +64,9 @@ def read_dcp_metadata(file: str):
         with open(file, "rb") as f:
             md = _MetadataUnpickler(f).load()
     except _Refused as e:
-        raise CheckpointError(f"refusing to load '{file}': it references {e}, which a DCP checkpoint never contains "
-                              f"({UNTRUSTED})") from None
+        raise CheckpointError(
+            f"refusing to load '{file}': it references {e}, which a DCP checkpoint never contains ({UNTRUSTED})"
+        ) from None
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated or garbled: whatever the unpickler raised
@@ -58,15 +74,21 @@ def read_dcp_metadata(file: str):
 
     def inside(s) -> bool:  # a file name in the checkpoint directory, not a path out of it
         p = getattr(s, "relative_path", None)
-        return isinstance(s, _StorageInfo) and isinstance(p, str) and p == os.path.basename(p) \
-            and p not in ("", ".", "..")
+        return (
+            isinstance(s, _StorageInfo) and isinstance(p, str) and p == os.path.basename(p) and p not in ("", ".", "..")
+        )
 
     entries = (TensorStorageMetadata, BytesStorageMetadata)
-    if not (isinstance(md, Metadata) and isinstance(md.state_dict_metadata, dict) and isinstance(md.storage_data, dict)
-            and all(isinstance(v, entries) for v in md.state_dict_metadata.values())
-            and all(inside(s) for s in md.storage_data.values())):
-        raise CheckpointError(f"refusing to load '{file}': not DCP metadata of files in its own directory "
-                              f"({UNTRUSTED})")
+    if not (
+        isinstance(md, Metadata)
+        and isinstance(md.state_dict_metadata, dict)
+        and isinstance(md.storage_data, dict)
+        and all(isinstance(v, entries) for v in md.state_dict_metadata.values())
+        and all(inside(s) for s in md.storage_data.values())
+    ):
+        raise CheckpointError(
+            f"refusing to load '{file}': not DCP metadata of files in its own directory ({UNTRUSTED})"
+        )
     return md
 
 
@@ -100,16 +122,19 @@ def _safe_dcp() -> tuple[type, type]:
             fqn = read_item.dest_index.fqn
             where = os.path.join(self.reader.path, self.reader.storage_data[read_item.storage_index].relative_path)
             if torch.is_tensor(self.state_dict.get(fqn)):
-                raise CheckpointError(f"refusing to load '{where}': it holds '{fqn}' as pickled bytes where the state "
-                                      f"has a tensor ({UNTRUSTED})")
+                raise CheckpointError(
+                    f"refusing to load '{where}': it holds '{fqn}' as pickled bytes where the state "
+                    f"has a tensor ({UNTRUSTED})"
+                )
             try:
                 obj = torch.load(value, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - weights_only refused a global, or the bytes are garbled
                 found = re.search(r"GLOBAL (\S+)", str(e))  # torch writes builtins.exec as exec
                 name = found and (found.group(1) if "." in found.group(1) else "builtins." + found.group(1))
                 why = f"it references {name}, which" if name else f"'{fqn}' is not data that"
-                raise CheckpointError(f"refusing to load '{where}': {why} a DCP checkpoint never contains "
-                                      f"({UNTRUSTED})") from None
+                raise CheckpointError(
+                    f"refusing to load '{where}': {why} a DCP checkpoint never contains ({UNTRUSTED})"
+                ) from None
             clean = io.BytesIO()  # our own pickle of plain data: what DCP's load_bytes unpickles now
             torch.save(obj, clean)
             clean.seek(0)

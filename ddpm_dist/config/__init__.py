@@ -5,6 +5,7 @@ them and the checks that span sections. Keys renamed since a file was written lo
 a notice (legacy.py). Every error is a ConfigError whose message is one line naming the file or key and what was
 expected; entry points turn it into `error: ...` and a non-zero exit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +18,23 @@ import yaml
 
 from ..redact import redact_data
 from .legacy import RENAMED, upgrade
-from .sections import (CHOICES, MAX_MESSAGE, CheckpointConfig, Config, ConfigError, DataConfig, DiffusionConfig,
-                       EMAConfig, EvalConfig, MetricsConfig, ModelConfig, ParallelConfig, SamplerOptions, TrainConfig,
-                       _show)
+from .sections import (
+    CHOICES,
+    MAX_MESSAGE,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    EMAConfig,
+    EvalConfig,
+    MetricsConfig,
+    ModelConfig,
+    ParallelConfig,
+    SamplerOptions,
+    TrainConfig,
+    _show,
+)
 
 # libyaml's parser when PyYAML has it: the pure-Python one takes seconds, quadratically, on a few thousand
 # nested brackets before its RecursionError. Either way only plain data is constructed (safe_load's constructor).
@@ -47,8 +62,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
     if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or int(value) != value:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or int(value) != value
+        ):
             raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
         return int(value)
     if annotation is float:
@@ -137,12 +156,16 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"sample.{e}") from None
     if cfg.train.sr_factor and cfg.eval.every_images:
-        raise ConfigError("eval.every_images: the in-training Frechet distance is for unconditioned generation, "
-                          "not super-resolution (train.sr_factor); use `python -m ddpm_dist.evaluate recon`")
+        raise ConfigError(
+            "eval.every_images: the in-training Frechet distance is for unconditioned generation, "
+            "not super-resolution (train.sr_factor); use `python -m ddpm_dist.evaluate recon`"
+        )
     if cfg.train.sr_factor and (cfg.model.cond_channels or 0) == 0:
         raise ConfigError("train.sr_factor needs model.cond_channels = the image channels (the low-res condition)")
     if cfg.checkpoint.keep_best and not cfg.eval.every_images:
-        raise ConfigError("checkpoint.keep_best needs eval.every_images > 0 (the Fréchet distance it keeps the best of)")
+        raise ConfigError(
+            "checkpoint.keep_best needs eval.every_images > 0 (the Fréchet distance it keeps the best of)"
+        )
 
 
 def check_batch(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -179,7 +202,26 @@ def save_resolved(cfg: Config, run_dir: str) -> str:
     return path
 
 
-__all__ = ["CHOICES", "MAX_MESSAGE", "RENAMED", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
-           "DiffusionConfig", "EMAConfig", "EvalConfig", "MetricsConfig", "ModelConfig", "ParallelConfig",
-           "SamplerOptions", "TrainConfig", "check_batch", "dump_yaml", "load_config", "save_resolved", "to_dict",
-           "validate"]
+__all__ = [
+    "CHOICES",
+    "MAX_MESSAGE",
+    "RENAMED",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DiffusionConfig",
+    "EMAConfig",
+    "EvalConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "SamplerOptions",
+    "TrainConfig",
+    "check_batch",
+    "dump_yaml",
+    "load_config",
+    "save_resolved",
+    "to_dict",
+    "validate",
+]

@@ -2,6 +2,7 @@
 
 Each old key found (in a YAML file, a run directory's config.yaml or a `section.key=value` override) is moved to
 its new place with one line on stderr naming the new key; setting both the old and the new key is an error."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 
 Every message is one line naming the key in full (`section.key: ...`); checks that span two sections are in
 ddpm_dist.config.validate."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,7 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str):
         text = " ".join(str(message).split())
-        super().__init__(text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "...")
+        super().__init__(text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "...")
 
 
 MAX_MESSAGE = 400
@@ -74,9 +75,11 @@ def _validate_model(self) -> None:
 
 
 # A preset name (models.PRESETS) and any UNetConfig field set to override it.
-ModelConfig = dataclasses.make_dataclass("ModelConfig", [("preset", Optional[str], field(default="tiny")),
-                                                         *_all_optional(UNetConfig)],
-                                         namespace={"validate": _validate_model})
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [("preset", Optional[str], field(default="tiny")), *_all_optional(UNetConfig)],
+    namespace={"validate": _validate_model},
+)
 
 
 @dataclass
@@ -91,6 +94,7 @@ class DiffusionConfig:
 
     def make_schedule(self):
         from ..diffusion import make_schedule
+
         return make_schedule(self.schedule, self.num_steps, self.beta_start, self.beta_end)
 
     def validate(self) -> None:
@@ -168,6 +172,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """The optional in-training Fréchet distance (the same code as `python -m ddpm_dist.evaluate`)."""
+
     every_images: int = 0  # 0: off
     num_images: int = 256
     batch_size: int = 64
@@ -185,6 +190,7 @@ class EMAConfig:
     """Both EMAs of the weights. The half-life EMA (the `ema` checkpoint component, what sampling and the export read
     by default) and post-hoc EMA (EDM2): power-function EMA profiles at these relative stds (e.g. [0.05, 0.10];
     empty: off), snapshotted every snapshot_every_images for `python -m ddpm_dist.ema`."""
+
     halflife_images: float = 50_000.0
     warmup_ratio: float = 0.05  # half-life grows with images seen until it reaches the setting (EDM); 0: no ramp
     stds: list[float] = field(default_factory=list)
@@ -193,12 +199,15 @@ class EMAConfig:
     def validate(self) -> None:
         bad = [s for s in self.stds if not 0 < s < 0.28]  # std -> 1/sqrt(12) = 0.2887 is a plain average (gamma -> 0)
         if bad:
-            raise ConfigError(f"ema.stds: {_show(bad)} not in (0, 0.28) (relative standard deviations, e.g. [0.05, 0.10])")
+            raise ConfigError(
+                f"ema.stds: {_show(bad)} not in (0, 0.28) (relative standard deviations, e.g. [0.05, 0.10])"
+            )
         if len({round(s, 4) for s in self.stds}) != len(self.stds):
             raise ConfigError(f"ema.stds: {_show(self.stds)} has profiles equal to 4 decimals")
         if self.snapshot_every_images < 0 or (self.stds and self.snapshot_every_images == 0):
-            raise ConfigError(f"ema.snapshot_every_images: must be positive with ema.stds set, got "
-                              f"{self.snapshot_every_images}")
+            raise ConfigError(
+                f"ema.snapshot_every_images: must be positive with ema.stds set, got {self.snapshot_every_images}"
+            )
 
 
 @dataclass
@@ -236,7 +245,9 @@ class MetricsConfig:
     jsonl: bool = True
     job: str = ""  # label; defaults to SLURM_JOB_ID or "local"
     sd_dir: str = ""  # Prometheus file_sd folder: each rank writes its target there while it runs
-    tensorboard: bool = False  # rank 0 writes TensorBoard events to run_dir/tensorboard (needs `pip install tensorboard`)
+    tensorboard: bool = (
+        False  # rank 0 writes TensorBoard events to run_dir/tensorboard (needs `pip install tensorboard`)
+    )
 
     def validate(self) -> None:
         if self.tensorboard and not _importable("tensorboard"):

@@ -1,4 +1,5 @@
 """Degradations made on the fly from training images: the low-resolution condition of super-resolution."""
+
 from __future__ import annotations
 
 import torch

@@ -18,6 +18,7 @@ img2dataset's webdataset output (`00000.tar` with `00000_stats.json` and `00000.
 file beside a tar: its `successes` must equal the samples the tar holds (a one-line error otherwise: the tar is not
 the one img2dataset finished). Its shards are hashed like any other: reading the tar headers needs every byte anyway
 (they are spread through the file), so the sha256 costs no extra I/O."""
+
 from __future__ import annotations
 
 import io
@@ -45,6 +46,7 @@ PART_FORMAT = "ddpm_dist.index-part/1"
 @dataclass
 class IndexPlan:
     """What every process of an index job agrees on: the shards (pattern order), their names and where files go."""
+
     pattern: str
     urls: list[str]  # absolute URLs of the shards, pattern order
     names: list[str]  # each shard relative to the shards' common folder
@@ -78,8 +80,9 @@ def expand(pattern: str) -> list[str]:
             fs, path = fsspec.core.url_to_fs(urls[0])
             if fs.isdir(path):
                 proto = "" if storage.is_local(urls[0]) else urls[0].split("://", 1)[0] + "://"
-                urls = sorted(proto + p if proto and "://" not in p else p
-                              for p in fs.glob(path.rstrip("/") + "/*.tar"))
+                urls = sorted(
+                    proto + p if proto and "://" not in p else p for p in fs.glob(path.rstrip("/") + "/*.tar")
+                )
                 if not urls:
                     raise ShardError(f"folder '{storage.redact(pattern)}' holds no .tar files")
     if len(set(urls)) != len(urls):
@@ -103,10 +106,13 @@ def _common_folder(urls: list[str]) -> str:
 def plan_index(pattern: str, out: Optional[str] = None) -> IndexPlan:
     urls = expand(pattern)
     common = _common_folder(urls)
-    names = [os.path.relpath(u, common) if storage.is_local(u) else u[len(common):].lstrip("/") for u in urls]
+    names = [os.path.relpath(u, common) if storage.is_local(u) else u[len(common) :].lstrip("/") for u in urls]
     out = _absolute(out) if out else common
-    same = (os.path.normpath(out) == os.path.normpath(common)) if storage.is_local(out) else \
-        out.rstrip("/") == common.rstrip("/")
+    same = (
+        (os.path.normpath(out) == os.path.normpath(common))
+        if storage.is_local(out)
+        else out.rstrip("/") == common.rstrip("/")
+    )
     return IndexPlan(pattern, urls, names, out, same)
 
 
@@ -147,8 +153,10 @@ def scan_shard(url: str) -> tuple[dict, list]:
                     try:
                         shapes["x".join(map(str, _image_shape(ext, data)))] += 1
                     except Exception as e:  # noqa: BLE001 - PIL and numpy raise many types for a bad header
-                        raise ShardError(f"shard '{storage.redact(url)}': sample {show(key)}'s {ext} has no readable "
-                                         f"image header ({one_line(e)})") from None
+                        raise ShardError(
+                            f"shard '{storage.redact(url)}': sample {show(key)}'s {ext} has no readable "
+                            f"image header ({one_line(e)})"
+                        ) from None
                 elif ext == "cls":
                     text = data[:32].strip()
                     labels[int(text) if text.isdigit() and len(data) <= 32 else "bad"] += 1
@@ -156,14 +164,20 @@ def scan_shard(url: str) -> tuple[dict, list]:
     unlabelled = len(index) - sum(labels.values())
     if unlabelled:
         labels[None] += unlabelled
-    record = {"num_samples": len(index), "bytes": hashed.size, "sha256": hashed.sha256.hexdigest(), "image_format": fmt,
-              "shapes": dict(shapes), "labels": {str(k): v for k, v in labels.items()}}
+    record = {
+        "num_samples": len(index),
+        "bytes": hashed.size,
+        "sha256": hashed.sha256.hexdigest(),
+        "image_format": fmt,
+        "shapes": dict(shapes),
+        "labels": {str(k): v for k, v in labels.items()},
+    }
     return record, index
 
 
 def img2dataset_stats(url: str) -> Optional[dict]:
     """The `<shard>_stats.json` img2dataset writes beside each tar it finished, or None (not img2dataset's)."""
-    stats_url = url[:-len(".tar")] + "_stats.json" if url.endswith(".tar") else ""
+    stats_url = url[: -len(".tar")] + "_stats.json" if url.endswith(".tar") else ""
     if not stats_url or not storage.exists(stats_url):
         return None
     try:
@@ -173,8 +187,12 @@ def img2dataset_stats(url: str) -> Optional[dict]:
             raise ValueError(f"successes: expected a count, got {show(successes)}")
     except (ValueError, KeyError, TypeError) as e:
         raise ShardError(f"img2dataset stats '{storage.redact(stats_url)}' are unreadable ({one_line(e)})") from None
-    return {"successes": successes, "count": stats.get("count"), "failed_to_download": stats.get("failed_to_download"),
-            "failed_to_resize": stats.get("failed_to_resize")}
+    return {
+        "successes": successes,
+        "count": stats.get("count"),
+        "failed_to_download": stats.get("failed_to_download"),
+        "failed_to_resize": stats.get("failed_to_resize"),
+    }
 
 
 def index_part(plan: IndexPlan, part: int, parts: int, progress=None) -> list[dict]:
@@ -190,17 +208,25 @@ def index_part(plan: IndexPlan, part: int, parts: int, progress=None) -> list[di
         stats = img2dataset_stats(url)
         if stats is not None:
             if stats["successes"] != record["num_samples"]:
-                raise ShardError(f"shard '{storage.redact(url)}' holds {record['num_samples']} samples but its "
-                                 f"img2dataset stats say {stats['successes']} succeeded: it is not the tar img2dataset "
-                                 "finished (re-run img2dataset for it)")
+                raise ShardError(
+                    f"shard '{storage.redact(url)}' holds {record['num_samples']} samples but its "
+                    f"img2dataset stats say {stats['successes']} succeeded: it is not the tar img2dataset "
+                    "finished (re-run img2dataset for it)"
+                )
             record["img2dataset"] = stats
         if record["num_samples"]:
             storage.write_bytes_atomic(storage.join(plan.out, plan.index_name(i)), index_json(index))
         records.append({"shard": i, **record})
         if progress is not None:
             progress(1)
-    doc = {"format": PART_FORMAT, "pattern": plan.pattern, "part": part, "parts": parts, "shards": len(plan.urls),
-           "records": records}
+    doc = {
+        "format": PART_FORMAT,
+        "pattern": plan.pattern,
+        "part": part,
+        "parts": parts,
+        "shards": len(plan.urls),
+        "records": records,
+    }
     storage.write_bytes_atomic(plan.part_url(part, parts), json.dumps(doc, separators=(",", ":")).encode())
     return records
 
@@ -211,7 +237,7 @@ def _part_counts(plan: IndexPlan) -> list[int]:
     for path in storage.list_prefix(storage.join(plan.out, PARTS_DIR)):
         name = posixpath.basename(path)
         if name.startswith("part-") and name.endswith(".json") and "-of-" in name:
-            tail = name[:-len(".json")].rsplit("-of-", 1)[1]
+            tail = name[: -len(".json")].rsplit("-of-", 1)[1]
             if tail.isdigit():
                 found.add(int(tail))
     return sorted(found)
@@ -220,15 +246,19 @@ def _part_counts(plan: IndexPlan) -> list[int]:
 def _read_part(plan: IndexPlan, part: int, parts: int) -> list[dict]:
     url = plan.part_url(part, parts)
     if not storage.exists(url):
-        raise ShardError(f"part record '{storage.redact(url)}' is missing: part {part} of {parts} has not finished "
-                         "(run it, then finalize again)")
+        raise ShardError(
+            f"part record '{storage.redact(url)}' is missing: part {part} of {parts} has not finished "
+            "(run it, then finalize again)"
+        )
     try:
         doc = parse_json(storage.read_bytes(url))
         if not isinstance(doc, dict) or doc.get("format") != PART_FORMAT:
             raise ValueError(f"expected a {PART_FORMAT} object")
         if doc.get("shards") != len(plan.urls) or doc.get("part") != part or doc.get("parts") != parts:
-            raise ValueError(f"it is part {show(doc.get('part'))} of {show(doc.get('parts'))} of a pattern of "
-                             f"{show(doc.get('shards'))} shards, not part {part} of {parts} of {len(plan.urls)}")
+            raise ValueError(
+                f"it is part {show(doc.get('part'))} of {show(doc.get('parts'))} of a pattern of "
+                f"{show(doc.get('shards'))} shards, not part {part} of {parts} of {len(plan.urls)}"
+            )
         records = doc["records"]
         want = list(range(part, len(plan.urls), parts))
         if not isinstance(records, list) or [r.get("shard") if isinstance(r, dict) else None for r in records] != want:
@@ -244,9 +274,11 @@ def finalize(plan: IndexPlan, parts: Optional[int] = None, keep_parts: bool = Fa
     if parts is None:
         found = _part_counts(plan)
         if len(found) != 1:
-            raise ShardError(f"'{storage.redact(storage.join(plan.out, PARTS_DIR))}' holds "
-                             f"{'no part records' if not found else 'part records of ' + str(len(found)) + ' jobs'}: "
-                             "index the pattern (or pass the job's part count)")
+            raise ShardError(
+                f"'{storage.redact(storage.join(plan.out, PARTS_DIR))}' holds "
+                f"{'no part records' if not found else 'part records of ' + str(len(found)) + ' jobs'}: "
+                "index the pattern (or pass the job's part count)"
+            )
         parts = found[0]
     records: list[Optional[dict]] = [None] * len(plan.urls)
     for p in range(parts):
@@ -294,9 +326,13 @@ def merge(plan: IndexPlan, records: list[dict]) -> Manifest:
         num_classes = max(int(k) for k in labels) + 1
         extra["label_histogram"] = {k: labels[k] for k in sorted(labels, key=int)}
     if stats:
-        extra["img2dataset"] = {"shards": len(stats), **{k: sum(s[k] or 0 for s in stats) for k in
-                                                         ("successes", "count", "failed_to_download",
-                                                          "failed_to_resize")}}
+        extra["img2dataset"] = {
+            "shards": len(stats),
+            **{
+                k: sum(s[k] or 0 for s in stats)
+                for k in ("successes", "count", "failed_to_download", "failed_to_resize")
+            },
+        }
     manifest = Manifest(infos, shape[:2], shape[2], num_classes, fmts.most_common(1)[0][0], plan.out, extra)
     try:  # what training will read back: checked by the same parser now, not at the first step
         parse_manifest(manifest.to_json().encode())

@@ -1,5 +1,6 @@
 """What one DataLoader worker runs: its lane of each epoch's plan (plan.py), read in blocks, decoded and
 batched in the worker, so the training process receives ready batches (stream.py builds the loader)."""
+
 from __future__ import annotations
 
 import gc
@@ -34,9 +35,22 @@ class LaneDataset(IterableDataset):
     epoch is lane k mod nw's batch k // nw; the epoch starting at slot s therefore maps worker w to lane
     (w - s) mod nw. The first epoch may start part-way (batches already consumed before a resume)."""
 
-    def __init__(self, manifest: Manifest, counts, seed: int, layout: Layout, rank: int, epoch: int,
-                 due: Optional[DueSet], batches_done: int, random_flip: bool, max_skip_fraction: float,
-                 expected_shape: tuple[int, int, int], shard_bytes, resize: str = "none"):
+    def __init__(
+        self,
+        manifest: Manifest,
+        counts,
+        seed: int,
+        layout: Layout,
+        rank: int,
+        epoch: int,
+        due: Optional[DueSet],
+        batches_done: int,
+        random_flip: bool,
+        max_skip_fraction: float,
+        expected_shape: tuple[int, int, int],
+        shard_bytes,
+        resize: str = "none",
+    ):
         self.shard_bytes = shard_bytes  # each shard's real size: index entries are checked against it
         self.manifest, self.counts, self.seed, self.layout, self.rank = manifest, counts, seed, layout, rank
         self.epoch, self.due, self.batches_done = epoch, due, batches_done
@@ -70,8 +84,9 @@ class LaneDataset(IterableDataset):
             return None
         cached = self._index_cache.get(idx_url)
         if cached is None or not (cached[0] <= lo and hi <= cached[1]):
-            index = parse_index(storage.read_bytes(idx_url), idx_url, self.counts[shard], self.shard_bytes[shard],
-                                span=(lo, hi))
+            index = parse_index(
+                storage.read_bytes(idx_url), idx_url, self.counts[shard], self.shard_bytes[shard], span=(lo, hi)
+            )
             cached = (lo, hi, index)
             self._index_cache = {idx_url: cached}
         return cached[2]
@@ -125,7 +140,7 @@ class LaneDataset(IterableDataset):
         for shard, piece, raw in self._blocks(plan, lane, start_batch * B):
             decoded: dict[int, Optional[tuple]] = {}  # decoded on demand: only encoded bytes stay resident
 
-            def item_at(k: int) -> Optional[tuple]:
+            def item_at(k: int, decoded=decoded, raw=raw, piece=piece) -> Optional[tuple]:  # this block's
                 if k not in decoded:
                     decoded[k] = self._decode(raw.get(int(piece[k])), plan.epoch, int(piece[k]))
                 return decoded[k]
@@ -138,7 +153,9 @@ class LaneDataset(IterableDataset):
                     pending_skipped += 1
                     item = next((it for g in range(1, len(piece)) if (it := item_at((k + g) % len(piece)))), last_good)
                     if item is None:
-                        raise DataError(f"no decodable sample in shard '{storage.redact(self.manifest.shard_url(shard))}'")
+                        raise DataError(
+                            f"no decodable sample in shard '{storage.redact(self.manifest.shard_url(shard))}'"
+                        )
                 decoded.pop(k, None)
                 last_good = item
                 pending.append((int(pos), item))
@@ -147,11 +164,15 @@ class LaneDataset(IterableDataset):
                     pending, pending_skipped = [], 0
             raw = decoded = None  # the block's bytes (views) go before the next block is fetched
             if self.seen >= MIN_SEEN_FOR_SKIP_CHECK and self.skipped > self.max_skip_fraction * self.seen:
-                raise DataError(f"{self.skipped} of {self.seen} samples were corrupt, more than data.max_skip_fraction="
-                                f"{self.max_skip_fraction} (last in shard '{storage.redact(self.manifest.shard_url(shard))}')")
+                raise DataError(
+                    f"{self.skipped} of {self.seen} samples were corrupt, more than data.max_skip_fraction="
+                    f"{self.max_skip_fraction} (last in shard '{storage.redact(self.manifest.shard_url(shard))}')"
+                )
         if self.skipped and self.skipped > self.max_skip_fraction * max(self.seen, 1):
-            raise DataError(f"{self.skipped} of {self.seen} samples were corrupt, more than data.max_skip_fraction="
-                            f"{self.max_skip_fraction}")
+            raise DataError(
+                f"{self.skipped} of {self.seen} samples were corrupt, more than data.max_skip_fraction="
+                f"{self.max_skip_fraction}"
+            )
 
     def _collate(self, plan: EpochPlan, items: list, skipped: int) -> dict:
         imgs = np.stack([it[1][0] for it in items])  # B H W C uint8

@@ -10,6 +10,7 @@ written for another version of the JSON (stale: the JSON was rewritten or edited
 ignored with a warning and the JSON is parsed: the JSON is intact and is what the sidecar would have said. A sidecar
 that claims this JSON but cannot be read or has a field out of range is refused with one line (corrupt or altered:
 not silently papered over); deleting it makes the JSON the one source again."""
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,18 @@ import numpy as np
 from . import storage
 from .shard_table import MIN_SAMPLE_BYTES, ShardInfo, ShardTable, ShardView, is_int, npz_bytes, read_npz, show
 
-__all__ = ["MIN_SAMPLE_BYTES", "ShardInfo", "Manifest", "ShardError", "is_int", "show", "load_manifest",
-           "write_manifest", "write_sidecar", "sidecar_url"]
+__all__ = [
+    "MIN_SAMPLE_BYTES",
+    "ShardInfo",
+    "Manifest",
+    "ShardError",
+    "is_int",
+    "show",
+    "load_manifest",
+    "write_manifest",
+    "write_sidecar",
+    "sidecar_url",
+]
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
@@ -38,8 +49,17 @@ MAX_SAMPLE_BYTES = 64 << 20  # a tar member or index entry larger than this is r
 MAX_IMAGE_SIDE = 1 << 14
 MAX_LABEL = 1 << 31  # labels are non-negative decimal integers below this (below num_classes when known)
 SPLITS = ("train", "validation")
-_NOT_EXTRA = ("format", "num_samples", "image_size", "channels", "num_classes", "image_format", "shards", "validation",
-              "validation_samples")
+_NOT_EXTRA = (
+    "format",
+    "num_samples",
+    "image_size",
+    "channels",
+    "num_classes",
+    "image_format",
+    "shards",
+    "validation",
+    "validation_samples",
+)
 
 
 class ShardError(ValueError):
@@ -52,8 +72,17 @@ class Manifest:
     The stream reads `counts`, `sizes` (int64 arrays), `num_shards`, `num_samples`, `shard_url(i)`, `index_url(i)`;
     `shards` / `validation` are read-only sequences of ShardInfo made on access (for small callers)."""
 
-    def __init__(self, shards, image_size: list, channels: int, num_classes: int, image_format: str = "png",
-                 base: str = "", extra: Optional[dict] = None, validation=()):
+    def __init__(
+        self,
+        shards,
+        image_size: list,
+        channels: int,
+        num_classes: int,
+        image_format: str = "png",
+        base: str = "",
+        extra: Optional[dict] = None,
+        validation=(),
+    ):
         self._train = shards if isinstance(shards, ShardTable) else ShardTable.from_infos(shards)
         self._val = validation if isinstance(validation, ShardTable) else ShardTable.from_infos(validation)
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes  # [H, W]
@@ -99,8 +128,16 @@ class Manifest:
 
     def with_shards(self, shards=None, validation=None) -> "Manifest":
         """The same manifest with other shards (a list of ShardInfo) for either split."""
-        return Manifest(self._train if shards is None else shards, self.image_size, self.channels, self.num_classes,
-                        self.image_format, self.base, self.extra, self._val if validation is None else validation)
+        return Manifest(
+            self._train if shards is None else shards,
+            self.image_size,
+            self.channels,
+            self.num_classes,
+            self.image_format,
+            self.base,
+            self.extra,
+            self._val if validation is None else validation,
+        )
 
     def split(self, name: str) -> "Manifest":
         """The same manifest with `shards` = one split's shards (train: the training stream's)."""
@@ -110,19 +147,34 @@ class Manifest:
             return self
         if not len(self._val):
             raise ShardError("the manifest has no validation split (build it with `shards build --val-fraction F`)")
-        return Manifest(self._val, self.image_size, self.channels, self.num_classes, self.image_format,
-                        self.base, self.extra)
+        return Manifest(
+            self._val, self.image_size, self.channels, self.num_classes, self.image_format, self.base, self.extra
+        )
 
     def held_out(self) -> str:
         """The split that evaluation on unseen images reads: validation when the manifest has one."""
         return "validation" if len(self._val) else "train"
 
     def _doc(self, shard_lists: bool) -> dict:
-        held_out = {"validation_samples": int(self._val.counts.sum()),
-                    **({"validation": self._val.to_entries()} if shard_lists else {})} if len(self._val) else {}
-        return {"format": FORMAT, "num_samples": self.num_samples, "image_size": self.image_size,
-                "channels": self.channels, "num_classes": self.num_classes, "image_format": self.image_format,
-                **({"shards": self._train.to_entries()} if shard_lists else {}), **held_out, **self.extra}
+        held_out = (
+            {
+                "validation_samples": int(self._val.counts.sum()),
+                **({"validation": self._val.to_entries()} if shard_lists else {}),
+            }
+            if len(self._val)
+            else {}
+        )
+        return {
+            "format": FORMAT,
+            "num_samples": self.num_samples,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "num_classes": self.num_classes,
+            "image_format": self.image_format,
+            **({"shards": self._train.to_entries()} if shard_lists else {}),
+            **held_out,
+            **self.extra,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self._doc(True), indent=1)
@@ -131,8 +183,10 @@ class Manifest:
         return hashlib.sha256(self._train.hex_digests().encode()).hexdigest()
 
     def __repr__(self) -> str:
-        return (f"Manifest({self.num_shards} shards, {self.num_samples} samples, {len(self._val)} validation shards, "
-                f"{self.image_size[0]}x{self.image_size[1]}x{self.channels} {self.image_format}, base={self.base!r})")
+        return (
+            f"Manifest({self.num_shards} shards, {self.num_samples} samples, {len(self._val)} validation shards, "
+            f"{self.image_size[0]}x{self.image_size[1]}x{self.channels} {self.image_format}, base={self.base!r})"
+        )
 
 
 def _int(value, what: str, low: int, high: int) -> int:
@@ -207,10 +261,15 @@ def sidecar_url(manifest_url: str) -> str:
 
 def _sidecar_bytes(manifest: Manifest, json_bytes: bytes) -> bytes:
     header = {"sidecar": SIDECAR_FORMAT, "manifest": manifest._doc(False)}
-    return npz_bytes({"header": np.frombuffer(json.dumps(header).encode(), np.uint8),
-                      "json_sha256": np.frombuffer(hashlib.sha256(json_bytes).digest(), np.uint8),
-                      "json_bytes": np.array([len(json_bytes)], np.int64),
-                      **manifest._train.to_arrays(""), **manifest._val.to_arrays("validation_")})
+    return npz_bytes(
+        {
+            "header": np.frombuffer(json.dumps(header).encode(), np.uint8),
+            "json_sha256": np.frombuffer(hashlib.sha256(json_bytes).digest(), np.uint8),
+            "json_bytes": np.array([len(json_bytes)], np.int64),
+            **manifest._train.to_arrays(""),
+            **manifest._val.to_arrays("validation_"),
+        }
+    )
 
 
 def write_manifest(manifest: Manifest, url: str) -> None:
@@ -239,8 +298,16 @@ def _sha256_of(url: str) -> bytes:
     return h.digest()
 
 
-_UNREADABLE = (ValueError, zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError, struct.error,
-               OverflowError, KeyError)
+_UNREADABLE = (
+    ValueError,
+    zipfile.BadZipFile,
+    EOFError,
+    RuntimeError,
+    NotImplementedError,
+    struct.error,
+    OverflowError,
+    KeyError,
+)
 
 
 def _from_sidecar(url: str, side: str) -> Optional[Manifest]:
@@ -250,14 +317,24 @@ def _from_sidecar(url: str, side: str) -> Optional[Manifest]:
         with storage.translated(side), fsspec.open(side, "rb") as f:
             arrays = read_npz(f)
         digest, size = arrays.get("json_sha256"), arrays.get("json_bytes")
-        if not (digest is not None and digest.dtype == np.uint8 and digest.shape == (32,) and size is not None
-                and size.dtype == np.dtype("<i8") and size.shape == (1,)):
+        if not (
+            digest is not None
+            and digest.dtype == np.uint8
+            and digest.shape == (32,)
+            and size is not None
+            and size.dtype == np.dtype("<i8")
+            and size.shape == (1,)
+        ):
             raise ValueError("json_sha256 / json_bytes: expected 32 uint8 and 1 int64 (the JSON it was written with)")
     except _UNREADABLE as e:
         raise ShardError(f"{where} is unreadable ({one_line(e)}); delete it to read the JSON alone") from None
     if storage.size(url) != int(size[0]) or _sha256_of(url) != digest.tobytes():
-        log.warning("%s was written for another version of '%s': reading the JSON instead (rewrite the sidecar with "
-                    "ddpm_dist.data.manifest.write_sidecar)", where, storage.redact(url))
+        log.warning(
+            "%s was written for another version of '%s': reading the JSON instead (rewrite the sidecar with "
+            "ddpm_dist.data.manifest.write_sidecar)",
+            where,
+            storage.redact(url),
+        )
         return None
     try:
         header = arrays.get("header")
@@ -272,8 +349,9 @@ def _from_sidecar(url: str, side: str) -> Optional[Manifest]:
         validation = ShardTable.from_arrays(arrays, "validation_", 0)
         return _header(doc, storage.dirname(url), train, validation)
     except ValueError as e:
-        raise ShardError(f"{where} is not a ddpm_dist shard table ({one_line(e)}); delete it to read the JSON alone") \
-            from None
+        raise ShardError(
+            f"{where} is not a ddpm_dist shard table ({one_line(e)}); delete it to read the JSON alone"
+        ) from None
 
 
 def load_manifest(url: str) -> Manifest:

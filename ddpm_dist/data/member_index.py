@@ -1,6 +1,7 @@
 """The per-shard index: where each sample's files sit in its tar ([[key, {ext: [offset, size]}], ...]). Read from
 untrusted storage like the manifest, so every entry is type- and range-checked against the manifest's count and the
 shard's real size before a byte range is requested; a fault is a ShardError naming the file."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ def index_json(index: list) -> bytes:
     return ("[\n" + ",\n".join(json.dumps(entry, separators=(",", ":")) for entry in index) + "\n]").encode()
 
 
-def parse_index(data: bytes, url: str, num_samples: int, shard_bytes: int,
-                span: Optional[tuple[int, int]] = None) -> list:
+def parse_index(
+    data: bytes, url: str, num_samples: int, shard_bytes: int, span: Optional[tuple[int, int]] = None
+) -> list:
     """A shard's index ([[key, {ext: [offset, size]}], ...], one entry per sample) checked against the
     manifest's count and the shard's real size: sizes at most MAX_SAMPLE_BYTES, files that do not overlap
     (together no more than the shard). An entry past the end of a truncated shard becomes [key, None]: that
@@ -57,8 +59,9 @@ def _parse_whole(data: bytes, url: str, num_samples: int) -> list:
     index = _load(data, url)
     if not isinstance(index, list) or len(index) != num_samples:
         got = f"{len(index)} entries" if isinstance(index, list) else show(index)
-        raise ShardError(f"index '{storage.redact(url)}': expected a list of {num_samples} entries (the manifest's "
-                         f"count), got {got}")
+        raise ShardError(
+            f"index '{storage.redact(url)}': expected a list of {num_samples} entries (the manifest's count), got {got}"
+        )
     return index
 
 
@@ -67,15 +70,24 @@ def _check_index(index: list, url: str, num_samples: int, shard_bytes: int, firs
     where = f"index '{storage.redact(url)}'"
     out, total = [None] * first, 0
     for i, entry in enumerate(index, first):  # exact types (JSON makes no subclasses; bool is no int): a hot loop
-        if not (type(entry) is list and len(entry) == 2 and type(entry[0]) is str and type(entry[1]) is dict
-                and entry[1]):
+        if not (
+            type(entry) is list and len(entry) == 2 and type(entry[0]) is str and type(entry[1]) is dict and entry[1]
+        ):
             raise ShardError(f"{where}: entry {i} is not [key, {{ext: [offset, size]}}]: {show(entry)}")
         used = end = 0
         for ext, span in entry[1].items():
-            if not (type(span) is list and len(span) == 2 and type(span[0]) is int and type(span[1]) is int
-                    and span[0] >= 0 and 0 <= span[1] <= MAX_SAMPLE_BYTES):
-                raise ShardError(f"{where}: entry {i} file {show(ext)}: expected [offset >= 0, size <= "
-                                 f"{MAX_SAMPLE_BYTES}], got {show(span)}")
+            if not (
+                type(span) is list
+                and len(span) == 2
+                and type(span[0]) is int
+                and type(span[1]) is int
+                and span[0] >= 0
+                and 0 <= span[1] <= MAX_SAMPLE_BYTES
+            ):
+                raise ShardError(
+                    f"{where}: entry {i} file {show(ext)}: expected [offset >= 0, size <= "
+                    f"{MAX_SAMPLE_BYTES}], got {show(span)}"
+                )
             used += span[1]
             end = max(end, span[0] + span[1])
         if end <= shard_bytes:

@@ -17,6 +17,7 @@ The plan of a layout over a due set (the k-th due u in order is "rank" k):
   - a lane's run of each shard is cut into blocks of at most `layout.block` (0: the whole run), each permuted by
     a seed of (seed, epoch, shard, its first position, its length).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,12 @@ class Layout:
 
     def lanes_equal(self, other: "Layout") -> bool:
         """The same plan: 0 and 1 DataLoader workers both make one lane."""
-        return (self.world_size, self.batch_size, self.lanes, self.block) == \
-            (other.world_size, other.batch_size, other.lanes, other.block)
+        return (self.world_size, self.batch_size, self.lanes, self.block) == (
+            other.world_size,
+            other.batch_size,
+            other.lanes,
+            other.block,
+        )
 
 
 class Order:
@@ -89,7 +94,7 @@ class _Remainder:
             order = self.parent.order
             pos = order.positions(u, self.k)
             perm = np.random.default_rng(order.block_seed(self.k, pos[0], self.n)).permutation(self.n)
-            self._members = np.sort(u[perm[self.consumed:]])
+            self._members = np.sort(u[perm[self.consumed :]])
         return self._members
 
     def __getstate__(self):  # workers make the members again when they need them
@@ -117,7 +122,9 @@ class DueSet:
         """From a bool mask over manifest positions (the cursors of before this module): runs of u that are due."""
         u_mask = np.zeros(order.total, dtype=bool)
         for k, shard in enumerate(order.shard_order):
-            u_mask[order.starts[k]:order.starts[k + 1]] = due_positions[order.offsets[shard]:order.offsets[shard + 1]]
+            u_mask[order.starts[k] : order.starts[k + 1]] = due_positions[
+                order.offsets[shard] : order.offsets[shard + 1]
+            ]
         edges = np.flatnonzero(np.diff(np.concatenate([[0], u_mask.astype(np.int8), [0]])))
         lo, hi = edges[0::2], edges[1::2]
         return cls(order, lo, hi, np.full(len(lo), -1), hi - lo, [])
@@ -132,7 +139,7 @@ class DueSet:
         if self.rem[i] < 0:
             return np.arange(lo, max(lo, hi), dtype=np.int64)
         m = self.remainders[self.rem[i]].members()
-        return m[np.searchsorted(m, lo):np.searchsorted(m, hi)]
+        return m[np.searchsorted(m, lo) : np.searchsorted(m, hi)]
 
     def members(self, a: int, b: int) -> np.ndarray:
         """Due u's in [a, b), ascending."""
@@ -259,7 +266,7 @@ class EpochPlan:
                 p1 = min(p0 + step, b)
                 u = self.due.members(self.due.select(p0), self.due.select(p1 - 1) + 1)
                 served = self.order.permuted(u, k)
-                yield int(self.order.shard_order[k]), served[max(0, start - p0):]
+                yield int(self.order.shard_order[k]), served[max(0, start - p0) :]
 
     def worker_sequence(self, rank: int, lane: int) -> np.ndarray:
         """Every position the lane serves, in order (O(its share)): for tests and small tools."""
@@ -296,8 +303,10 @@ class EpochPlan:
         part = p0 < t  # [p0, p1): a block consumed part-way, to t
         plo = due.select_many(p0[part])
         phi = due.select_many(p1[part] - 1) + 1
-        remainders = [_Remainder(due, int(lo), int(hi), int(n), int(m), int(kk))
-                      for lo, hi, n, m, kk in zip(plo, phi, (p1 - p0)[part], (t - p0)[part], k[part])]
+        remainders = [
+            _Remainder(due, int(lo), int(hi), int(n), int(m), int(kk))
+            for lo, hi, n, m, kk in zip(plo, phi, (p1 - p0)[part], (t - p0)[part], k[part])
+        ]
         cut_lo, cut_hi = np.concatenate([first, plo]), np.concatenate([last, phi])
         idx = np.argsort(cut_lo, kind="stable")
         cut_lo, cut_hi = cut_lo[idx], cut_hi[idx]

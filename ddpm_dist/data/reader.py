@@ -7,6 +7,7 @@ tar without an index is streamed front to back once per visit, keeping only the 
 
 A sample's files are views into its request's buffer, not copies: a block's bytes are resident once, and go
 when the block's last sample is decoded."""
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,9 @@ def sample_span(files: dict) -> tuple[int, int]:
     return min(off for off, _ in files.values()), max(off + size for off, size in files.values())
 
 
-def byte_runs(index: list, positions: Iterable[int], max_gap: int = MERGE_GAP,
-              max_bytes: int = MAX_REQUEST_BYTES) -> list[tuple[int, int, list[int]]]:
+def byte_runs(
+    index: list, positions: Iterable[int], max_gap: int = MERGE_GAP, max_bytes: int = MAX_REQUEST_BYTES
+) -> list[tuple[int, int, list[int]]]:
     """(start, end, positions) per request: sorted positions merged while the hole between them is small (at most
     max_gap, and at most the next sample's own span or 4 KB: what is read through never outweighs what is
     wanted) and the request stays within max_bytes. Positions whose entry is None (past the end of a truncated
@@ -64,7 +66,7 @@ def _indexed_blocks(url: str, index: list, blocks: list[np.ndarray]) -> Iterator
                 key, files = index[p]
                 sample = {"__key__": key}
                 for ext, (off, size) in files.items():
-                    sample[ext] = data[off - start:off - start + size]
+                    sample[ext] = data[off - start : off - start + size]
                 out[p] = sample
         data = None
         yield out

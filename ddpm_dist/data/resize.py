@@ -10,12 +10,12 @@ Modes (RESIZE_MODES):
 - stretch      scale each side to H x W, ignoring the aspect ratio.
 
 The filter is guided-diffusion's (ADM) `center_crop_arr`, the pipeline ADM, EDM2 (its dataset_tool's
-center_crop_imagenet is this code) and most diffusion baselines trained on: BOX-halve while both sides are at least twice the target, then one BICUBIC
-resize. PIL's resize is antialiased (its filter support widens with the scale factor), which is what
-clean-fid showed matters (torch/TF bilinear without antialias alias); the BOX halvings make large downscales
-cheap and are exact 2x2 means. The BICUBIC step resizes only the crop (`resize(box=...)`, neighbours outside
-the box still feed its edge taps), so a very tall or wide image never makes a large intermediate; the result
-equals resize-then-crop to within 1 grey level (tests/unit/test_resize.py against ADM's code).
+center_crop_imagenet is this code) and most diffusion baselines trained on: BOX-halve while both sides are at least
+twice the target, then one BICUBIC resize. PIL's resize is antialiased (its filter support widens with the scale
+factor), which is what clean-fid showed matters (torch/TF bilinear without antialias alias); the BOX halvings make large
+downscales cheap and are exact 2x2 means. The BICUBIC step resizes only the crop (`resize(box=...)`, neighbours outside
+the box still feed its edge taps), so a very tall or wide image never makes a large intermediate; the result equals
+resize-then-crop to within 1 grey level (tests/unit/test_resize.py against ADM's code).
 
 JPEGs are decoded at full scale: PIL's `draft` (a reduced DCT scale, 1/2 to 1/8) was measured against the
 full decode on a photo (tests/unit/test_resize.py's content) and was off by 0.7-2 grey levels on average, up to 13,
@@ -23,6 +23,7 @@ keeping 16x down to 4x the target; JPEG quality 90 itself moves the result by 0.
 
 The header's size is checked before any pixel is decoded: at most MAX_IMAGE_SIDE a side and PIL's
 MAX_IMAGE_PIXELS (the decompression-bomb limit) in all."""
+
 from __future__ import annotations
 
 import io

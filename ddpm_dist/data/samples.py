@@ -2,6 +2,7 @@
 label. Plain uncompressed tars only; a member larger than MAX_SAMPLE_BYTES, a sparse member or a compressed
 tar ends the read with a one-line ShardError, an image is checked against the expected shape before it is
 decoded."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,13 @@ from .manifest import MAX_LABEL, MAX_SAMPLE_BYTES, ShardError, one_line, show
 from .resize import RESIZE_MODES, fit_array, fit_image, open_image  # noqa: F401 - RESIZE_MODES re-exported
 
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
-_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
-             tarfile.GNUTYPE_LONGLINK)
+_EXTENDED = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
 MAX_HEADER_BYTES = 16 << 10  # a pax header or long name: real ones are a few hundred bytes
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped like webdataset does
 
@@ -62,8 +68,10 @@ def _members(stream, url: str, read: bool = True) -> Iterator[tuple[tarfile.TarI
     tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_TarInfo)
     for member in tar:
         if member.size > MAX_SAMPLE_BYTES:  # checked before the stream reads or skips that many bytes
-            raise ShardError(f"shard '{storage.redact(url)}': member {show(member.name)} claims {member.size} bytes, "
-                             f"more than the {MAX_SAMPLE_BYTES} a sample file may have")
+            raise ShardError(
+                f"shard '{storage.redact(url)}': member {show(member.name)} claims {member.size} bytes, "
+                f"more than the {MAX_SAMPLE_BYTES} a sample file may have"
+            )
         regular = member.type in (tarfile.REGTYPE, tarfile.AREGTYPE)
         yield member, tar.extractfile(member).read() if regular and read else None
         tar.members = []  # stream mode: keep no member list
@@ -152,7 +160,7 @@ _NPY_HEADERS: dict[bytes, tuple] = {}  # header bytes -> (dims, data offset): th
 def _npy_header(raw: bytes) -> tuple[tuple, int]:
     """(dims, data offset) of uint8 C-order .npy bytes, checked; numpy's header parser (a literal_eval, half a
     sample's decode time) runs once per distinct header."""
-    head = bytes(raw[:10 + int.from_bytes(raw[8:10], "little")]) if bytes(raw[6:8]) == b"\x01\x00" else None
+    head = bytes(raw[: 10 + int.from_bytes(raw[8:10], "little")]) if bytes(raw[6:8]) == b"\x01\x00" else None
     if head is not None and head in _NPY_HEADERS:
         return _NPY_HEADERS[head]
     f = io.BytesIO(raw)
@@ -192,8 +200,9 @@ def decode_image(sample: dict, shape: Optional[tuple] = None) -> np.ndarray:
         else:
             img = decode_bytes(sample[key], None if shape is None else tuple(shape[:2]))
     except Exception as e:  # noqa: BLE001 - PIL and numpy's header parser raise many types (OSError, SyntaxError, ...)
-        raise ShardError(f"sample {show(sample.get('__key__'))}: {key} does not decode ({type(e).__name__}: "
-                         f"{one_line(e)})") from None
+        raise ShardError(
+            f"sample {show(sample.get('__key__'))}: {key} does not decode ({type(e).__name__}: {one_line(e)})"
+        ) from None
     if img.ndim == 2:
         img = img[:, :, None]
     if img.dtype != np.uint8 or img.ndim != 3:
@@ -224,8 +233,9 @@ def decode_for_training(sample: dict, shape: tuple, resize: str, crop_seed: int)
         with open_image(sample[key]) as im:
             return fit_image(im, shape, resize, crop_seed)
     except Exception as e:  # noqa: BLE001 - PIL and numpy's header parser raise many types (OSError, SyntaxError, ...)
-        raise ShardError(f"sample {show(sample.get('__key__'))}: {key} does not decode ({type(e).__name__}: "
-                         f"{one_line(e)})") from None
+        raise ShardError(
+            f"sample {show(sample.get('__key__'))}: {key} does not decode ({type(e).__name__}: {one_line(e)})"
+        ) from None
 
 
 def decode_label(sample: dict, num_classes: int = 0) -> int:
@@ -236,6 +246,8 @@ def decode_label(sample: dict, num_classes: int = 0) -> int:
     text = bytes(sample["cls"])[:32].strip()
     limit = num_classes or MAX_LABEL
     if not (text.isdigit() and len(sample["cls"]) <= 32 and int(text) < limit):
-        raise ShardError(f"sample {show(sample.get('__key__'))}: label {show(bytes(sample['cls'])[:40])} is not an "
-                         f"integer in [0, {limit})")
+        raise ShardError(
+            f"sample {show(sample.get('__key__'))}: label {show(bytes(sample['cls'])[:40])} is not an "
+            f"integer in [0, {limit})"
+        )
     return int(text)

@@ -1,4 +1,5 @@
 """Build, inspect and verify WebDataset shards with a manifest (url, count, bytes, sha256 per shard)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,6 @@ from .member_index import index_json  # noqa: F401 - re-exported
 from .samples import HashingStream, decode_image, decode_label, iter_tar_samples, tar_index  # noqa: F401 - re-exported
 from .sources import Sample
 
-
 # Training from a bare pattern reads and hashes every shard in every process before the first step: fine for a few
 # dozen shards (seconds), hours of repeated I/O for a crawl. Above this many, `shards index` is required (once).
 MAX_PATTERN_SHARDS = 64
@@ -44,14 +44,19 @@ def manifest_from_pattern(pattern: str) -> Manifest:
 
     urls = list(braceexpand.braceexpand(pattern))
     if len(urls) > MAX_PATTERN_SHARDS:
-        raise ShardError(f"pattern '{storage.redact(pattern)}' names {len(urls)} shards: index it first with "
-                         f"`python -m ddpm_dist.shards index '{storage.redact(pattern)}' --out DIR` and train from "
-                         f"DIR/manifest.json (patterns of up to {MAX_PATTERN_SHARDS} shards are read as they are)")
+        raise ShardError(
+            f"pattern '{storage.redact(pattern)}' names {len(urls)} shards: index it first with "
+            f"`python -m ddpm_dist.shards index '{storage.redact(pattern)}' --out DIR` and train from "
+            f"DIR/manifest.json (patterns of up to {MAX_PATTERN_SHARDS} shards are read as they are)"
+        )
     infos, shape = [], None
     for url in urls:
         if not storage.exists(url):
             raise ShardError(f"shard '{storage.redact(url)}' does not exist{storage.missing_hint(url)}")
-        with storage.translated(url), fsspec.open(url, "rb") as f:  # one streamed pass: counted and hashed, never held whole
+        with (
+            storage.translated(url),
+            fsspec.open(url, "rb") as f,
+        ):  # one streamed pass: counted and hashed, never held whole
             hashed = HashingStream(f)
             count = 0
             for sample in iter_tar_samples(hashed, url):
@@ -69,8 +74,10 @@ def _first_shape(sample: dict, url: str) -> tuple:
     try:
         return decode_image(sample).shape
     except Exception as e:  # noqa: BLE001 - PIL raises OSError and ValueError subclasses of its own
-        raise ShardError(f"shard '{storage.redact(url)}': the first sample does not decode ({one_line(e)}), "
-                         "so the image size is unknown") from None
+        raise ShardError(
+            f"shard '{storage.redact(url)}': the first sample does not decode ({one_line(e)}), "
+            "so the image size is unknown"
+        ) from None
 
 
 def encode_image(img: np.ndarray, fmt: str) -> bytes:
@@ -127,8 +134,10 @@ class _ShardWriter:
 
     def add(self, rec: dict, label) -> None:
         size = sum(512 + -(-len(v) // 512) * 512 for k, v in rec.items() if k != "__key__")  # header + padded data
-        if self.current and (len(self.current) >= self.per_shard or
-                             (self.max_bytes and _tar_size(self.current_bytes + size) > self.max_bytes)):
+        if self.current and (
+            len(self.current) >= self.per_shard
+            or (self.max_bytes and _tar_size(self.current_bytes + size) > self.max_bytes)
+        ):
             self.flush()
         self.current.append(rec)
         self.current_bytes += size
@@ -148,10 +157,21 @@ def _histogram(labels: Counter) -> dict:
     return {} if None in labels else {str(k): v for k, v in sorted(labels.items())}
 
 
-def build_shards(source: Iterable[Sample], out: str, *, prefix: str = "shard", samples_per_shard: int = 1000,
-                 max_shard_bytes: int = 0, image_format: str = "png", shuffle_seed: Optional[int] = 0,
-                 shuffle_buffer: int = 200_000, overwrite: bool = False, total: Optional[int] = None,
-                 progress: bool = True, val_fraction: float = 0.0) -> Manifest:
+def build_shards(
+    source: Iterable[Sample],
+    out: str,
+    *,
+    prefix: str = "shard",
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 0,
+    image_format: str = "png",
+    shuffle_seed: Optional[int] = 0,
+    shuffle_buffer: int = 200_000,
+    overwrite: bool = False,
+    total: Optional[int] = None,
+    progress: bool = True,
+    val_fraction: float = 0.0,
+) -> Manifest:
     """Write shards and then the manifest (atomically, last) under `out`. Shuffling at build time (the
     default) makes each shard an i.i.d. slice, which the stream's shard-level shuffling relies on. With
     `val_fraction` F, every sample k of the shuffled order with floor((k+1)F) > floor(kF) goes to the validation
@@ -173,15 +193,24 @@ def build_shards(source: Iterable[Sample], out: str, *, prefix: str = "shard", s
             if shape is None:
                 shape = img.shape
             if img.shape != shape:
-                raise ShardError(f"image {key} has shape {img.shape}, expected {shape} like the first one (images of "
-                                 "several sizes: pass --size N --resize center_crop to resize each to N x N)")
+                raise ShardError(
+                    f"image {key} has shape {img.shape}, expected {shape} like the first one (images of "
+                    "several sizes: pass --size N --resize center_crop to resize each to N x N)"
+                )
             rec = {"__key__": key, image_format: encode_image(img, image_format)}
             if label is not None:
                 rec["cls"] = str(label).encode()
             yield rec, label
 
-    for k, (rec, label) in enumerate(tqdm(_shuffled(encoded(), shuffle_seed, shuffle_buffer), total=total,
-                                          desc="building shards", unit="img", disable=not progress)):
+    for k, (rec, label) in enumerate(
+        tqdm(
+            _shuffled(encoded(), shuffle_seed, shuffle_buffer),
+            total=total,
+            desc="building shards",
+            unit="img",
+            disable=not progress,
+        )
+    ):
         (held_out if int((k + 1) * val_fraction) > int(k * val_fraction) else train).add(rec, label)
     train.flush()
     held_out.flush()
@@ -194,8 +223,9 @@ def build_shards(source: Iterable[Sample], out: str, *, prefix: str = "shard", s
     extra = {"label_histogram": _histogram(train.labels)}
     if held_out.infos:
         extra["validation_label_histogram"] = _histogram(held_out.labels)
-    manifest = Manifest(train.infos, [shape[0], shape[1]], shape[2], num_classes, image_format, out, extra,
-                        held_out.infos)
+    manifest = Manifest(
+        train.infos, [shape[0], shape[1]], shape[2], num_classes, image_format, out, extra, held_out.infos
+    )
     write_manifest(manifest, manifest_url)  # the columns sidecar, then the JSON (each atomic)
     return manifest
 
@@ -215,8 +245,12 @@ def verify(manifest_url: str, progress: bool = True) -> VerifyReport:
     whole = load_manifest(manifest_url)
     faults, seen = [], 0
     want = (whole.image_size[0], whole.image_size[1], whole.channels)
-    every = [(m, i) for m in (whole, whole.split("validation") if whole.validation else None) if m
-             for i in range(len(m.shards))]
+    every = [
+        (m, i)
+        for m in (whole, whole.split("validation") if whole.validation else None)
+        if m
+        for i in range(len(m.shards))
+    ]
     for m, i in tqdm(every, desc="verifying", unit="shard", disable=not progress):
         info = m.shards[i]
         url = m.shard_url(i)
@@ -235,8 +269,10 @@ def verify(manifest_url: str, progress: bool = True) -> VerifyReport:
                     decode_image(sample, want)
                     decode_label(sample, m.num_classes)
                 except Exception as e:  # noqa: BLE001 - any decode failure is a fault to report
-                    faults.append(f"{info.url}: sample {show(sample['__key__'])} does not decode "
-                                  f"({type(e).__name__}: {one_line(e)})")
+                    faults.append(
+                        f"{info.url}: sample {show(sample['__key__'])} does not decode "
+                        f"({type(e).__name__}: {one_line(e)})"
+                    )
         except ShardError as e:
             faults.append(f"{info.url}: unreadable tar after {count} samples ({one_line(e)})")
         if count != info.num_samples:

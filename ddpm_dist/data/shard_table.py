@@ -5,6 +5,7 @@ Python object per shard; `ShardView` gives the small callers (inspect, verify, t
 Three ways in, each checking every field of untrusted input: `from_infos` (builders), `from_entries` (the JSON's list
 of shard objects: one pass per column, the per-entry check only to name the first bad entry) and `from_arrays` (the
 sidecar's arrays, range-checked vectorized with the same limits). A fault is a ValueError naming the field."""
+
 from __future__ import annotations
 
 import io
@@ -52,16 +53,19 @@ class _Row(ShardInfo):
     """A shard as a Manifest holds it: a copy, so an assignment would change nothing, and is refused instead."""
 
     def __init__(self, url: str, num_samples: int, bytes: int, sha256: str, index: str = ""):  # noqa: A002
-        for name, value in zip(("url", "num_samples", "bytes", "sha256", "index"), (url, num_samples, bytes, sha256,
-                                                                                   index)):
+        for name, value in zip(
+            ("url", "num_samples", "bytes", "sha256", "index"), (url, num_samples, bytes, sha256, index)
+        ):
             object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
-        return "ShardInfo" + super().__repr__()[len("_Row"):]
+        return "ShardInfo" + super().__repr__()[len("_Row") :]
 
     def __setattr__(self, name, value):
-        raise AttributeError(f"a manifest's shards are read-only (ShardInfo.{name}): make the changed ShardInfo with "
-                             "dataclasses.replace and a new manifest with Manifest.with_shards")
+        raise AttributeError(
+            f"a manifest's shards are read-only (ShardInfo.{name}): make the changed ShardInfo with "
+            "dataclasses.replace and a new manifest with Manifest.with_shards"
+        )
 
 
 def check_entry(entry, where: str) -> None:
@@ -71,7 +75,9 @@ def check_entry(entry, where: str) -> None:
     if set(entry) - _KEYS or not _REQUIRED <= set(entry):
         raise ValueError(f"{where}: expected keys url, num_samples, bytes, sha256 (index), got {show(sorted(entry))}")
     for key in ("url", "num_samples", "bytes", "sha256", "index"):
-        if key in entry and not (is_int(entry[key]) if key in ("num_samples", "bytes") else isinstance(entry[key], str)):
+        if key in entry and not (
+            is_int(entry[key]) if key in ("num_samples", "bytes") else isinstance(entry[key], str)
+        ):
             kind = "int" if key in ("num_samples", "bytes") else "str"
             raise ValueError(f"{where}.{key}: expected {kind}, got {show(entry[key])}")
     if not entry["url"]:
@@ -114,8 +120,16 @@ def _frozen(*arrays: np.ndarray) -> None:
 class ShardTable:
     """The columns of one split (see the module docstring). Immutable: its arrays are read-only."""
 
-    def __init__(self, counts: np.ndarray, sizes: np.ndarray, sha256: np.ndarray, urls: np.ndarray,
-                 url_offsets: np.ndarray, indexes: np.ndarray, index_offsets: np.ndarray):
+    def __init__(
+        self,
+        counts: np.ndarray,
+        sizes: np.ndarray,
+        sha256: np.ndarray,
+        urls: np.ndarray,
+        url_offsets: np.ndarray,
+        indexes: np.ndarray,
+        index_offsets: np.ndarray,
+    ):
         self.counts, self.sizes, self.sha256 = counts, sizes, sha256  # int64 (n,), int64 (n,), uint8 (n, 32)
         self.urls, self.url_offsets, self.indexes, self.index_offsets = urls, url_offsets, indexes, index_offsets
         _frozen(counts, sizes, sha256, urls, url_offsets, indexes, index_offsets)  # uint8 blobs, int64 (n+1,) offsets
@@ -124,10 +138,10 @@ class ShardTable:
         return len(self.counts)
 
     def url(self, i: int) -> str:
-        return str(self.urls[self.url_offsets[i]:self.url_offsets[i + 1]], "utf-8", "surrogatepass")
+        return str(self.urls[self.url_offsets[i] : self.url_offsets[i + 1]], "utf-8", "surrogatepass")
 
     def index(self, i: int) -> str:
-        return str(self.indexes[self.index_offsets[i]:self.index_offsets[i + 1]], "utf-8", "surrogatepass")
+        return str(self.indexes[self.index_offsets[i] : self.index_offsets[i + 1]], "utf-8", "surrogatepass")
 
     def row(self, i: int) -> ShardInfo:
         return _Row(self.url(i), int(self.counts[i]), int(self.sizes[i]), self.sha256[i].tobytes().hex(), self.index(i))
@@ -141,14 +155,24 @@ class ShardTable:
         digests = _digests(hexes)
         if digests is None:
             raise ValueError("sha256: expected 64 lowercase hex digits per shard")
-        return cls(np.array(counts, np.int64).reshape(-1), np.array(sizes, np.int64).reshape(-1), digests,
-                   *_pack(urls), *_pack(indexes))
+        return cls(
+            np.array(counts, np.int64).reshape(-1),
+            np.array(sizes, np.int64).reshape(-1),
+            digests,
+            *_pack(urls),
+            *_pack(indexes),
+        )
 
     @classmethod
     def from_infos(cls, infos) -> "ShardTable":
         infos = list(infos)
-        return cls.from_columns([s.url for s in infos], [s.num_samples for s in infos], [s.bytes for s in infos],
-                                [s.sha256 for s in infos], [s.index for s in infos])
+        return cls.from_columns(
+            [s.url for s in infos],
+            [s.num_samples for s in infos],
+            [s.bytes for s in infos],
+            [s.sha256 for s in infos],
+            [s.index for s in infos],
+        )
 
     @classmethod
     def from_entries(cls, entries: list, where: str) -> "ShardTable":
@@ -159,11 +183,22 @@ class ShardTable:
             urls, counts = [e["url"] for e in entries], [e["num_samples"] for e in entries]
             sizes, hexes = [e["bytes"] for e in entries], [e["sha256"] for e in entries]
             indexes = [e.get("index", "") for e in entries]
-            ok = (all(type(u) is str and u for u in urls) and all(type(v) is int for v in counts)
-                  and all(type(v) is int for v in sizes) and all(type(h) is str for h in hexes)
-                  and all(type(x) is str for x in indexes)
-                  and (not entries or (min(sizes) >= 0 and max(sizes) <= MAX_SHARD_BYTES and min(counts) >= 0
-                                       and max(counts) <= MAX_SHARD_BYTES)))
+            ok = (
+                all(type(u) is str and u for u in urls)
+                and all(type(v) is int for v in counts)
+                and all(type(v) is int for v in sizes)
+                and all(type(h) is str for h in hexes)
+                and all(type(x) is str for x in indexes)
+                and (
+                    not entries
+                    or (
+                        min(sizes) >= 0
+                        and max(sizes) <= MAX_SHARD_BYTES
+                        and min(counts) >= 0
+                        and max(counts) <= MAX_SHARD_BYTES
+                    )
+                )
+            )
         if ok:
             table_counts, table_sizes = np.array(counts, np.int64), np.array(sizes, np.int64)
             digests = _digests(hexes)
@@ -177,20 +212,33 @@ class ShardTable:
         return [vars(self.row(i)) for i in range(len(self))]
 
     def to_arrays(self, prefix: str) -> dict:
-        return {f"{prefix}counts": self.counts, f"{prefix}sizes": self.sizes, f"{prefix}sha256": self.sha256,
-                f"{prefix}urls": self.urls, f"{prefix}url_offsets": self.url_offsets,
-                f"{prefix}indexes": self.indexes, f"{prefix}index_offsets": self.index_offsets}
+        return {
+            f"{prefix}counts": self.counts,
+            f"{prefix}sizes": self.sizes,
+            f"{prefix}sha256": self.sha256,
+            f"{prefix}urls": self.urls,
+            f"{prefix}url_offsets": self.url_offsets,
+            f"{prefix}indexes": self.indexes,
+            f"{prefix}index_offsets": self.index_offsets,
+        }
 
     @classmethod
     def from_arrays(cls, arrays: dict, prefix: str, min_shards: int) -> "ShardTable":
         """From a sidecar's arrays, every field range-checked vectorized: a ValueError names the array and element."""
+
         def get(name, dtype, shape):
             a = arrays.get(prefix + name)
-            if a is None or a.dtype != np.dtype(dtype) or a.ndim != len(shape) or any(
-                    want is not None and got != want for got, want in zip(a.shape, shape)):
+            if (
+                a is None
+                or a.dtype != np.dtype(dtype)
+                or a.ndim != len(shape)
+                or any(want is not None and got != want for got, want in zip(a.shape, shape))
+            ):
                 got = "nothing" if a is None else f"{a.dtype.str} {a.shape}"
-                raise ValueError(f"{prefix}{name}: expected a {np.dtype(dtype).str} array of shape "
-                                 f"{tuple('n' if w is None else w for w in shape)}, got {got}")
+                raise ValueError(
+                    f"{prefix}{name}: expected a {np.dtype(dtype).str} array of shape "
+                    f"{tuple('n' if w is None else w for w in shape)}, got {got}"
+                )
             return a
 
         counts = get("counts", "<i8", (None,))
@@ -199,12 +247,19 @@ class ShardTable:
             raise ValueError(f"{prefix}counts: expected at least {min_shards} shard(s), got {n}")
         sizes, sha256 = get("sizes", "<i8", (n,)), get("sha256", "u1", (n, 32))
         _first_bad(prefix + "sizes", sizes, (sizes < 0) | (sizes > MAX_SHARD_BYTES), f"in [0, {MAX_SHARD_BYTES}]")
-        _first_bad(prefix + "counts", counts, (counts < 0) | (counts > sizes // MIN_SAMPLE_BYTES),
-                   f"in [0, {prefix}sizes // {MIN_SAMPLE_BYTES}]")
+        _first_bad(
+            prefix + "counts",
+            counts,
+            (counts < 0) | (counts > sizes // MIN_SAMPLE_BYTES),
+            f"in [0, {prefix}sizes // {MIN_SAMPLE_BYTES}]",
+        )
         urls = _blob(get("urls", "u1", (None,)), get("url_offsets", "<i8", (n + 1,)), prefix + "url", empty=False)
-        indexes = _blob(get("indexes", "u1", (None,)), get("index_offsets", "<i8", (n + 1,)), prefix + "index",
-                        empty=True)
-        return cls(counts, sizes, sha256, urls, arrays[prefix + "url_offsets"], indexes, arrays[prefix + "index_offsets"])
+        indexes = _blob(
+            get("indexes", "u1", (None,)), get("index_offsets", "<i8", (n + 1,)), prefix + "index", empty=True
+        )
+        return cls(
+            counts, sizes, sha256, urls, arrays[prefix + "url_offsets"], indexes, arrays[prefix + "index_offsets"]
+        )
 
 
 def _first_bad(name: str, values: np.ndarray, bad: np.ndarray, expected: str) -> None:
@@ -218,8 +273,10 @@ def _blob(blob: np.ndarray, offsets: np.ndarray, name: str, empty: bool) -> np.n
     when strings may not be empty), each boundary at the start of a character, the whole valid UTF-8."""
     lengths = np.diff(offsets)
     if offsets[0] != 0 or offsets[-1] != len(blob):
-        raise ValueError(f"{name}_offsets: expected 0 first and {len(blob)} (the blob's length) last, got "
-                         f"{int(offsets[0])} and {int(offsets[-1])}")
+        raise ValueError(
+            f"{name}_offsets: expected 0 first and {len(blob)} (the blob's length) last, got "
+            f"{int(offsets[0])} and {int(offsets[-1])}"
+        )
     _first_bad(f"{name}_offsets", lengths, lengths < (0 if empty else 1), f"length {'>= 0' if empty else '>= 1'}")
     inside = offsets[offsets < len(blob)]
     _first_bad(f"{name}_offsets", inside, (blob[inside] & 0xC0) == 0x80, "at the start of a UTF-8 character")
@@ -282,8 +339,10 @@ def read_npz(f, max_members: int = 64) -> dict:
                 shape, fortran, dtype = read_header(m)
                 count = int(np.prod(shape, dtype=object))
                 if dtype.hasobject or count * dtype.itemsize != info.file_size - m.tell():
-                    raise ValueError(f"member {show(name)}: {dtype.str} {shape} does not fit its "
-                                     f"{info.file_size - m.tell()} bytes (or holds objects)")
+                    raise ValueError(
+                        f"member {show(name)}: {dtype.str} {shape} does not fit its "
+                        f"{info.file_size - m.tell()} bytes (or holds objects)"
+                    )
                 data = m.read()
             out[name[:-4]] = np.frombuffer(data, dtype, count).reshape(shape, order="F" if fortran else "C")
     return out

@@ -1,5 +1,6 @@
 """Image sources for shard building. Each yields (key, uint8 HWC array, label or None). With a size, every
 image is fitted to it by data/resize.py (the function the training stream's `data.resize` uses)."""
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,9 @@ def _fit_seed(seed: int, i: int) -> int:
     return mix_seed(seed, i)  # random_crop at build time: a crop per image, fixed by --shuffle-seed
 
 
-def iter_folder(root: str, size: Optional[tuple[int, int]] = None, resize: str = "center_crop",
-                seed: int = 0) -> Iterator[Sample]:
+def iter_folder(
+    root: str, size: Optional[tuple[int, int]] = None, resize: str = "center_crop", seed: int = 0
+) -> Iterator[Sample]:
     """One sub-folder per class gives labels (sorted names -> 0..K-1); a flat folder is unlabelled. Without
     `size` images keep their size (grey ones one channel); with (H, W) each is fitted by `resize` to H x W x C,
     C (1 or 3) from the first image."""
@@ -72,9 +74,13 @@ def iter_folder(root: str, size: Optional[tuple[int, int]] = None, resize: str =
     if classes:
         for label, name in enumerate(classes):
             for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
-                entries += [(os.path.join(dirpath, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                entries += [
+                    (os.path.join(dirpath, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)
+                ]
     else:
-        entries = [(os.path.join(root, f), None) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        entries = [
+            (os.path.join(root, f), None) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
     if not entries:
         raise SourceError(f"image folder '{root}' has no images ({', '.join(IMAGE_EXTENSIONS)})")
     channels = None
@@ -85,7 +91,9 @@ def iter_folder(root: str, size: Optional[tuple[int, int]] = None, resize: str =
                 shape = (im.height, im.width, channel_mode(im)) if size is None else (size[0], size[1], channels)
                 arr = fit_image(im, shape, "none" if size is None else resize, _fit_seed(seed, i))
         except (OSError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated files, the size limits
-            raise SourceError(f"image '{path}' does not decode ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise SourceError(
+                f"image '{path}' does not decode ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from None
         yield f"img{i:08d}", arr, label
 
 
@@ -126,15 +134,18 @@ def iter_torchvision(kind: str, root: str, split: str = "train") -> Iterator[Sam
         else:
             raise SourceError(f"unknown torchvision source '{kind}'")
     except RuntimeError as e:
-        raise SourceError(f"{kind} files not found under '{root}' ({str(e).splitlines()[0]}); nothing is downloaded") from None
+        raise SourceError(
+            f"{kind} files not found under '{root}' ({str(e).splitlines()[0]}); nothing is downloaded"
+        ) from None
     for i in range(len(ds)):
         img, target = ds[i]
         label = int(target) if kind in ("cifar10", "mnist") else None
         yield f"{kind}{i:08d}", _hwc(np.asarray(img)), label
 
 
-def fitted(samples: Iterable[Sample], size: tuple[int, int], resize: str = "center_crop",
-           seed: int = 0) -> Iterator[Sample]:
+def fitted(
+    samples: Iterable[Sample], size: tuple[int, int], resize: str = "center_crop", seed: int = 0
+) -> Iterator[Sample]:
     """Each array fitted to size x C by `resize` (C from the first image)."""
     channels = None
     for i, (key, img, label) in enumerate(samples):
@@ -146,8 +157,14 @@ def fitted(samples: Iterable[Sample], size: tuple[int, int], resize: str = "cent
         yield key, out, label
 
 
-def open_source(kind: str, path: Optional[str] = None, size: Size = None, split: str = "train",
-                resize: Optional[str] = None, seed: int = 0) -> Iterator[Sample]:
+def open_source(
+    kind: str,
+    path: Optional[str] = None,
+    size: Size = None,
+    split: str = "train",
+    resize: Optional[str] = None,
+    seed: int = 0,
+) -> Iterator[Sample]:
     """The images of a source. `size` (N or (H, W)): digits upsample their 8x8 images to N x N (default 16);
     every other source fits each image to it by `resize` (default center_crop; none: each must already have
     it). Without a size images keep theirs, and must all share one to be built into shards."""

@@ -11,6 +11,7 @@ step. The slices are disjoint, so the sum is each shard's owner's entry:
     1            checked, does not exist
     size + 2     checked, `size` bytes
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,9 @@ def stat_size(url: str) -> Optional[int]:
             if not key:
                 return None
             try:
-                head = fs.call_s3("head_object", fs.kwargs, Bucket=bucket, Key=key,
-                                  **({"VersionId": version} if version else {}))
+                head = fs.call_s3(
+                    "head_object", fs.kwargs, Bucket=bucket, Key=key, **({"VersionId": version} if version else {})
+                )
             except FileNotFoundError:
                 return None
             return int(head["ContentLength"])
@@ -74,17 +76,23 @@ def _url_getter(urls) -> Callable[[int], str]:
     return urls.__getitem__
 
 
-def check_shards(urls: Urls, counts: np.ndarray, rank: int = 0, world: int = 1,
-                 share: Optional[Callable[[np.ndarray], np.ndarray]] = None, threads: int = 16) -> np.ndarray:
+def check_shards(
+    urls: Urls,
+    counts: np.ndarray,
+    rank: int = 0,
+    world: int = 1,
+    share: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    threads: int = 16,
+) -> np.ndarray:
     """Every shard's real size in bytes (int64, one per shard), the same on every rank, after checking that each
     exists and holds its claimed `counts[i]` samples (at least MIN_SAMPLE_BYTES each).
 
-    `urls` is shard i's URL as `urls(i)`, `urls[i]` or `urls.shard_url(i)` (a manifest). This rank stats only its
-    slice (`slice_of`) with at most `threads` requests in flight; `share(array)` must return the elementwise sum of
-    the int64 arrays of all `world` ranks (one collective: ddpm_dist.parallel.collectives.sum_across_ranks), and every rank
-    must call this function. With share=None this is one process: rank 0 of world 1. Raises, on every rank alike, a
-    one-line DataError for the first missing shard, else for the first too-small one; a rank whose own requests
-    failed (credentials, endpoint) raises its own error after the collective, so no rank is left waiting in it."""
+    `urls` is shard i's URL as `urls(i)`, `urls[i]` or `urls.shard_url(i)` (a manifest). This rank stats only its slice
+    (`slice_of`) with at most `threads` requests in flight; `share(array)` must return the elementwise sum of the int64
+    arrays of all `world` ranks (one collective: ddpm_dist.parallel.collectives.sum_across_ranks), and every rank must
+    call this function. With share=None this is one process: rank 0 of world 1. Raises, on every rank alike, a one-line
+    DataError for the first missing shard, else for the first too-small one; a rank whose own requests failed
+    (credentials, endpoint) raises its own error after the collective, so no rank is left waiting in it."""
     counts = np.asarray(counts, dtype=np.int64).reshape(-1)
     num_shards = len(counts)
     if world < 1 or not 0 <= rank < world:
@@ -102,8 +110,7 @@ def check_shards(urls: Urls, counts: np.ndarray, rank: int = 0, world: int = 1,
         found[i] = MISSING if size is None else PRESENT + size
 
     if len(mine):
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(mine))),
-                                thread_name_prefix="shard-check") as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(mine))), thread_name_prefix="shard-check") as pool:
             for future in [pool.submit(stat, i) for i in mine]:
                 error = future.exception()  # a failed shard stays UNCHECKED; the first failure is this rank's error
                 if error is not None and failure is None:
@@ -114,8 +121,9 @@ def check_shards(urls: Urls, counts: np.ndarray, rank: int = 0, world: int = 1,
     if failure is not None:
         raise failure
     if rank == 0:
-        log.info("checked %d shards on %d ranks (%d here) in %.2f s", num_shards, world, len(mine),
-                 time.perf_counter() - t0)
+        log.info(
+            "checked %d shards on %d ranks (%d here) in %.2f s", num_shards, world, len(mine), time.perf_counter() - t0
+        )
     _raise_for(verdict, counts, url_of, world)
     return verdict - PRESENT
 
@@ -126,20 +134,25 @@ def _raise_for(verdict: np.ndarray, counts: np.ndarray, url_of: Callable[[int], 
     unchecked = np.flatnonzero(verdict == UNCHECKED)
     if len(unchecked):
         first = int(unchecked[0])
-        raise DataError(f"{len(unchecked)} shard(s) could not be checked, first '{storage.redact(url_of(first))}' "
-                        f"(rank {owner_of(first, world, num_shards)} failed to stat it; its own error says why)")
+        raise DataError(
+            f"{len(unchecked)} shard(s) could not be checked, first '{storage.redact(url_of(first))}' "
+            f"(rank {owner_of(first, world, num_shards)} failed to stat it; its own error says why)"
+        )
     missing = np.flatnonzero(verdict == MISSING)
     if len(missing):
         url = url_of(int(missing[0]))
         # when nothing exists, say whether the bucket does (a request or two, on this failure path only)
         hint = storage.missing_hint(url) if len(missing) == num_shards else ""
-        raise DataError(f"{len(missing)} shard(s) listed in the manifest do not exist, first "
-                        f"'{storage.redact(url)}'{hint}")
+        raise DataError(
+            f"{len(missing)} shard(s) listed in the manifest do not exist, first '{storage.redact(url)}'{hint}"
+        )
     sizes = verdict - PRESENT
     small = np.flatnonzero(counts > sizes // MIN_SAMPLE_BYTES)  # counts * MIN_SAMPLE_BYTES > sizes, no overflow
     if len(small):
         i = int(small[0])
         more = f" ({len(small)} such shards)" if len(small) > 1 else ""
-        raise DataError(f"shard '{storage.redact(url_of(i))}' has {int(sizes[i])} bytes, too few for the "
-                        f"{int(counts[i])} samples the manifest claims (a sample takes at least "
-                        f"{MIN_SAMPLE_BYTES}){more}")
+        raise DataError(
+            f"shard '{storage.redact(url_of(i))}' has {int(sizes[i])} bytes, too few for the "
+            f"{int(counts[i])} samples the manifest claims (a sample takes at least "
+            f"{MIN_SAMPLE_BYTES}){more}"
+        )

@@ -1,4 +1,5 @@
 """fsspec helpers: resolve URLs relative to a manifest, atomic writes, and webdataset's opener."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +24,7 @@ def is_local(url: str) -> bool:
 
 
 def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def join(base: str, name: str) -> str:
@@ -47,8 +48,15 @@ class StorageError(OSError):
     """A storage failure the user can fix (credentials, permissions, bucket, endpoint); one-line message."""
 
 
-_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectTimeout", "ClientConnectorError",
-                "ServerDisconnectedError", "ConnectionRefusedError", "ReadTimeoutError"}
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ConnectTimeout",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ConnectionRefusedError",
+    "ReadTimeoutError",
+}
 
 
 def _explain(url: str, e: BaseException) -> str | None:
@@ -60,8 +68,11 @@ def _explain(url: str, e: BaseException) -> str | None:
     names, text, where = {type(x).__name__ for x in chain}, " ".join(str(x) for x in chain), redact(url)
     if names & {"NoCredentialsError", "PartialCredentialsError"}:
         return f"no credentials for '{where}': set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
-    if any(isinstance(x, PermissionError) for x in chain) or \
-            names & {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"}:
+    if any(isinstance(x, PermissionError) for x in chain) or names & {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+    }:
         return f"access denied to '{where}': check the credentials and the bucket's policy"
     if "NoSuchBucket" in names or "bucket does not exist" in text:
         return f"no such bucket for '{where}': check the bucket name and AWS_ENDPOINT_URL"

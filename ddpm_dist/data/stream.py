@@ -8,6 +8,7 @@ size grows with layout changes, never with samples. Same layout: workers skip wh
 workers / batch / block: the rest of the epoch is planned for the new layout over what is still due: nothing
 repeats, and at most new_world*B - 1 positions (the epoch's drop_last tail) go unseen in that epoch.
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,15 +23,14 @@ from torch.utils.data import DataLoader
 
 from . import storage
 from .errors import DataError  # noqa: F401 - re-exported; defined there so startup.py can raise it too
-from .manifest import MIN_SAMPLE_BYTES, Manifest, ShardError, load_manifest
 from .lane import LaneDataset, as_is, init_worker
+from .manifest import MIN_SAMPLE_BYTES, Manifest, ShardError, load_manifest
 from .plan import DueSet, EpochPlan, Layout, Order
 from .samples import RESIZE_MODES
-from .startup import check_shards
 from .shard_sets import manifest_from_pattern
+from .startup import check_shards
 
 log = logging.getLogger(__name__)
-
 
 
 def block_size(manifest: Manifest, buffer_bytes: int) -> int:
@@ -56,10 +56,20 @@ def open_manifest(source: str) -> Manifest:
 class TrainStream:
     """Endless iterator of this rank's batches across epochs, with state_dict/load_state_dict (JSON-safe)."""
 
-    def __init__(self, manifest: Manifest, *, rank: int, layout: Layout, seed: int = 0, random_flip: bool = False,
-                 max_skip_fraction: float = 0.01, buffer_bytes: int = 256 << 20,
-                 share: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-                 image_size: Optional[tuple[int, int]] = None, resize: str = "none"):
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        rank: int,
+        layout: Layout,
+        seed: int = 0,
+        random_flip: bool = False,
+        max_skip_fraction: float = 0.01,
+        buffer_bytes: int = 256 << 20,
+        share: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        image_size: Optional[tuple[int, int]] = None,
+        resize: str = "none",
+    ):
         """`image_size` (H, W) with `resize` (samples.RESIZE_MODES) fits images of any size to the training shape in
         the workers; by default every image must have the manifest's size. `share`: a sum of int64 arrays across the
         job's ranks (parallel.collectives.sum_across_ranks), so each rank checks only its slice of the shards at
@@ -73,7 +83,9 @@ class TrainStream:
         self.counts = manifest.counts
         self.epoch, self.batches_done = 0, 0
         self.pool: Optional[DueSet] = None  # what this epoch still owes, when not every sample (after a layout change)
-        self.earlier: list[list[int]] = []  # [world, batch, workers, block, batches done] of this epoch's earlier layouts
+        self.earlier: list[
+            list[int]
+        ] = []  # [world, batch, workers, block, batches done] of this epoch's earlier layouts
         self.legacy_pool: Optional[str] = None  # a bit-mask cursor of before plan.py that started this epoch
         self.skipped_total = 0
         self.data_wait_seconds = 0.0
@@ -81,8 +93,10 @@ class TrainStream:
         where = (rank, layout.world_size) if share is not None else (0, 1)
         self.shard_bytes = check_shards(manifest, manifest.counts, *where, share=share)
         if self._plan().batches_per_rank == 0:
-            raise DataError(f"{manifest.num_samples} samples cannot fill one batch of {layout.batch_size} on each of "
-                            f"{layout.world_size} ranks")
+            raise DataError(
+                f"{manifest.num_samples} samples cannot fill one batch of {layout.batch_size} on each of "
+                f"{layout.world_size} ranks"
+            )
 
     def _plan(self) -> EpochPlan:
         return EpochPlan(self.counts, self.seed, self.epoch, self.layout, self.pool)
@@ -96,14 +110,38 @@ class TrainStream:
         """One DataLoader for the whole run (workers persist across epochs); the cursor advances per batch."""
         plan = self._plan()
         if self.rank == 0:
-            log.info("epoch %d: %d samples due, %d ranks x %d batches x %d used, %d unused this epoch (drop_last)",
-                     self.epoch, plan.due.total, self.layout.world_size, plan.batches_per_rank,
-                     self.layout.batch_size, plan.dropped)
-        dataset = LaneDataset(self.manifest, self.counts, self.seed, self.layout,
-                               self.rank, self.epoch, self.pool, self.batches_done, self.random_flip,
-                               self.max_skip_fraction, self.shape, self.shard_bytes, self.resize)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.layout.num_workers, collate_fn=as_is,
-                            worker_init_fn=init_worker, prefetch_factor=2 if self.layout.num_workers else None)
+            log.info(
+                "epoch %d: %d samples due, %d ranks x %d batches x %d used, %d unused this epoch (drop_last)",
+                self.epoch,
+                plan.due.total,
+                self.layout.world_size,
+                plan.batches_per_rank,
+                self.layout.batch_size,
+                plan.dropped,
+            )
+        dataset = LaneDataset(
+            self.manifest,
+            self.counts,
+            self.seed,
+            self.layout,
+            self.rank,
+            self.epoch,
+            self.pool,
+            self.batches_done,
+            self.random_flip,
+            self.max_skip_fraction,
+            self.shape,
+            self.shard_bytes,
+            self.resize,
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.layout.num_workers,
+            collate_fn=as_is,
+            worker_init_fn=init_worker,
+            prefetch_factor=2 if self.layout.num_workers else None,
+        )
         it = iter(loader)
         while True:
             t0 = time.perf_counter()
@@ -127,18 +165,37 @@ class TrainStream:
 
     def state_dict(self) -> dict:
         """JSON of O(layout changes this epoch): the due set is made again from the earlier layouts on load."""
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed,
-                "world_size": self.layout.world_size, "batch_size": self.layout.batch_size,
-                "num_workers": self.layout.num_workers, "block": self.layout.block,
-                "earlier": [list(e) for e in self.earlier], "pool": self.legacy_pool,
-                "num_samples": self.manifest.num_samples, "skipped_total": self.skipped_total}
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "seed": self.seed,
+            "world_size": self.layout.world_size,
+            "batch_size": self.layout.batch_size,
+            "num_workers": self.layout.num_workers,
+            "block": self.layout.block,
+            "earlier": [list(e) for e in self.earlier],
+            "pool": self.legacy_pool,
+            "num_samples": self.manifest.num_samples,
+            "skipped_total": self.skipped_total,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_samples"] != self.manifest.num_samples:
-            raise DataError(f"data cursor is for {state['num_samples']} samples, the manifest has {self.manifest.num_samples}")
+            raise DataError(
+                f"data cursor is for {state['num_samples']} samples, the manifest has {self.manifest.num_samples}"
+            )
         earlier = _checked_layouts(state.get("earlier", []))
-        old = _checked_layouts([[state["world_size"], state["batch_size"], state["num_workers"], state.get("block", 0),
-                                 state["batches_done"]]])[0]
+        old = _checked_layouts(
+            [
+                [
+                    state["world_size"],
+                    state["batch_size"],
+                    state["num_workers"],
+                    state.get("block", 0),
+                    state["batches_done"],
+                ]
+            ]
+        )[0]
         self.epoch, self.seed, self.skipped_total = state["epoch"], state["seed"], state.get("skipped_total", 0)
         self.legacy_pool = state.get("pool")
         if Layout(*old[:4]).lanes_equal(self.layout):
@@ -147,8 +204,13 @@ class TrainStream:
             self.earlier, self.batches_done = earlier + [old], 0
         self.pool = self._due_set()
         if self.earlier and self.rank == 0 and not Layout(*old[:4]).lanes_equal(self.layout):
-            log.info("data layout changed (%s -> %s): %d samples of epoch %d still due", Layout(*old[:4]), self.layout,
-                     self.pool.total, self.epoch)
+            log.info(
+                "data layout changed (%s -> %s): %d samples of epoch %d still due",
+                Layout(*old[:4]),
+                self.layout,
+                self.pool.total,
+                self.epoch,
+            )
 
     def _due_set(self) -> Optional[DueSet]:
         """This epoch's due set from the cursor: everything (or an old cursor's bit mask), less what each earlier
@@ -173,9 +235,15 @@ def _check_resize(manifest: Manifest, shape: tuple, resize: str) -> None:
         return
     sizes = manifest.extra.get("image_shapes") or {}
     if len(sizes) > 1 or list(shape[:2]) != list(manifest.image_size):
-        found = f"{len(sizes)} image sizes" if len(sizes) > 1 else f"images of {manifest.image_size[0]}x{manifest.image_size[1]}"
-        raise DataError(f"the manifest has {found} and data.resize is none: set data.image_size and data.resize "
-                        f"({' | '.join(RESIZE_MODES[1:])}) to fit them to {shape[0]}x{shape[1]}")
+        found = (
+            f"{len(sizes)} image sizes"
+            if len(sizes) > 1
+            else f"images of {manifest.image_size[0]}x{manifest.image_size[1]}"
+        )
+        raise DataError(
+            f"the manifest has {found} and data.resize is none: set data.image_size and data.resize "
+            f"({' | '.join(RESIZE_MODES[1:])}) to fit them to {shape[0]}x{shape[1]}"
+        )
 
 
 def _checked_layouts(entries) -> list[list[int]]:
@@ -184,8 +252,16 @@ def _checked_layouts(entries) -> list[list[int]]:
         raise DataError(f"data cursor: expected a list of layouts, got {type(entries).__name__}")
     out = []
     for e in entries:
-        if not (isinstance(e, list) and len(e) == 5 and all(isinstance(v, int) and not isinstance(v, bool) for v in e)
-                and e[0] >= 1 and e[1] >= 1 and min(e[2:]) >= 0):
-            raise DataError(f"data cursor: a layout must be [world >= 1, batch >= 1, workers, block, batches], got {e!r:.80}")
+        if not (
+            isinstance(e, list)
+            and len(e) == 5
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in e)
+            and e[0] >= 1
+            and e[1] >= 1
+            and min(e[2:]) >= 0
+        ):
+            raise DataError(
+                f"data cursor: a layout must be [world >= 1, batch >= 1, workers, block, batches], got {e!r:.80}"
+            )
         out.append(list(e))
     return out

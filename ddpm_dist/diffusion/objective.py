@@ -3,6 +3,7 @@
 With a = alpha_bar_t:  x_t = sqrt(a) x0 + sqrt(1-a) eps,   v = sqrt(a) eps - sqrt(1-a) x0
 (Salimans & Ho 2022), hence x0 = sqrt(a) x_t - sqrt(1-a) v and eps = sqrt(1-a) x_t + sqrt(a) v.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -37,8 +38,9 @@ def target(prediction: str, schedule: Schedule, x0: torch.Tensor, noise: torch.T
     raise ValueError(f"unknown prediction '{prediction}' (expected one of {', '.join(PREDICTIONS)})")
 
 
-def to_x0_eps(prediction: str, schedule: Schedule, pred: torch.Tensor, x_t: torch.Tensor,
-              t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def to_x0_eps(
+    prediction: str, schedule: Schedule, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, eps) implied by a model prediction of the given kind at x_t."""
     sa, s1a = _coefs(schedule, t, x_t)
     if prediction == "eps":
@@ -55,7 +57,9 @@ def eps_from_x0(schedule: Schedule, x0: torch.Tensor, x_t: torch.Tensor, t: torc
     return (x_t - sa * x0) / s1a
 
 
-def loss_weight(prediction: str, weighting: str, schedule: Schedule, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+def loss_weight(
+    prediction: str, weighting: str, schedule: Schedule, t: torch.Tensor, gamma: float = 5.0
+) -> torch.Tensor:
     """Per-sample weight of the MSE on the chosen target.
 
     min_snr (Hang et al. 2023) caps the x0-space weight at gamma: min(SNR, gamma) expressed for each

@@ -1,6 +1,7 @@
 """The sampler options: one typed object for the config's `sample` section, every command line that samples
 (built from these fields) and the library. The defaults are declared here and nowhere else; a None in
 `steps` or `eta` means "the chosen sampler's own default" (SAMPLER_DEFAULTS)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +14,13 @@ VAR_TYPES = ("small", "large")
 # steps None = every training step (the DDPM paper's ancestral sampler); eta 1 = DDPM's posterior noise.
 # DPM-Solver++ 20 steps: its paper's sweet spot (quality of ~100-step DDIM); Heun 18 steps = 35 model calls,
 # EDM's CIFAR-10 setting. eta is unused by the last three (DPM-Solver++ and Heun are ODE solvers).
-SAMPLER_DEFAULTS = {"ddpm": {"steps": None, "eta": 1.0}, "ddim": {"steps": 50, "eta": 0.0},
-                    "dpm++2m": {"steps": 20, "eta": 0.0}, "dpm++3m": {"steps": 20, "eta": 0.0},
-                    "heun": {"steps": 18, "eta": 0.0}}
+SAMPLER_DEFAULTS = {
+    "ddpm": {"steps": None, "eta": 1.0},
+    "ddim": {"steps": 50, "eta": 0.0},
+    "dpm++2m": {"steps": 20, "eta": 0.0},
+    "dpm++3m": {"steps": 20, "eta": 0.0},
+    "heun": {"steps": 18, "eta": 0.0},
+}
 
 
 def model_calls(sampler: str, steps: int) -> int:
@@ -35,22 +40,36 @@ def _opt(default, help_text: str, choices: Optional[tuple] = None):
 
 @dataclass
 class SamplerOptions:
-    sampler: str = _opt("ddim", "reverse process: ddpm (ancestral), ddim, dpm++2m / dpm++3m (DPM-Solver++ multistep, "
-                                "2nd/3rd order) or heun (EDM's 2nd-order Heun)", SAMPLER_NAMES)
-    steps: Optional[int] = _opt(None, "solver steps (timesteps visited). Model calls (NFE): steps for ddpm, ddim and dpm++, "
-                                      "2 x steps - 1 for heun (default: ddpm every training step, ddim 50, dpm++ 20, "
-                                      "heun 18 = 35 calls)")
-    eta: Optional[float] = _opt(None, "noise of each step: 0 = deterministic DDIM, 1 = DDPM-like (default: ddpm 1, "
-                                      "ddim 0)")
-    spacing: str = _opt("uniform", "timestep spacing over the training steps; karras: EDM's sigma spacing (rho 7) "
-                                   "rounded to the nearest training step", SPACINGS)
+    sampler: str = _opt(
+        "ddim",
+        "reverse process: ddpm (ancestral), ddim, dpm++2m / dpm++3m (DPM-Solver++ multistep, "
+        "2nd/3rd order) or heun (EDM's 2nd-order Heun)",
+        SAMPLER_NAMES,
+    )
+    steps: Optional[int] = _opt(
+        None,
+        "solver steps (timesteps visited). Model calls (NFE): steps for ddpm, ddim and dpm++, "
+        "2 x steps - 1 for heun (default: ddpm every training step, ddim 50, dpm++ 20, "
+        "heun 18 = 35 calls)",
+    )
+    eta: Optional[float] = _opt(
+        None, "noise of each step: 0 = deterministic DDIM, 1 = DDPM-like (default: ddpm 1, ddim 0)"
+    )
+    spacing: str = _opt(
+        "uniform",
+        "timestep spacing over the training steps; karras: EDM's sigma spacing (rho 7) "
+        "rounded to the nearest training step",
+        SPACINGS,
+    )
     var_type: str = _opt("small", "DDPM posterior variance: small (beta tilde) or large (beta)", VAR_TYPES)
     guidance: float = _opt(1.0, "classifier-free guidance scale (1 = none; unconditional models ignore it)")
     clip_x0: bool = _opt(True, "clip the predicted x0 to [-1, 1] at every step")
     # EDM's stochastic Heun (Algorithm 2): S_churn, S_tmin, S_tmax, S_noise; churn 0 = the deterministic ODE.
     churn: float = _opt(0.0, "heun only: EDM's S_churn, noise added before each step (0 = deterministic)")
     churn_sigma_min: float = _opt(0.0, "heun only: EDM's S_tmin, churn only at sigma >= this")
-    churn_sigma_max: Optional[float] = _opt(None, "heun only: EDM's S_tmax, churn only at sigma <= this (default: no bound)")
+    churn_sigma_max: Optional[float] = _opt(
+        None, "heun only: EDM's S_tmax, churn only at sigma <= this (default: no bound)"
+    )
     churn_noise: float = _opt(1.0, "heun only: EDM's S_noise, scale of the churn noise")
 
     @classmethod
@@ -99,6 +118,11 @@ class SamplerOptions:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
     def describe(self) -> str:
-        calls = f" = {model_calls(self.sampler, self.steps)} model calls" if self.sampler == "heun" and self.steps else ""
-        return (f"{self.sampler}, {self.steps} steps{calls} ({self.spacing}), eta {self.eta}, guidance {self.guidance}"
-                + ("" if self.clip_x0 else ", no x0 clipping") + (f", churn {self.churn}" if self.churn else ""))
+        calls = (
+            f" = {model_calls(self.sampler, self.steps)} model calls" if self.sampler == "heun" and self.steps else ""
+        )
+        return (
+            f"{self.sampler}, {self.steps} steps{calls} ({self.spacing}), eta {self.eta}, guidance {self.guidance}"
+            + ("" if self.clip_x0 else ", no x0 clipping")
+            + (f", churn {self.churn}" if self.churn else "")
+        )

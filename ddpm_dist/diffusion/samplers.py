@@ -5,9 +5,10 @@ Every sampler is a step, `step(x, i, rng) -> (x_next, x0)` over a sub-sequence o
 `Step(model, schedule, timesteps, prediction=..., eta=..., var_type=..., clip_x0=..., model_kwargs=...)`, named in
 STEPS), and `run_steps(step, x_T, rng, callback)` is the one reverse loop; `make_step` builds the step a
 SamplerOptions names and `denoise_from_seeds` runs it from per-image seeds. `rng` draws the per-step noise; a
-StackedRandomGenerator makes each image's noise depend on its own seed only, so a batch's images do not depend on which other images
-share the batch (EDM generate.py).
+StackedRandomGenerator makes each image's noise depend on its own seed only, so a batch's images do not depend on
+which other images share the batch (EDM generate.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,9 @@ class StackedRandomGenerator:
 
     def randn(self, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
         assert shape[0] == len(self.generators), "one generator per row"
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=self.device, dtype=dtype) for g in self.generators])
+        return torch.stack(
+            [torch.randn(tuple(shape[1:]), generator=g, device=self.device, dtype=dtype) for g in self.generators]
+        )
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         return self.randn(x.shape, dtype=x.dtype)
@@ -59,8 +62,13 @@ def _as_rng(rng):
     return rng
 
 
-def make_timesteps(num_train_steps: int, steps: int, spacing: str = SamplerOptions.spacing,
-                   schedule: Optional[Schedule] = None, sigma_max: Optional[float] = None) -> list[int]:
+def make_timesteps(
+    num_train_steps: int,
+    steps: int,
+    spacing: str = SamplerOptions.spacing,
+    schedule: Optional[Schedule] = None,
+    sigma_max: Optional[float] = None,
+) -> list[int]:
     """Ascending timesteps in [0, T) including the top one (start from pure noise) and 0 (end at data). The top is
     T-1, or with `sigma_max` the last timestep whose sigma does not exceed it (karras spacing: EDM's 80 unless
     given, else a cosine schedule's sigma 20,291 at t = 999 would pull most steps to the top). Karras spacing and
@@ -105,8 +113,19 @@ class DDPMStep:
     """Ancestral sampling from the posterior q(x_{t-1} | x_t, x0_hat); over a sub-sequence the schedule is
     respaced (improved DDPM). var_type 'small' = beta_tilde_t, 'large' = beta_t (DDPM section 3.2)."""
 
-    def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", eta=SAMPLER_DEFAULTS["ddpm"]["eta"],
-                 var_type=SamplerOptions.var_type, clip_x0=SamplerOptions.clip_x0, model_kwargs=None, **_):
+    def __init__(
+        self,
+        model,
+        schedule: Schedule,
+        timesteps,
+        *,
+        prediction="eps",
+        eta=SAMPLER_DEFAULTS["ddpm"]["eta"],
+        var_type=SamplerOptions.var_type,
+        clip_x0=SamplerOptions.clip_x0,
+        model_kwargs=None,
+        **_,
+    ):
         self.model, self.schedule, self.timesteps = model, schedule, timesteps
         self.prediction, self.clip_x0, self.model_kwargs = prediction, clip_x0, model_kwargs or {}
         sub = respace(schedule, timesteps)
@@ -115,8 +134,9 @@ class DDPMStep:
 
     def __call__(self, x, i: int, rng):
         """x at timesteps[i] -> (x at timesteps[i-1], or data for i == 0; predicted x0)."""
-        _, x0, _ = _predict(self.model, self.prediction, self.schedule, x, self.timesteps[i], self.model_kwargs,
-                            self.clip_x0)
+        _, x0, _ = _predict(
+            self.model, self.prediction, self.schedule, x, self.timesteps[i], self.model_kwargs, self.clip_x0
+        )
         idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         mean = gather(self.c1, idx, x) * x0 + gather(self.c2, idx, x) * x
         return (mean + gather(self.var, idx, x).sqrt() * rng.randn_like(x) if i > 0 else mean), x0
@@ -125,14 +145,26 @@ class DDPMStep:
 class DDIMStep:
     """DDIM (Song et al. 2021, eq. 12): eta=0 is deterministic, eta=1 over all steps is DDPM's posterior."""
 
-    def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", eta=SAMPLER_DEFAULTS["ddim"]["eta"],
-                 var_type=SamplerOptions.var_type, clip_x0=SamplerOptions.clip_x0, model_kwargs=None, **_):
+    def __init__(
+        self,
+        model,
+        schedule: Schedule,
+        timesteps,
+        *,
+        prediction="eps",
+        eta=SAMPLER_DEFAULTS["ddim"]["eta"],
+        var_type=SamplerOptions.var_type,
+        clip_x0=SamplerOptions.clip_x0,
+        model_kwargs=None,
+        **_,
+    ):
         self.model, self.schedule, self.timesteps, self.eta = model, schedule, timesteps, eta
         self.prediction, self.clip_x0, self.model_kwargs = prediction, clip_x0, model_kwargs or {}
 
     def __call__(self, x, i: int, rng):
-        t, x0, eps = _predict(self.model, self.prediction, self.schedule, x, self.timesteps[i], self.model_kwargs,
-                              self.clip_x0)
+        t, x0, eps = _predict(
+            self.model, self.prediction, self.schedule, x, self.timesteps[i], self.model_kwargs, self.clip_x0
+        )
         if i == 0:
             return x0, x0
         abar = self.schedule.alphas_cumprod
@@ -193,8 +225,16 @@ class TrajectoryRecorder:
             self.x0.append(x0.detach().cpu())
 
 
-def make_step(model, schedule: Schedule, options: Optional[SamplerOptions] = None, *, prediction="eps", y=None,
-              null_class: Optional[int] = None, model_kwargs=None):
+def make_step(
+    model,
+    schedule: Schedule,
+    options: Optional[SamplerOptions] = None,
+    *,
+    prediction="eps",
+    y=None,
+    null_class: Optional[int] = None,
+    model_kwargs=None,
+):
     """The chosen sampler's step over its timesteps, with guidance applied: the piece a task may wrap."""
     o = (options or SamplerOptions()).resolved(schedule.num_steps, conditional=y is not None)
     kwargs = dict(model_kwargs or {})
@@ -205,23 +245,47 @@ def make_step(model, schedule: Schedule, options: Optional[SamplerOptions] = Non
             raise ValueError("guidance needs a model with a null class")
         model = classifier_free_guidance(model, o.guidance, null_class)
     # A solver may start lower than T-1 (Heun: EDM's sigma_max); x_T ~ N(0, I) is pure noise there as well.
-    timesteps = make_timesteps(schedule.num_steps, o.steps, o.spacing, schedule,
-                               getattr(STEPS[o.sampler], "sigma_max", None))
-    return STEPS[o.sampler](model, schedule, timesteps, prediction=prediction, eta=o.eta, var_type=o.var_type,
-                            clip_x0=o.clip_x0, model_kwargs=kwargs, churn=o.churn, churn_sigma_min=o.churn_sigma_min,
-                            churn_sigma_max=o.churn_sigma_max, churn_noise=o.churn_noise)
+    timesteps = make_timesteps(
+        schedule.num_steps, o.steps, o.spacing, schedule, getattr(STEPS[o.sampler], "sigma_max", None)
+    )
+    return STEPS[o.sampler](
+        model,
+        schedule,
+        timesteps,
+        prediction=prediction,
+        eta=o.eta,
+        var_type=o.var_type,
+        clip_x0=o.clip_x0,
+        model_kwargs=kwargs,
+        churn=o.churn,
+        churn_sigma_min=o.churn_sigma_min,
+        churn_sigma_max=o.churn_sigma_max,
+        churn_noise=o.churn_noise,
+    )
 
 
-def denoise_from_seeds(model, schedule: Schedule, seeds: Sequence[int], shape: Sequence[int],
-                       options: Optional[SamplerOptions] = None, *, device, labels=None, null_class: Optional[int] = None,
-             prediction="eps", model_kwargs=None, callback: Optional[Callback] = None,
-             wrap_step: Optional[Callable] = None) -> torch.Tensor:
+def denoise_from_seeds(
+    model,
+    schedule: Schedule,
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    options: Optional[SamplerOptions] = None,
+    *,
+    device,
+    labels=None,
+    null_class: Optional[int] = None,
+    prediction="eps",
+    model_kwargs=None,
+    callback: Optional[Callback] = None,
+    wrap_step: Optional[Callable] = None,
+) -> torch.Tensor:
     """Images in [-1, 1], one per seed; x_T and every step's noise come from that image's own generator,
     so an image depends on its seed (and label), not on the batch it shares."""
     rng = StackedRandomGenerator(device, seeds)
     x_T = rng.randn((len(seeds), *shape))
     y = None if labels is None else torch.as_tensor(labels, device=device, dtype=torch.long)
-    step = make_step(model, schedule, options, prediction=prediction, y=y, null_class=null_class,
-                     model_kwargs=model_kwargs)
+    step = make_step(
+        model, schedule, options, prediction=prediction, y=y, null_class=null_class, model_kwargs=model_kwargs
+    )
     with torch.no_grad():  # `wrap_step` may wrap the sampler's step (inpainting does)
         return run_steps(wrap_step(step) if wrap_step else step, x_T, rng, callback)

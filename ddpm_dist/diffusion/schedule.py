@@ -3,6 +3,7 @@
 Values are gathered per timestep and cast to the caller's dtype only at the point of use, so the
 float32 model never sees a schedule computed in float32 (the cosine schedule loses digits there).
 """
+
 from __future__ import annotations
 
 import math

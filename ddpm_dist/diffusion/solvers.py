@@ -6,6 +6,7 @@ solver visits is the exact sigma of a training timestep (Karras spacing and chur
 as EDM's `round_sigma` does for discrete models), so the network always sees a timestep it was trained on
 and x at timesteps[i] is a true x_t for tasks that noise or merge at that level (inpainting).
 """
+
 from __future__ import annotations
 
 import math
@@ -78,7 +79,7 @@ class DPMSolverStep:
     def __call__(self, x, i: int, rng):
         x0 = _denoise(self, x, self.timesteps[i])
         continues = self.history and self.history[-1][0] == i + 1 and self.history[-1][1].shape == x0.shape
-        self.history = ((self.history if continues else []) + [(i, x0)])[-self.order:]
+        self.history = ((self.history if continues else []) + [(i, x0)])[-self.order :]
         if i == 0:
             return x0, x0
         order = min(self.order, len(self.history))
@@ -121,9 +122,21 @@ class HeunStep:
 
     sigma_max = EDM_SIGMA_MAX
 
-    def __init__(self, model, schedule: Schedule, timesteps, *, prediction="eps", clip_x0=True, model_kwargs=None,
-                 churn: float = 0.0, churn_sigma_min: float = 0.0, churn_sigma_max: Optional[float] = None,
-                 churn_noise: float = 1.0, **_):
+    def __init__(
+        self,
+        model,
+        schedule: Schedule,
+        timesteps,
+        *,
+        prediction="eps",
+        clip_x0=True,
+        model_kwargs=None,
+        churn: float = 0.0,
+        churn_sigma_min: float = 0.0,
+        churn_sigma_max: Optional[float] = None,
+        churn_noise: float = 1.0,
+        **_,
+    ):
         self.model, self.schedule, self.timesteps = model, schedule, timesteps
         self.prediction, self.clip_x0, self.model_kwargs = prediction, clip_x0, model_kwargs or {}
         self.sigmas = sigmas_of(schedule)

@@ -1,5 +1,6 @@
 """Pictures: sample grids, denoising trajectories, GIFs of the reverse process, training curves; figures.py
 draws comparisons and diagnostics, `python -m ddpm_dist.viz ...` (ddpm_dist/viz.py) makes them from a run."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,9 @@ def grid(images: np.ndarray, nrow: Optional[int] = None, pad: int = 1, scale: in
     out = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[
+            i
+        ]
     if scale > 1:
         out = out.repeat(scale, 0).repeat(scale, 1)
     return out
@@ -78,6 +81,7 @@ def read_metrics(path: str) -> list[dict]:
 def plot_curves(metrics_path: str, out: str, keys: Sequence[str] = ("loss", "images_per_s", "lr")) -> str:
     """Training curves against images seen, one panel per key present in metrics.jsonl."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -1,4 +1,5 @@
 """Figures for comparisons and diagnostics (matplotlib, written as PNG)."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,10 @@ from ..images import to_model_range, to_uint8
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -28,6 +31,7 @@ def _save(fig, out: str) -> str:
 def _show(ax, images: np.ndarray, title: str = "") -> None:
     """uint8 NHWC in one row on an axis."""
     from . import grid
+
     g = grid(images, nrow=len(images))
     ax.imshow(g[..., 0] if g.shape[2] == 1 else g, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_xticks([])
@@ -39,6 +43,7 @@ def _show(ax, images: np.ndarray, title: str = "") -> None:
 def schedules(out: str, num_steps: int = 1000) -> str:
     """beta_t, alpha-bar_t and SNR(t) (log scale) for every schedule kind."""
     from ..diffusion import KINDS, make_schedule
+
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
     t = np.arange(num_steps)
@@ -55,19 +60,30 @@ def schedules(out: str, num_steps: int = 1000) -> str:
     return _save(fig, out)
 
 
-def compare_samplers(setup, configs: list[tuple[str, int]], out: str, *, num_images: int = 8, seed: int = 0,
-                     labels=None) -> str:
+def compare_samplers(
+    setup, configs: list[tuple[str, int]], out: str, *, num_images: int = 8, seed: int = 0, labels=None
+) -> str:
     """The same initial noise (same per-image seeds) through each sampler/step count, with wall time per image.
     `setup` is a sampling.SamplingSetup; each row keeps its options but the sampler and step count."""
     from ..diffusion import denoise_from_seeds, image_seed
+
     plt = _plt()
     seeds = [image_seed(seed, i) for i in range(num_images)]
     fig, axes = plt.subplots(len(configs), 1, figsize=(1.0 * num_images + 2, 1.15 * len(configs)), squeeze=False)
     for ax, (sampler, steps) in zip(axes[:, 0], configs):
         options = setup.options.updated(sampler=sampler, steps=steps)
         t0 = time.perf_counter()
-        x = denoise_from_seeds(setup.model, setup.schedule, seeds, setup.shape, options, device=setup.device, labels=labels,
-                     null_class=setup.num_classes or None, prediction=setup.prediction)
+        x = denoise_from_seeds(
+            setup.model,
+            setup.schedule,
+            seeds,
+            setup.shape,
+            options,
+            device=setup.device,
+            labels=labels,
+            null_class=setup.num_classes or None,
+            prediction=setup.prediction,
+        )
         per_image = (time.perf_counter() - t0) / num_images
         _show(ax, to_uint8(x), f"{sampler.upper()} {steps} steps\n{per_image * 1e3:.0f} ms/img")
     fig.suptitle("same initial noise, different samplers", fontsize=10)
@@ -77,6 +93,7 @@ def compare_samplers(setup, configs: list[tuple[str, int]], out: str, *, num_ima
 def forward_reverse(setup, real: np.ndarray, out: str, *, steps: int = 8, seed: int = 0) -> str:
     """Left: the forward process q(x_t | x0) on real images; right: a reverse (DDPM) trajectory at the same t."""
     from ..diffusion import TrajectoryRecorder, denoise_from_seeds, image_seed, make_timesteps, q_sample
+
     plt = _plt()
     device = setup.device
     T = setup.schedule.num_steps
@@ -87,9 +104,18 @@ def forward_reverse(setup, real: np.ndarray, out: str, *, steps: int = 8, seed: 
     forward = [to_uint8(q_sample(setup.schedule, x0, torch.full((len(x0),), t, device=device), noise)) for t in ts]
     rec = TrajectoryRecorder(record_at=set(ts))
     labels = [i % setup.num_classes for i in range(len(x0))] if setup.num_classes else None
-    denoise_from_seeds(setup.model, setup.schedule, [image_seed(seed, i) for i in range(len(x0))], setup.shape,
-             setup.options.updated(sampler="ddpm", steps=T), device=device, labels=labels,
-             null_class=setup.num_classes or None, prediction=setup.prediction, callback=rec)
+    denoise_from_seeds(
+        setup.model,
+        setup.schedule,
+        [image_seed(seed, i) for i in range(len(x0))],
+        setup.shape,
+        setup.options.updated(sampler="ddpm", steps=T),
+        device=device,
+        labels=labels,
+        null_class=setup.num_classes or None,
+        prediction=setup.prediction,
+        callback=rec,
+    )
     reverse = {t: to_uint8(x) for t, x in zip(rec.steps, rec.x_t)}
     fig, axes = plt.subplots(len(x0), 2, figsize=(2 * len(ts) * 0.9 + 1, 1.1 * len(x0) + 0.6), squeeze=False)
     for i in range(len(x0)):
@@ -136,6 +162,7 @@ def recon_curves(rows: list[dict], out: str) -> str:
 def diversity(metrics_path: str, out: str) -> str:
     """Mean pairwise distance between the samples of each training-time grid, against images seen."""
     from . import read_metrics
+
     plt = _plt()
     rows = [r for r in read_metrics(metrics_path) if r.get("event") == "samples" and "diversity" in r]
     if not rows:

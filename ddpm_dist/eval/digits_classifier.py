@@ -1,6 +1,7 @@
 """A small CNN trained on the embedded digits' own labels and cached: its penultimate features give a
 Fréchet distance for the digits demo when the Inception file is absent (usual for MNIST-like data),
 and its predictions check that class-conditional samples show the class asked for."""
+
 from __future__ import annotations
 
 import logging
@@ -21,9 +22,18 @@ class DigitsNet(nn.Module):
     def __init__(self, channels: int = 1, num_classes: int = 10, size: int = 16):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(64 * (size // 4) ** 2, 128), nn.ReLU())
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * (size // 4) ** 2, 128),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(128, num_classes)
 
     def features(self, x255: torch.Tensor) -> torch.Tensor:
@@ -43,7 +53,9 @@ def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 20, seed: int = 0) -> tuple[DigitsNet, float]:
+def train_classifier(
+    images: np.ndarray, labels: np.ndarray, epochs: int = 20, seed: int = 0
+) -> tuple[DigitsNet, float]:
     """Train on 80%, report accuracy on the held-out 20%, then return the net (trained on the 80%)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -57,7 +69,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 20, s
     for _ in range(epochs):
         perm = tr[torch.randperm(len(tr), generator=g)]
         for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             loss = F.cross_entropy(net(_shift(x[idx], g)), y[idx])
             opt.zero_grad()
             loss.backward()

@@ -10,6 +10,7 @@ with the same seed the value is clean-fid's. Precision / recall are Kynkäännie
 manifold is the union of balls around its features, each with the radius of its k-th nearest neighbour
 (itself excluded); precision is the share of generated features inside the real manifold, recall the share
 of real features inside the generated one."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,8 +36,9 @@ class FeatureBank:
     def add_images(self, indices, labels=None) -> None:
         """Called by the image producer, in the order the features will come."""
         labels = [-1] * len(indices) if labels is None else labels
-        self.meta.append(torch.tensor(np.stack([np.asarray(indices), np.asarray(labels)], 1).reshape(-1, 2),
-                                      dtype=torch.int64))
+        self.meta.append(
+            torch.tensor(np.stack([np.asarray(indices), np.asarray(labels)], 1).reshape(-1, 2), dtype=torch.int64)
+        )
 
     def add_features(self, features: torch.Tensor) -> None:
         """The network's output as it is (float32 for every extractor here: gathered without loss)."""
@@ -55,9 +57,14 @@ class FeatureBank:
         return feats[order].double().numpy(), (None if (labels < 0).any() or not len(labels) else labels)
 
 
-def kernel_distance(real: np.ndarray, gen: np.ndarray, num_subsets: int = KID_SUBSETS,
-                    max_subset_size: int = KID_SUBSET_SIZE, seed: int = 0,
-                    device: torch.device = torch.device("cpu")) -> float:
+def kernel_distance(
+    real: np.ndarray,
+    gen: np.ndarray,
+    num_subsets: int = KID_SUBSETS,
+    max_subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
+    device: torch.device = torch.device("cpu"),
+) -> float:
     """KID, clean-fid's `kernel_distance(real, gen)` after `np.random.seed(seed)`, in float64 on `device`."""
     rs = np.random.RandomState(seed)
     d = real.shape[1]
@@ -83,19 +90,26 @@ def knn_radii(feats: torch.Tensor, k: int = PR_K, chunk: int = 1024) -> torch.Te
     """Squared distance of every feature to its k-th nearest neighbour in the set, itself excluded."""
     if len(feats) <= k:
         raise ValueError(f"a k={k} nearest-neighbour manifold needs more than {k} features, have {len(feats)}")
-    return torch.cat([_squared_distances(feats[i:i + chunk], feats).kthvalue(k + 1, dim=1).values
-                      for i in range(0, len(feats), chunk)])
+    return torch.cat(
+        [
+            _squared_distances(feats[i : i + chunk], feats).kthvalue(k + 1, dim=1).values
+            for i in range(0, len(feats), chunk)
+        ]
+    )
 
 
 def coverage(points: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> float:
     """The share of `points` inside some ball (a manifold feature and its squared radius)."""
-    inside = [(_squared_distances(points[i:i + chunk], manifold) <= radii[None, :]).any(1)
-              for i in range(0, len(points), chunk)]
+    inside = [
+        (_squared_distances(points[i : i + chunk], manifold) <= radii[None, :]).any(1)
+        for i in range(0, len(points), chunk)
+    ]
     return float(torch.cat(inside).double().mean())
 
 
-def precision_recall(real: np.ndarray, gen: np.ndarray, k: int = PR_K,
-                     device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+def precision_recall(
+    real: np.ndarray, gen: np.ndarray, k: int = PR_K, device: torch.device = torch.device("cpu")
+) -> tuple[float, float]:
     r, g = (torch.as_tensor(np.asarray(a, dtype=np.float64), device=device) for a in (real, gen))
     return coverage(g, r, knn_radii(r, k)), coverage(r, g, knn_radii(g, k))
 
@@ -107,8 +121,9 @@ def sample_rows(feats: np.ndarray, max_rows: int, seed: int = 0) -> np.ndarray:
     return feats[np.sort(np.random.default_rng(seed).choice(len(feats), max_rows, replace=False))]
 
 
-def class_frechet_distances(gen: np.ndarray, labels: np.ndarray, class_mu: np.ndarray, class_sigma: np.ndarray,
-                            class_n: np.ndarray) -> dict[int, float]:
+def class_frechet_distances(
+    gen: np.ndarray, labels: np.ndarray, class_mu: np.ndarray, class_sigma: np.ndarray, class_n: np.ndarray
+) -> dict[int, float]:
     """Generated features of class c against the reference statistics of class c, for every class with at
     least two images on both sides."""
     out = {}
@@ -119,16 +134,25 @@ def class_frechet_distances(gen: np.ndarray, labels: np.ndarray, class_mu: np.nd
     return out
 
 
-def feature_metrics(gen: np.ndarray, labels: Optional[np.ndarray], ref, *, seed: int = 0,
-                    kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
-                    pr_max_rows: int = PR_MAX_ROWS, device: torch.device = torch.device("cpu")) -> dict:
+def feature_metrics(
+    gen: np.ndarray,
+    labels: Optional[np.ndarray],
+    ref,
+    *,
+    seed: int = 0,
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    pr_max_rows: int = PR_MAX_ROWS,
+    device: torch.device = torch.device("cpu"),
+) -> dict:
     """KID, precision, recall and per-class Fréchet distances of generated features against a RefStats (None
     where the reference lacks what a metric needs: features, or per-class statistics for labelled samples)."""
     out: dict = {"kid": None, "precision": None, "recall": None, "class_frechet": None, "notes": []}
     if ref.features is not None and len(ref.features) >= 2 and len(gen) >= 2:
         out["kid"] = kernel_distance(ref.features, gen, kid_subsets, kid_subset_size, seed, device)
-        out.update(kid_subsets=kid_subsets, kid_subset_size=min(len(ref.features), len(gen), kid_subset_size),
-                   kid_seed=seed)
+        out.update(
+            kid_subsets=kid_subsets, kid_subset_size=min(len(ref.features), len(gen), kid_subset_size), kid_seed=seed
+        )
         real_pr, gen_pr = sample_rows(ref.features, pr_max_rows, seed), sample_rows(gen, pr_max_rows, seed)
         if min(len(real_pr), len(gen_pr)) > PR_K:
             out["precision"], out["recall"] = precision_recall(real_pr, gen_pr, PR_K, device)
@@ -137,8 +161,10 @@ def feature_metrics(gen: np.ndarray, labels: Optional[np.ndarray], ref, *, seed:
         out["notes"].append("no KID / precision / recall: the reference holds no features (ref-stats --features N)")
     if labels is not None:
         if ref.class_n is not None:
-            out["class_frechet"] = {str(c): v for c, v in class_frechet_distances(
-                gen, labels, ref.class_mu, ref.class_sigma, ref.class_n).items()}
+            out["class_frechet"] = {
+                str(c): v
+                for c, v in class_frechet_distances(gen, labels, ref.class_mu, ref.class_sigma, ref.class_n).items()
+            }
         else:
             out["notes"].append("no per-class Frechet distance: the reference holds no per-class statistics")
     return out

@@ -1,5 +1,6 @@
 """clean-fid's Inception network (the FID's feature extractor) from a local file only, verified before it is loaded:
 a TorchScript file carries code, and nothing can be downloaded at run time."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,6 @@ log = logging.getLogger(__name__)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-
 
 
 def file_checksum(path: str) -> str:
@@ -41,8 +41,12 @@ class UnverifiedWeights(ValueError):
 
 def inception_path(explicit: Optional[str] = None) -> str:
     """Where the Inception file is: --inception, $DDPM_INCEPTION, ~/.cache/ddpm_dist/, ./"""
-    candidates = [explicit, os.environ.get("DDPM_INCEPTION"),
-                  os.path.join(os.path.expanduser("~/.cache/ddpm_dist"), INCEPTION_FILE), INCEPTION_FILE]
+    candidates = [
+        explicit,
+        os.environ.get("DDPM_INCEPTION"),
+        os.path.join(os.path.expanduser("~/.cache/ddpm_dist"), INCEPTION_FILE),
+        INCEPTION_FILE,
+    ]
     for c in candidates:
         if not c:
             continue
@@ -51,7 +55,8 @@ def inception_path(explicit: Optional[str] = None) -> str:
             return path
     raise FileNotFoundError(
         f"Inception weights '{INCEPTION_FILE}' not found (looked at --inception, $DDPM_INCEPTION, ~/.cache/ddpm_dist/, "
-        f"./): download {INCEPTION_URL} where there is internet and pass --inception PATH")
+        f"./): download {INCEPTION_URL} where there is internet and pass --inception PATH"
+    )
 
 
 def verify_inception(path: str, checksum: str, allow_unverified: bool = False) -> None:
@@ -64,7 +69,9 @@ def verify_inception(path: str, checksum: str, allow_unverified: bool = False) -
             expected, source = f.read().strip(), f"the checksum pinned in {pin_file} at its first use"
     if allow_unverified:
         if checksum != expected:
-            log.warning("Inception file %s is not verified (sha256 %s...): its FID is not comparable", path, checksum[:12])
+            log.warning(
+                "Inception file %s is not verified (sha256 %s...): its FID is not comparable", path, checksum[:12]
+            )
         return
     if expected is None:
         os.makedirs(os.path.dirname(pin_file) or ".", exist_ok=True)
@@ -72,15 +79,19 @@ def verify_inception(path: str, checksum: str, allow_unverified: bool = False) -
         with open(tmp, "w") as f:
             f.write(checksum + "\n")
         os.replace(tmp, pin_file)
-        log.info("Inception file %s (sha256 %s...) pinned in %s: another file will be refused", path, checksum[:12],
-                 pin_file)
+        log.info(
+            "Inception file %s (sha256 %s...) pinned in %s: another file will be refused", path, checksum[:12], pin_file
+        )
     elif checksum != expected:
-        raise UnverifiedWeights(f"Inception file '{path}' has sha256 {checksum[:16]}..., not {source} "
-                                f"({expected[:16]}...): pass --allow-unverified-inception to use it anyway")
+        raise UnverifiedWeights(
+            f"Inception file '{path}' has sha256 {checksum[:16]}..., not {source} "
+            f"({expected[:16]}...): pass --allow-unverified-inception to use it anyway"
+        )
 
 
-def inception_extractor(path: Optional[str] = None, device: torch.device = torch.device("cpu"),
-                        allow_unverified: bool = False) -> Extractor:
+def inception_extractor(
+    path: Optional[str] = None, device: torch.device = torch.device("cpu"), allow_unverified: bool = False
+) -> Extractor:
     """clean-fid's Inception (TorchScript) with clean-fid's normalisation, from a local, verified file only."""
     path = inception_path(path)
     checksum = file_checksum(path)

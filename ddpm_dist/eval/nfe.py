@@ -1,6 +1,7 @@
 """Quality per model call: the Fréchet distance of each sampler at several numbers of model calls (NFE), with
 the wall time per image. Every point draws the same images (same per-image seeds and labels), so the
 points differ by the sampler and its step count only. One process; `python -m ddpm_dist.viz nfe` draws it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,8 @@ import time
 from typing import Callable, Mapping, Optional, Sequence
 
 from ..diffusion.options import model_calls, steps_for_calls
-from ..sampling.setup import SamplingSetup, make_share
 from ..sampling.plan import plan_batches, rank_share
+from ..sampling.setup import SamplingSetup, make_share
 from .statistics import Extractor, RefStats, accumulate, frechet_distance
 
 DEFAULT_CALLS = (5, 10, 20, 50, 100)
@@ -26,9 +27,18 @@ class Point:
     seconds_per_image: float  # generation only, features not counted
 
 
-def measure(setup: SamplingSetup, extractor: Extractor, ref: RefStats, plan: Mapping[str, Sequence[int]] = DEFAULT_PLAN,
-            *, num_images: int = 500, batch_size: int = 100, seed: int = 0, classes: Optional[str] = None,
-            on_point: Optional[Callable[[Point], None]] = None) -> list[Point]:
+def measure(
+    setup: SamplingSetup,
+    extractor: Extractor,
+    ref: RefStats,
+    plan: Mapping[str, Sequence[int]] = DEFAULT_PLAN,
+    *,
+    num_images: int = 500,
+    batch_size: int = 100,
+    seed: int = 0,
+    classes: Optional[str] = None,
+    on_point: Optional[Callable[[Point], None]] = None,
+) -> list[Point]:
     """One point per sampler (NAME or NAME@SPACING) and model-call budget in `plan`: the steps whose model calls
     come closest to the budget from below (Heun takes 2 x steps - 1), the run's other sampler options kept
     (guidance, clipping, and spacing unless the label names one)."""
@@ -39,16 +49,25 @@ def measure(setup: SamplingSetup, extractor: Extractor, ref: RefStats, plan: Map
         for budget in budgets:
             steps = min(steps_for_calls(sampler, budget), setup.schedule.num_steps)
             options = setup.options.updated(sampler=sampler, steps=steps, spacing=spacing or None)
-            point_setup = dataclasses.replace(setup, options=options.resolved(setup.schedule.num_steps,
-                                                                              bool(setup.num_classes)))
+            point_setup = dataclasses.replace(
+                setup, options=options.resolved(setup.schedule.num_steps, bool(setup.num_classes))
+            )
             t0 = time.perf_counter()
-            images = [imgs for _, imgs, _, _ in make_share(point_setup, share, seed=seed, classes=classes,
-                                                               num_images=num_images)]
+            images = [
+                imgs
+                for _, imgs, _, _ in make_share(point_setup, share, seed=seed, classes=classes, num_images=num_images)
+            ]
             seconds = time.perf_counter() - t0
             mu, sigma = accumulate(extractor, images).mean_cov()
             n = sum(len(b) for b in images)
-            point = Point(label, budget, steps, model_calls(sampler, steps), frechet_distance(mu, sigma, ref.mu, ref.sigma),
-                          seconds / n)
+            point = Point(
+                label,
+                budget,
+                steps,
+                model_calls(sampler, steps),
+                frechet_distance(mu, sigma, ref.mu, ref.sigma),
+                seconds / n,
+            )
             points.append(point)
             if on_point:
                 on_point(point)

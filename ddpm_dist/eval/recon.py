@@ -1,6 +1,7 @@
 """How well a model undoes noise (`python -m ddpm_dist.evaluate recon`). For held-out images, noise to
 each chosen t, then (a) predict x0 in one step and (b) run DDIM from t back to 0; PSNR and SSIM
 (torchmetrics) per t; LPIPS when its backbone weights are on disk."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,12 @@ def lpips_metric():
     hub = os.path.join(torch.hub.get_dir(), "checkpoints")
     have = os.path.isdir(hub) and any(f.startswith("alexnet-") for f in os.listdir(hub))
     if not have:
-        return None, f"LPIPS skipped: AlexNet weights (alexnet-owt-7be5be79.pth) are not in {hub} (nothing is downloaded)"
+        return (
+            None,
+            f"LPIPS skipped: AlexNet weights (alexnet-owt-7be5be79.pth) are not in {hub} (nothing is downloaded)",
+        )
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
     return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=False), ""
 
 
@@ -28,8 +33,9 @@ def _rgb(x: torch.Tensor) -> torch.Tensor:
     return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x  # LPIPS' AlexNet takes three channels
 
 
-def reconstruct(model, schedule, x0: torch.Tensor, t: int, *, ddim_steps: int, prediction: str, seed: int,
-                model_kwargs=None):
+def reconstruct(
+    model, schedule, x0: torch.Tensor, t: int, *, ddim_steps: int, prediction: str, seed: int, model_kwargs=None
+):
     """(one-step x0 prediction, DDIM reconstruction) from x_t = q_sample(x0, t)."""
     from ..diffusion import q_sample, run_steps, to_x0_eps
     from ..diffusion.samplers import DDIMStep
@@ -46,8 +52,9 @@ def reconstruct(model, schedule, x0: torch.Tensor, t: int, *, ddim_steps: int, p
         return one_step, run_steps(step, x_t)
 
 
-def reconstruction_table(setup, images: np.ndarray, labels: np.ndarray, ts: list[int], *, ddim_steps: int,
-                         seed: int = 0) -> tuple[list[dict], list[np.ndarray], str]:
+def reconstruction_table(
+    setup, images: np.ndarray, labels: np.ndarray, ts: list[int], *, ddim_steps: int, seed: int = 0
+) -> tuple[list[dict], list[np.ndarray], str]:
     """(a row of metrics per t, example rows (originals, then the DDIM reconstruction per t), why LPIPS is
     missing or ''). `setup` is a sampling.SamplingSetup; conditional models reconstruct with the true label."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -60,8 +67,16 @@ def reconstruction_table(setup, images: np.ndarray, labels: np.ndarray, ts: list
     for t in ts:
         if not 0 <= t < setup.schedule.num_steps:
             raise ValueError(f"--t {t} outside [0, {setup.schedule.num_steps})")
-        one, ddim = reconstruct(setup.model, setup.schedule, x0, t, ddim_steps=ddim_steps, prediction=setup.prediction,
-                                seed=seed, model_kwargs=kwargs)
+        one, ddim = reconstruct(
+            setup.model,
+            setup.schedule,
+            x0,
+            t,
+            ddim_steps=ddim_steps,
+            prediction=setup.prediction,
+            seed=seed,
+            model_kwargs=kwargs,
+        )
         row = {"t": t}
         for name, rec in (("one_step", one), ("ddim", ddim)):
             a, b = (rec + 1) / 2, (x0 + 1) / 2

@@ -4,6 +4,7 @@ Each rank adds float64 sums of features and of their outer products; the sums ar
 the images, EDM fid.py); mean and covariance follow; the distance is clean-fid's frechet_distance.
 Extractors are pluggable: clean-fid's Inception (the FID, "clean" resize), a digits classifier for the
 embedded data set (a Fréchet distance, never called FID), or any network a test builds."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,7 @@ from ..parallel.collectives import all_reduce_sum_, get_world_size
 
 log = logging.getLogger(__name__)
 
+
 class StatsMismatch(ValueError):
     pass
 
@@ -28,6 +30,7 @@ class StatsMismatch(ValueError):
 @dataclass
 class Extractor:
     """`net` maps float NCHW images (values 0..255, RGB, after the resize) to features."""
+
     name: str
     net: Callable[[torch.Tensor], torch.Tensor]
     checksum: str
@@ -62,6 +65,7 @@ class FeatureStats:
     """Running float64 sums for the mean and covariance of features. Rows wait in a small buffer and enter the
     d x d sum in one in-place GEMM per FLUSH_ROWS: one product per 32-image batch wrote and re-read a 32 MB
     temporary (2048 features) and made the sums 15% of the feature pass."""
+
     FLUSH_ROWS = 1024
 
     def __init__(self, dim: int):
@@ -90,10 +94,12 @@ class FeatureStats:
         """Sum the statistics of every rank (one collective of float64 sums; no images move)."""
         self._flush()
         if get_world_size() > 1:
-            packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.s, self.ss.flatten()]).to(device)
+            packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.s, self.ss.flatten()]).to(
+                device
+            )
             packed = all_reduce_sum_(packed).cpu()
             d = self.s.numel()
-            self.n, self.s, self.ss = int(round(packed[0].item())), packed[1:1 + d], packed[1 + d:].view(d, d)
+            self.n, self.s, self.ss = int(round(packed[0].item())), packed[1 : 1 + d], packed[1 + d :].view(d, d)
         return self
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
@@ -125,9 +131,13 @@ def clean_resize(images: np.ndarray, size: int = 299) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def accumulate(extractor: Extractor, batches: Iterable[np.ndarray], stats: Optional[FeatureStats] = None,
-               on_batch: Optional[Callable[[int], None]] = None,
-               on_features: Optional[Callable[[torch.Tensor], None]] = None) -> FeatureStats:
+def accumulate(
+    extractor: Extractor,
+    batches: Iterable[np.ndarray],
+    stats: Optional[FeatureStats] = None,
+    on_batch: Optional[Callable[[int], None]] = None,
+    on_features: Optional[Callable[[torch.Tensor], None]] = None,
+) -> FeatureStats:
     """Add the features of every batch (and hand them, as the network gave them, to `on_features`, in batch
     order). The next batch is read and resized in a background thread while the network runs on the current
     one (both release the GIL for most of their work)."""
@@ -167,6 +177,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
     from cleanfid.fid import frechet_distance as fd
     from scipy.linalg import LinAlgWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LinAlgWarning)
         return float(fd(mu1, sigma1, mu2, sigma2))
@@ -193,9 +204,17 @@ class RefStats:
     def save(self, path: str) -> str:
         buf = io.BytesIO()
         extra = {k: getattr(self, k) for k in OPTIONAL_ARRAYS if getattr(self, k) is not None}
-        np.savez(buf, mu=self.mu, sigma=self.sigma, n=self.n, extractor=self.extractor,
-                 extractor_checksum=self.extractor_checksum, resize_mode=self.resize_mode, data_checksum=self.data_checksum,
-                 **extra)
+        np.savez(
+            buf,
+            mu=self.mu,
+            sigma=self.sigma,
+            n=self.n,
+            extractor=self.extractor,
+            extractor_checksum=self.extractor_checksum,
+            resize_mode=self.resize_mode,
+            data_checksum=self.data_checksum,
+            **extra,
+        )
         storage.write_bytes_atomic(path, buf.getvalue())
         return path
 
@@ -205,19 +224,35 @@ class RefStats:
             raise FileNotFoundError(f"reference statistics '{path}' do not exist")
         with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
             extra = {k: z[k] for k in OPTIONAL_ARRAYS if k in z.files}
-            return cls(z["mu"], z["sigma"], int(z["n"]), str(z["extractor"]), str(z["extractor_checksum"]),
-                       str(z["resize_mode"]), str(z["data_checksum"]), **extra)
+            return cls(
+                z["mu"],
+                z["sigma"],
+                int(z["n"]),
+                str(z["extractor"]),
+                str(z["extractor_checksum"]),
+                str(z["resize_mode"]),
+                str(z["data_checksum"]),
+                **extra,
+            )
 
     def check(self, extractor: Extractor) -> None:
         if self.extractor_checksum != extractor.checksum or self.resize_mode != extractor.resize_mode:
             raise StatsMismatch(
-                f"reference statistics were computed with extractor {self.extractor} ({self.extractor_checksum[:12]}..., "
-                f"resize '{self.resize_mode}'), not {extractor.name} ({extractor.checksum[:12]}..., resize "
-                f"'{extractor.resize_mode}'): distances would not be comparable")
+                f"reference statistics were computed with extractor {self.extractor} "
+                f"({self.extractor_checksum[:12]}..., resize '{self.resize_mode}'), "
+                f"not {extractor.name} ({extractor.checksum[:12]}..., resize "
+                f"'{extractor.resize_mode}'): distances would not be comparable"
+            )
 
 
-def compute_ref_stats(data: str, extractor: Extractor, batch_size: int = 64, max_features: int = 0,
-                      per_class: bool = True, split: str = "train") -> RefStats:
+def compute_ref_stats(
+    data: str,
+    extractor: Extractor,
+    batch_size: int = 64,
+    max_features: int = 0,
+    per_class: bool = True,
+    split: str = "train",
+) -> RefStats:
     """Reference statistics of every image of a shard set, tied to the extractor and the data's checksum; with
     the features of at most `max_features` images (a uniform sample, seed 0, in data order) and, for labelled
     data, per-class statistics (unless per_class=False or they would exceed CLASS_STATS_MAX_BYTES)."""
@@ -230,7 +265,9 @@ def compute_ref_stats(data: str, extractor: Extractor, batch_size: int = 64, max
     n = len(images)
     keep = np.zeros(n, dtype=bool)
     if max_features:
-        keep[np.random.default_rng(0).choice(n, max_features, replace=False) if max_features < n else slice(None)] = True
+        keep[np.random.default_rng(0).choice(n, max_features, replace=False) if max_features < n else slice(None)] = (
+            True
+        )
     kept: list[np.ndarray] = []
     by_class: dict[int, FeatureStats] = {}
     per_class = per_class and bool(m.num_classes)
@@ -242,18 +279,33 @@ def compute_ref_stats(data: str, extractor: Extractor, batch_size: int = 64, max
         done += len(raw)
         kept.append(f[torch.from_numpy(keep[span])].numpy())
         if per_class and m.num_classes * f.shape[1] ** 2 * 8 > CLASS_STATS_MAX_BYTES:
-            log.warning("no per-class statistics: %d classes x %d^2 float64 exceed %d bytes", m.num_classes,
-                        f.shape[1], CLASS_STATS_MAX_BYTES)
+            log.warning(
+                "no per-class statistics: %d classes x %d^2 float64 exceed %d bytes",
+                m.num_classes,
+                f.shape[1],
+                CLASS_STATS_MAX_BYTES,
+            )
             per_class = False
         for c in np.unique(labels[span]) if per_class else ():
             by_class.setdefault(int(c), FeatureStats(f.shape[1])).add(f[torch.from_numpy(labels[span] == c)])
 
-    batches = (images[i:i + batch_size] for i in range(0, n, batch_size))
-    stats = accumulate(extractor, tqdm(batches, total=-(-n // batch_size), desc="reference features", unit="batch"),
-                       on_features=on_features)
+    batches = (images[i : i + batch_size] for i in range(0, n, batch_size))
+    stats = accumulate(
+        extractor,
+        tqdm(batches, total=-(-n // batch_size), desc="reference features", unit="batch"),
+        on_features=on_features,
+    )
     mu, sigma = stats.mean_cov()
-    ref = RefStats(mu, sigma, stats.n, extractor.name, extractor.checksum, extractor.resize_mode, m.checksum(),
-                   features=np.concatenate(kept) if max_features else None)
+    ref = RefStats(
+        mu,
+        sigma,
+        stats.n,
+        extractor.name,
+        extractor.checksum,
+        extractor.resize_mode,
+        m.checksum(),
+        features=np.concatenate(kept) if max_features else None,
+    )
     if per_class:
         d, k = len(mu), m.num_classes
         ref.class_mu, ref.class_sigma = np.zeros((k, d)), np.zeros((k, d, d))
@@ -265,8 +317,14 @@ def compute_ref_stats(data: str, extractor: Extractor, batch_size: int = 64, max
     return ref
 
 
-def reference_stats(extractor: Extractor, *, ref: Optional[str] = None, data: Optional[str] = None,
-                    batch_size: int = 64, max_features: int = 0) -> RefStats:
+def reference_stats(
+    extractor: Extractor,
+    *,
+    ref: Optional[str] = None,
+    data: Optional[str] = None,
+    batch_size: int = 64,
+    max_features: int = 0,
+) -> RefStats:
     """Saved statistics (checked against the extractor), else computed from a shard manifest."""
     if ref:
         stats = RefStats.load(ref)

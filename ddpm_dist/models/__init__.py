@@ -1,4 +1,5 @@
 """Single-device model code. `build_model` returns a plain nn.Module; parallel/ wraps it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,5 +42,13 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["AC_MODES", "PRESETS", "RUNTIME_FIELDS", "UNet", "UNetConfig", "build_model", "count_parameters",
-           "resolve_model_config"]
+__all__ = [
+    "AC_MODES",
+    "PRESETS",
+    "RUNTIME_FIELDS",
+    "UNet",
+    "UNetConfig",
+    "build_model",
+    "count_parameters",
+    "resolve_model_config",
+]

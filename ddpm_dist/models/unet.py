@@ -5,6 +5,7 @@ class embedding with a null class for classifier-free guidance, optional conditi
 Activation checkpointing (`activation_checkpointing`: "block" or "level") recomputes the chosen modules'
 activations in backward instead of keeping them. It runs inside each module's own forward, so on a module FSDP
 shards, its hooks stay outside the recomputed region (as torchtitan's checkpoint wrapper inside fully_shard)."""
+
 from __future__ import annotations
 
 import math
@@ -39,18 +40,23 @@ class UNetConfig:
 
     def validate(self) -> None:
         if self.image_size % (2 ** (len(self.channel_mults) - 1)):
-            raise ValueError(f"model.image_size={self.image_size} is not divisible by 2^{len(self.channel_mults) - 1} "
-                             f"(one halving per extra level)")
+            raise ValueError(
+                f"model.image_size={self.image_size} is not divisible by 2^{len(self.channel_mults) - 1} "
+                f"(one halving per extra level)"
+            )
         for m in self.channel_mults:
             if (self.base_channels * m) % self.norm_groups:
-                raise ValueError(f"model.norm_groups={self.norm_groups} does not divide {self.base_channels * m} channels")
+                raise ValueError(
+                    f"model.norm_groups={self.norm_groups} does not divide {self.base_channels * m} channels"
+                )
             if (self.base_channels * m) % self.num_heads:
                 raise ValueError(f"model.num_heads={self.num_heads} does not divide {self.base_channels * m} channels")
         if self.time_conditioning not in ("scale_shift", "add"):
             raise ValueError(f"model.time_conditioning: '{self.time_conditioning}' is not scale_shift or add")
         if self.activation_checkpointing not in AC_MODES:
-            raise ValueError(f"model.activation_checkpointing: '{self.activation_checkpointing}' is not '', block or "
-                             "level")
+            raise ValueError(
+                f"model.activation_checkpointing: '{self.activation_checkpointing}' is not '', block or level"
+            )
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -142,7 +148,9 @@ class Level(Checkpointable):
     """The blocks of one resolution (res blocks, each optionally followed by attention) plus the resampler.
     It is the unit FSDP shards; for the up path, it also pops the skip connections it consumes."""
 
-    def __init__(self, blocks: list[nn.Module], attns: list[Optional[nn.Module]], resample: Optional[nn.Module], up: bool):
+    def __init__(
+        self, blocks: list[nn.Module], attns: list[Optional[nn.Module]], resample: Optional[nn.Module], up: bool
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.attns = nn.ModuleList([a if a is not None else nn.Identity() for a in attns])
@@ -214,11 +222,13 @@ class UNet(nn.Module):
         ac = cfg.activation_checkpointing  # "level": the levels and the middle blocks; "block": each res/attention
         for m in self.modules():
             if isinstance(m, Checkpointable):
-                m.checkpointed = (ac == "block" and not isinstance(m, Level)) or \
-                    (ac == "level" and (isinstance(m, Level) or any(m is b for b in self.mid)))
+                m.checkpointed = (ac == "block" and not isinstance(m, Level)) or (
+                    ac == "level" and (isinstance(m, Level) or any(m is b for b in self.mid))
+                )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
-                cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         temb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(self.conv_in.weight.dtype))
         if self.class_emb is not None:
             if y is None:

@@ -1,4 +1,5 @@
 """Logging set-up shared by every process: rank 0 at INFO, the other ranks at WARNING, the rank in each line."""
+
 from __future__ import annotations
 
 import logging

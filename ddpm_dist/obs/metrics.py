@@ -1,6 +1,7 @@
 """One metrics processor, several sinks: console (a log line every N steps), metrics.jsonl (rank 0),
 Prometheus (every rank, optional), TensorBoard (rank 0, optional). Training and sampling report raw facts;
 this module aggregates and is the only writer of every sink."""
+
 from __future__ import annotations
 
 import logging
@@ -15,14 +16,25 @@ log = logging.getLogger(__name__)
 
 
 class Metrics:
-    def __init__(self, cfg: MetricsConfig, *, rank: int, local_rank: int, world_size: int, run: str,
-                 run_dir: Optional[str] = None, log_every: int = 50, config_yaml: str = ""):
+    def __init__(
+        self,
+        cfg: MetricsConfig,
+        *,
+        rank: int,
+        local_rank: int,
+        world_size: int,
+        run: str,
+        run_dir: Optional[str] = None,
+        log_every: int = 50,
+        config_yaml: str = "",
+    ):
         """Sinks from `cfg` (the config's metrics section); metrics.jsonl and TensorBoard events in run_dir
         (rank 0) when given; `config_yaml` (the resolved config) is shown in TensorBoard."""
         self.rank, self.world_size, self.log_every = rank, world_size, log_every
         self.tb = None
         if cfg.tensorboard and run_dir and rank == 0:
             from .tensorboard import TensorBoardSink  # the config check made sure the package is there
+
             self.tb = TensorBoardSink(os.path.join(run_dir, "tensorboard"), config_yaml)
         self.last_checkpoint_time: Optional[float] = None  # unix time of the newest committed checkpoint
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl") if (run_dir and cfg.jsonl and rank == 0) else None
@@ -30,6 +42,7 @@ class Metrics:
         self.sd_file = None
         if cfg.prometheus:
             from .prometheus import PrometheusSink, host_address, write_sd_target
+
             job = cfg.job or os.environ.get("SLURM_JOB_ID", "local")
             port, addr = cfg.prometheus_port + local_rank, cfg.prometheus_addr or host_address()
             self.prom = PrometheusSink(addr=addr, port=port, rank=rank, job=job, run=run)
@@ -55,9 +68,22 @@ class Metrics:
             with open(self.jsonl_path, "a") as f:
                 f.write(to_json(row) + "\n")
 
-    def train_step(self, *, step: int, images: int, loss, lr: float, grad_norm, step_seconds: float,
-                   data_wait: float, ema_seconds: float, rank_images: int, skipped_total: int, epoch: int,
-                   loss_mean_fn=None) -> Optional[dict]:
+    def train_step(
+        self,
+        *,
+        step: int,
+        images: int,
+        loss,
+        lr: float,
+        grad_norm,
+        step_seconds: float,
+        data_wait: float,
+        ema_seconds: float,
+        rank_images: int,
+        skipped_total: int,
+        epoch: int,
+        loss_mean_fn=None,
+    ) -> Optional[dict]:
         """Record one step. `loss` and `grad_norm` may be device tensors: they are read (a host sync) only
         every log_every steps, when the window's row is returned (and logged)."""
         w = self._window
@@ -84,10 +110,20 @@ class Metrics:
             mean_loss = loss_mean_fn(mean_loss)
         grad_norm = float(grad_norm)
         ips = w["images"] / max(elapsed, 1e-9)
-        row = {"event": "train", "step": step, "images": images, "epoch": epoch, "loss": mean_loss, "lr": lr,
-               "grad_norm": grad_norm, "images_per_s": ips * self.world_size,
-               "data_wait_share": w["wait"] / max(elapsed, 1e-9), "step_seconds": w["step_seconds"] / max(w["n"], 1),
-               "skipped": skipped_total, "time": time.time()}
+        row = {
+            "event": "train",
+            "step": step,
+            "images": images,
+            "epoch": epoch,
+            "loss": mean_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "images_per_s": ips * self.world_size,
+            "data_wait_share": w["wait"] / max(elapsed, 1e-9),
+            "step_seconds": w["step_seconds"] / max(w["n"], 1),
+            "skipped": skipped_total,
+            "time": time.time(),
+        }
         if self.last_checkpoint_time is not None:
             row["checkpoint_age_s"] = row["time"] - self.last_checkpoint_time
         if self.prom:
@@ -97,8 +133,16 @@ class Metrics:
             self.prom.grad_norm.set(grad_norm)
             self.prom.update_process()
         if self.rank == 0:
-            log.info("step %d  images %d  loss %.4f  lr %.2e  grad %.3f  %.0f img/s  data wait %.0f%%", step, images,
-                     mean_loss, lr, grad_norm, row["images_per_s"], 100 * row["data_wait_share"])
+            log.info(
+                "step %d  images %d  loss %.4f  lr %.2e  grad %.3f  %.0f img/s  data wait %.0f%%",
+                step,
+                images,
+                mean_loss,
+                lr,
+                grad_norm,
+                row["images_per_s"],
+                100 * row["data_wait_share"],
+            )
             self.write(row)
             if self.tb:
                 self.tb.row("train", row, images)
@@ -133,8 +177,14 @@ class Metrics:
     def frechet(self, value: float, extractor: str, images: int, n: int) -> None:
         if self.prom:
             self.prom.frechet.labels(**self.prom.labels, extractor=extractor).set(value)
-        row = {"event": "eval", "frechet_distance": value, "extractor": extractor, "images": images, "n": n,
-               "time": time.time()}
+        row = {
+            "event": "eval",
+            "frechet_distance": value,
+            "extractor": extractor,
+            "images": images,
+            "n": n,
+            "time": time.time(),
+        }
         self.write(row)
         if self.tb:
             self.tb.row("eval", row, images)
@@ -151,8 +201,13 @@ class Metrics:
                     gauge.labels(**p.labels, extractor=extractor).set(values[key])
             for c, v in (values.get("class_frechet") or {}).items():
                 p.class_frechet.labels(**p.labels, extractor=extractor, **{"class": str(c)}).set(v)
-        row = {"event": "eval_features", "images": images, "extractor": extractor,
-               **{k: values.get(k) for k in ("kid", "precision", "recall", "class_frechet")}, "time": time.time()}
+        row = {
+            "event": "eval_features",
+            "images": images,
+            "extractor": extractor,
+            **{k: values.get(k) for k in ("kid", "precision", "recall", "class_frechet")},
+            "time": time.time(),
+        }
         self.write(row)
 
     def samples(self, *, images: int, diversity: float, path: str) -> None:
@@ -175,4 +230,3 @@ class Metrics:
         if self.tb:
             self.tb.close()
             self.tb = None
-

@@ -1,6 +1,7 @@
 """TensorBoard sink (rank 0): the scalars of the console and Prometheus, sample grids as images, the resolved
 config as text. Steps are images seen, as in metrics.jsonl, so runs with other batch sizes line up.
 Only the metrics processor writes to it."""
+
 from __future__ import annotations
 
 import os
@@ -10,10 +11,16 @@ from PIL import Image
 
 # per kind of metrics.jsonl row: field -> TensorBoard tag
 TAGS = {
-    "train": {"loss": "train/loss", "lr": "train/lr", "images_per_s": "train/images_per_s",
-              "step_seconds": "train/step_seconds", "grad_norm": "train/grad_norm",
-              "data_wait_share": "data/wait_share", "skipped": "data/skipped_samples",
-              "checkpoint_age_s": "checkpoint/age_seconds"},
+    "train": {
+        "loss": "train/loss",
+        "lr": "train/lr",
+        "images_per_s": "train/images_per_s",
+        "step_seconds": "train/step_seconds",
+        "grad_norm": "train/grad_norm",
+        "data_wait_share": "data/wait_share",
+        "skipped": "data/skipped_samples",
+        "checkpoint_age_s": "checkpoint/age_seconds",
+    },
     "checkpoint": {"duration_s": "checkpoint/duration_seconds", "stall_s": "checkpoint/stall_seconds"},
     "eval": {"frechet_distance": "eval/frechet_distance"},
 }

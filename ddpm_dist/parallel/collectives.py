@@ -1,5 +1,6 @@
 """The collectives the rest of the code uses, each a no-op (or a copy) in one process: sums, gathers, maxima,
 barriers, and a side group for background work. Device-agnostic: the caller passes the device its backend needs."""
+
 from __future__ import annotations
 
 import numpy as np

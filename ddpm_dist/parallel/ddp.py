@@ -1,5 +1,6 @@
 """DDP: every rank holds the whole model; gradients all-reduced in buckets during backward.
 For small models (up to a few hundred M parameters on fast links) it is the fastest backend."""
+
 from __future__ import annotations
 
 from torch import nn

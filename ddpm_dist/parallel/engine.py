@@ -1,5 +1,6 @@
 """The interface the training loop drives, and its single-process form. DDP, FSDP2 and DeepSpeed
 ZeRO (ddp.py, fsdp.py, zero.py) implement the same methods; the loop does not know which it has."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,7 @@ from torch import nn
 
 def make_optimizer(params, lr: float, betas, weight_decay: float) -> torch.optim.Optimizer:
     # torch's AdamW resumes bitwise under every backend (DeepSpeed's fused CPU Adam does not).
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8,
-                             foreach=True)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=1e-8, foreach=True)
 
 
 def _norm_tensor(norm) -> torch.Tensor:
@@ -42,8 +42,16 @@ class Engine:
     name = "single"
     nhwc_weights = True  # channels_last converts the weights too (sharding engines keep theirs contiguous)
 
-    def __init__(self, module: nn.Module, device: torch.device, optimizer_args: dict, bf16: bool = False, *,
-                 compile: bool = False, channels_last: bool = False):
+    def __init__(
+        self,
+        module: nn.Module,
+        device: torch.device,
+        optimizer_args: dict,
+        bf16: bool = False,
+        *,
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
         self.module = to_memory_format(module.to(device), channels_last and self.nhwc_weights)
         self.device = device
         self.bf16, self.compile, self.channels_last = bf16, compile, channels_last
@@ -89,8 +97,9 @@ class Engine:
         """One optimizer step at learning rate `lr`; returns the global gradient norm before clipping (a tensor)."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip if grad_clip > 0 else float("inf"),
-                                              foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.module.parameters(), grad_clip if grad_clip > 0 else float("inf"), foreach=True
+        )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return _norm_tensor(norm)
@@ -141,16 +150,24 @@ class Engine:
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Unsharded fp32 weights on CPU (every rank must call it for sharded engines)."""
-        return {k: v.detach().float().cpu().clone(memory_format=torch.contiguous_format)
-                for k, v in self.module.state_dict().items()}
+        return {
+            k: v.detach().float().cpu().clone(memory_format=torch.contiguous_format)
+            for k, v in self.module.state_dict().items()
+        }
 
     def local_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients and optimizer state (for the memory test)."""
+
         def nbytes(t):
             t = t.to_local() if hasattr(t, "to_local") else t
             return t.numel() * t.element_size()
 
         params = list(self.module.parameters())
-        opt = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-        return {"params": sum(nbytes(p) for p in params),
-                "grads": sum(nbytes(p.grad) for p in params if p.grad is not None), "optimizer": opt}
+        opt = sum(
+            nbytes(v) for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
+        )
+        return {
+            "params": sum(nbytes(p) for p in params),
+            "grads": sum(nbytes(p.grad) for p in params if p.grad is not None),
+            "optimizer": opt,
+        }

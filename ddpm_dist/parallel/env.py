@@ -1,6 +1,7 @@
 """Rank, world, local rank and device from torchrun or SLURM (or neither); process-group set-up; local
 spawning. The only place that chooses the device and the backend: NCCL with one GPU per local rank
 when CUDA is present, gloo on the CPU."""
+
 from __future__ import annotations
 
 import datetime
@@ -65,9 +66,14 @@ def read_env(environ: Optional[dict] = None) -> DistEnv:
     """torchrun's variables win; then SLURM's (srun with one task per GPU); else a single process."""
     e = os.environ if environ is None else environ
     if "RANK" in e and "WORLD_SIZE" in e:
-        return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
-                       int(e.get("LOCAL_WORLD_SIZE", e["WORLD_SIZE"])), e.get("MASTER_ADDR", "127.0.0.1"),
-                       int(e.get("MASTER_PORT", 29500)))
+        return DistEnv(
+            int(e["RANK"]),
+            int(e["WORLD_SIZE"]),
+            int(e.get("LOCAL_RANK", 0)),
+            int(e.get("LOCAL_WORLD_SIZE", e["WORLD_SIZE"])),
+            e.get("MASTER_ADDR", "127.0.0.1"),
+            int(e.get("MASTER_PORT", 29500)),
+        )
     if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
         job = int(e.get("SLURM_JOB_ID", "0"))
         ntasks = int(e["SLURM_NTASKS"])
@@ -98,16 +104,21 @@ def init_distributed(env: Optional[DistEnv] = None, timeout_s: int = 600) -> Dis
     if env.distributed and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
         os.environ.setdefault("MASTER_PORT", str(env.master_port))
-        dist.init_process_group(env.backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                rank=env.rank, world_size=env.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=env.device if env.device.type == "cuda" else None)
+        dist.init_process_group(
+            env.backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=env.device if env.device.type == "cuda" else None,
+        )
         from .faults import hosts_summary, share_hosts
 
         share_hosts(env.device)
         if env.rank == 0:
-            log.info("%d ranks on %s; rendezvous %s:%d", env.world_size, hosts_summary(), env.master_addr,
-                     env.master_port)
+            log.info(
+                "%d ranks on %s; rendezvous %s:%d", env.world_size, hosts_summary(), env.master_addr, env.master_port
+            )
     return env
 
 
@@ -132,8 +143,14 @@ def launched_externally() -> bool:
 
 
 def _spawn_entry(local_rank: int, fn, args, world_size: int, port: int) -> None:
-    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     fn(*args)
 
 

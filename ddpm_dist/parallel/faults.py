@@ -2,6 +2,7 @@
 so none is left holding a GPU inside a blocking store connect), and a collective that fails because other
 ranks vanished becomes one line naming them: which ranks on which host, from a table every rank shares at
 start. The process-group timeout (parallel.dist_timeout_s) bounds how long a rank waits for a silent peer."""
+
 from __future__ import annotations
 
 import ctypes
@@ -17,9 +18,18 @@ import torch.distributed as dist
 
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 # What gloo, NCCL and the TCP store say when the other side is gone.
-PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "No route to host",
-             "Connection refused", "Socket Timeout", "Timed out waiting", "timed out", "NCCL communicator was aborted",
-             "Watchdog caught collective operation timeout")
+PEER_GONE = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "No route to host",
+    "Connection refused",
+    "Socket Timeout",
+    "Timed out waiting",
+    "timed out",
+    "NCCL communicator was aborted",
+    "Watchdog caught collective operation timeout",
+)
 _hosts: dict[int, tuple[str, str]] = {}  # rank -> (hostname, address)
 HOST_ROW = 256  # bytes per rank in the exchange
 
@@ -54,7 +64,7 @@ def share_hosts(device: torch.device) -> None:
         addr = ""
     row = torch.zeros(HOST_ROW, dtype=torch.uint8)
     data = f"{host} {addr}".encode()[:HOST_ROW]
-    row[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    row[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
     rows = [torch.empty_like(row, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, row.to(device))
     _hosts.clear()
@@ -97,7 +107,9 @@ def describe_lost_peer(error: BaseException, timeout_s: float) -> Optional[str]:
         what = f"lost rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))} on {host} ({m.group(1)})"
     else:
         others = sorted({h for h, _ in _hosts.values() if h != me})
-        what = (f"no answer from the other ranks within parallel.dist_timeout_s={timeout_s:g}s (a host died or its "
-                f"network is down{'; other hosts: ' + ', '.join(others) if others else ''})")
+        what = (
+            f"no answer from the other ranks within parallel.dist_timeout_s={timeout_s:g}s (a host died or its "
+            f"network is down{'; other hosts: ' + ', '.join(others) if others else ''})"
+        )
     reason = "connection closed" if m else re.sub(r"^\[[^\]]*:\d+\]\s*", "", text.strip().splitlines()[0])[:160]
     return f"{what}: {reason}"

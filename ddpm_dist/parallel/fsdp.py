@@ -3,6 +3,7 @@ bf16 uses MixedPrecisionPolicy (bf16 parameters in compute, fp32 gradient reduct
 Hybrid sharding: a 2-D mesh (replicate across nodes, shard within a node).
 compile: each block is compiled before it is sharded (torchtitan), so FSDP's all-gathers and reduce-scatters run
 between compiled blocks; the root's few layers stay eager."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,9 +37,20 @@ class FSDPEngine(Engine):
     name = "fsdp"
     nhwc_weights = False  # FSDP2 refuses non-contiguous parameters: channels_last reaches the inputs only
 
-    def __init__(self, module, device, optimizer_args, bf16=False, *, world_size: int, local_world_size: int,
-                 reshard_after_forward: bool = True, hybrid: bool = False, compile: bool = False,
-                 channels_last: bool = False):
+    def __init__(
+        self,
+        module,
+        device,
+        optimizer_args,
+        bf16=False,
+        *,
+        world_size: int,
+        local_world_size: int,
+        reshard_after_forward: bool = True,
+        hybrid: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
         self.world_size, self.local_world_size = world_size, local_world_size
         self.reshard_after_forward, self.hybrid = reshard_after_forward, hybrid
         super().__init__(module, device, optimizer_args, bf16, compile=compile, channels_last=channels_last)
@@ -49,10 +61,16 @@ class FSDPEngine(Engine):
     def wrap(self, module: nn.Module) -> nn.Module:
         if self.hybrid and self.world_size > self.local_world_size:
             nodes = self.world_size // self.local_world_size
-            mesh = init_device_mesh(self.device.type, (nodes, self.local_world_size), mesh_dim_names=("replicate", "shard"))
+            mesh = init_device_mesh(
+                self.device.type, (nodes, self.local_world_size), mesh_dim_names=("replicate", "shard")
+            )
         else:
             mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("shard",))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.bf16
+            else MixedPrecisionPolicy()
+        )
         units = sharding_units(module)
         if self.compile:
             compile_blocks(units)

@@ -1,4 +1,5 @@
 """Seeding the global random generators (model init) and one device's default generator (per-step noise)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """EMA of the weights, kept on the same shards as the parameters: DTensor clones under FSDP2, the local
 fp32 partition under ZeRO-3, full tensors otherwise. One foreach lerp per step, no communication;
 gathering happens only for export, sampling and (under ZeRO) checkpoints. Length is a half-life in images (EDM)."""
+
 from __future__ import annotations
 
 import torch

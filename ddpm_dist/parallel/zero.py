@@ -5,6 +5,7 @@ bitwise), the learning rate (set on the param groups each step) and the EMA, whi
 master weights where DeepSpeed keeps them: the local partition of each parameter under ZeRO-3, the
 local fragment of the flat fp32 partition under ZeRO-1/2. DeepSpeed does gradient accumulation
 itself (ZeRO-2/3 reduce-scatter every micro-step by design; ZeRO-1 reduces at the boundary)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,6 +29,7 @@ def deepspeed_globals() -> list:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
+
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
@@ -49,8 +51,10 @@ class WeightsOnlyLoads:
                 found = re.search(r"GLOBAL (\S+)", str(e))  # torch writes builtins.exec as exec
                 name = found and (found.group(1) if "." in found.group(1) else "builtins." + found.group(1))
                 why = f"it references {name}, which" if name else "it holds what"
-                raise ValueError(f"refusing to load '{path}': {why} a DeepSpeed checkpoint never contains (a "
-                                 f"checkpoint from an untrusted source?)") from None
+                raise ValueError(
+                    f"refusing to load '{path}': {why} a DeepSpeed checkpoint never contains (a "
+                    f"checkpoint from an untrusted source?)"
+                ) from None
 
 
 class ZeroEngine(Engine):
@@ -58,9 +62,21 @@ class ZeroEngine(Engine):
     nhwc_weights = False  # channels_last reaches the inputs only
     native_format = "deepspeed"  # the CheckpointManager calls save_native / load_native instead of state_dict
 
-    def __init__(self, module: nn.Module, device: torch.device, optimizer_args: dict, bf16: bool = False, *,
-                 stage: int, micro_batch: int, accum_steps: int, world_size: int, grad_clip: float,
-                 compile: bool = False, channels_last: bool = False):
+    def __init__(
+        self,
+        module: nn.Module,
+        device: torch.device,
+        optimizer_args: dict,
+        bf16: bool = False,
+        *,
+        stage: int,
+        micro_batch: int,
+        accum_steps: int,
+        world_size: int,
+        grad_clip: float,
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
         import deepspeed
 
         self.device, self.bf16, self.stage = device, bf16, stage
@@ -78,8 +94,9 @@ class ZeroEngine(Engine):
             "steps_per_print": 2**62,
             "wall_clock_breakdown": False,
         }
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
-                                                                dist_init_required=False)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, config=config, dist_init_required=False
+        )
         self.module = self.model.module
         if compile:  # DeepSpeed's own: nn.Module.compile of the module in place, its accelerator's backend. Under
             # ZeRO-3 its parameter hooks break the graph (38 graphs for the tiny UNet): correct, but it gains less.
@@ -110,6 +127,7 @@ class ZeroEngine(Engine):
     def _local_fp32(self, p: torch.Tensor) -> torch.Tensor:
         if self.stage == 3:
             from deepspeed.utils import safe_get_local_fp32_param
+
             return safe_get_local_fp32_param(p)
         mapping = getattr(p, "_hp_mapping", None)
         return mapping.hp_fragment if mapping is not None else torch.empty(0, device=self.device)
@@ -156,18 +174,22 @@ class ZeroEngine(Engine):
                 size = self._local_fp32(p).numel()
                 start = dist.get_rank() * size
                 part = torch.zeros(size, device=self.device)
-                piece = flat[start:start + size]
+                piece = flat[start : start + size]
                 part[: piece.numel()] = piece
                 out[n] = part
             else:
                 mapping = getattr(p, "_hp_mapping", None)
-                out[n] = flat.narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel).clone() \
-                    if mapping is not None else torch.empty(0, device=self.device)
+                out[n] = (
+                    flat.narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel).clone()
+                    if mapping is not None
+                    else torch.empty(0, device=self.device)
+                )
         return out
 
     # -- state ---------------------------------------------------------------------------------------
     def full_model_state(self):
         from deepspeed.utils import safe_get_full_fp32_param
+
         return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in self._params}
 
     def state_dict(self):
@@ -184,14 +206,17 @@ class ZeroEngine(Engine):
         with open(os.path.join(directory, LAYOUT_FILE)) as f:
             saved = json.load(f)
         if saved["world_size"] != dist.get_world_size():
-            raise ValueError(f"a DeepSpeed ZeRO checkpoint of {saved['world_size']} ranks resumes only at that world "
-                             f"size, not {dist.get_world_size()} (its EMA and the run's export are portable; to reshard "
-                             f"the optimizer, convert it with DeepSpeed's ds_to_universal)")
+            raise ValueError(
+                f"a DeepSpeed ZeRO checkpoint of {saved['world_size']} ranks resumes only at that world "
+                f"size, not {dist.get_world_size()} (its EMA and the run's export are portable; to reshard "
+                f"the optimizer, convert it with DeepSpeed's ds_to_universal)"
+            )
         engine = self.model.checkpoint_engine
         self.model.checkpoint_engine = WeightsOnlyLoads(engine)  # every file DeepSpeed reads goes through its load
         try:
-            path, _ = self.model.load_checkpoint(directory, tag="zero", load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
+            path, _ = self.model.load_checkpoint(
+                directory, tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         finally:
             self.model.checkpoint_engine = engine
         if path is None:
@@ -211,5 +236,7 @@ class ZeroEngine(Engine):
         else:
             lp = sum(nbytes(p) for _, p in self._params)
             master = sum(nbytes(t) for t in getattr(opt, "single_partition_of_fp32_groups", []))
-            grads = sum(nbytes(t.grad) for t in getattr(opt, "single_partition_of_fp32_groups", []) if t.grad is not None)
+            grads = sum(
+                nbytes(t.grad) for t in getattr(opt, "single_partition_of_fp32_groups", []) if t.grad is not None
+            )
         return {"params": lp + (master if self.bf16 else 0), "grads": grads, "optimizer": state}

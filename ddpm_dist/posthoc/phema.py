@@ -13,6 +13,7 @@ profile's mass over that step (the weights are constant within it), whatever the
 Post-hoc: snapshots of a few such averages (profiles (t_i, gamma_i)) combine into any other profile (t, gamma) as
 the least-squares fit sum_i x_i p_(t_i, gamma_i) ~ p_(t, gamma) in L2 over tau: the Gram system G x = b with the
 closed-form inner products of power-function profiles below."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """Power-function EMA profiles during training: one ShardedEMA per relative std, on the engine's local shards
 (DTensor shards under FSDP2, the fp32 partition under ZeRO-3), each step one foreach lerp per profile and no
 communication. A CheckpointManager component: its state is the profiles in the engine's checkpoint shape."""
+
 from __future__ import annotations
 
 import torch

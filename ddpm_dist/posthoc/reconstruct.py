@@ -20,8 +20,8 @@ from ..artifacts import load_dcp, run_config, save_export
 from ..models import UNet, resolve_model_config
 from ..obs.log import setup_logging
 from ..parallel.collectives import barrier
-from ..parallel.sharded_ema import gather_flat_to_main
 from ..parallel.env import init_distributed, read_env, shutdown
+from ..parallel.sharded_ema import gather_flat_to_main
 from .phema import MAX_STD, fit_error, solve_coefficients, std_to_exp
 from .snapshots import SNAPSHOT_DIR, Snapshot, committed_snapshots, read_snapshot_meta
 

@@ -6,6 +6,7 @@ seen, std, gamma, path of every committed snapshot) rebuilt from the directories
 Snapshots are kept: disk cost = profiles x fp32 model size per snapshot. A resumed run first removes the snapshots
 newer than the state it resumed (written after that checkpoint by the run that died): replaying the steps writes
 them again, so none is lost or duplicated."""
+
 from __future__ import annotations
 
 import json
@@ -92,8 +93,11 @@ class SnapshotWriter:
             for s in newer:
                 shutil.rmtree(s.path)
             if newer:
-                log.info("removed %d EMA snapshot(s) newer than the resumed state (%d images): the replay rewrites them",
-                         len(newer), images)
+                log.info(
+                    "removed %d EMA snapshot(s) newer than the resumed state (%d images): the replay rewrites them",
+                    len(newer),
+                    images,
+                )
             self._write_index()
         barrier()
         found = committed_snapshots(self.directory)
@@ -121,12 +125,22 @@ class SnapshotWriter:
                 raise CheckpointError(f"EMA snapshot {final} failed: {type(e).__name__}: {e}") from e
             barrier()
             if self.rank == 0:
-                self._commit(tmp, final, {"format": INDEX_FORMAT, "images": images, "std": std, "gamma": gamma,
-                                          "model_config": self.model_config})
+                self._commit(
+                    tmp,
+                    final,
+                    {
+                        "format": INDEX_FORMAT,
+                        "images": images,
+                        "std": std,
+                        "gamma": gamma,
+                        "model_config": self.model_config,
+                    },
+                )
         if self.rank == 0:
             self._write_index()
-            log.info("EMA snapshots at %d images: %d profile(s) in %.2fs", images, len(power.stds),
-                     time.perf_counter() - t0)
+            log.info(
+                "EMA snapshots at %d images: %d profile(s) in %.2fs", images, len(power.stds), time.perf_counter() - t0
+            )
         barrier()
         self.last_images = images
 
@@ -147,9 +161,12 @@ class SnapshotWriter:
             os.close(fd)
 
     def _write_index(self) -> None:
-        rows = [{"images": s.images, "std": s.std, "gamma": s.gamma, "path": os.path.basename(s.path)}
-                for s in committed_snapshots(self.directory)]
+        rows = [
+            {"images": s.images, "std": s.std, "gamma": s.gamma, "path": os.path.basename(s.path)}
+            for s in committed_snapshots(self.directory)
+        ]
         tmp = os.path.join(self.directory, INDEX + ".tmp")
-        _write_durably(tmp, json.dumps({"format": INDEX_FORMAT, "model_config": self.model_config, "snapshots": rows},
-                                       indent=1))
+        _write_durably(
+            tmp, json.dumps({"format": INDEX_FORMAT, "model_config": self.model_config, "snapshots": rows}, indent=1)
+        )
         os.replace(tmp, os.path.join(self.directory, INDEX))

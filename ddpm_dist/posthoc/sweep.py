@@ -19,11 +19,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..artifacts import run_data_source
-from ..eval.statistics import compute_ref_stats
+from ..drawing.ema_sweep import frechet_against_std
 from ..eval.job import FrechetJob, frechet_worker, make_extractor, read_result
+from ..eval.statistics import compute_ref_stats
 from ..parallel.env import read_env, spawn_local
 from ..redact import to_json
-from ..drawing.ema_sweep import frechet_against_std
 from .phema import MAX_STD
 from .reconstruct import check_stds, export_path, make_plan, reconstruct
 

@@ -1,6 +1,7 @@
 """One self-contained HTML page about a run directory, finished, running or preempted: status, config,
 hardware, curves, samples, evaluation, checkpoints, performance. Data flows one way: collect.py reads the run
 into plain data, charts.py draws it, html.py renders the page; `python -m ddpm_dist.report` (ddpm_dist/report.py)."""
+
 from __future__ import annotations
 
 import os

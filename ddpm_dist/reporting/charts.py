@@ -1,5 +1,6 @@
 """The report's curves as PNG bytes, drawn fresh from metrics.jsonl rows (curves.png exists only once a run
 has finished). matplotlib is imported on first use: it takes a second."""
+
 from __future__ import annotations
 
 import io
@@ -10,8 +11,10 @@ MAX_POINTS = 2000  # a long run's rows are thinned to this many per curve
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -30,14 +33,20 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def panels(rows: Sequence[dict], keys: Sequence[tuple[str, str, bool]], x: str = "images",
-           xlabel: str = "images seen") -> Optional[bytes]:
+def panels(
+    rows: Sequence[dict], keys: Sequence[tuple[str, str, bool]], x: str = "images", xlabel: str = "images seen"
+) -> Optional[bytes]:
     """One panel per (key, title, log y) with at least one point, `key` against `x`; None when none has."""
     plt = _pyplot()
     series = []
     for key, title, log in keys:
-        pts = [(r[x], r[key]) for r in rows if isinstance(r.get(x), (int, float)) and isinstance(r.get(key), (int, float))
-               and not isinstance(r.get(key), bool)]
+        pts = [
+            (r[x], r[key])
+            for r in rows
+            if isinstance(r.get(x), (int, float))
+            and isinstance(r.get(key), (int, float))
+            and not isinstance(r.get(key), bool)
+        ]
         if pts:
             series.append((_thin(pts), title, log and all(v > 0 for _, v in pts)))
     if not series:
@@ -55,8 +64,9 @@ def panels(rows: Sequence[dict], keys: Sequence[tuple[str, str, bool]], x: str =
 
 
 def training_curves(train_rows: Sequence[dict]) -> Optional[bytes]:
-    return panels(train_rows, (("loss", "loss", True), ("lr", "learning rate", False),
-                               ("images_per_s", "images/s", False)))
+    return panels(
+        train_rows, (("loss", "loss", True), ("lr", "learning rate", False), ("images_per_s", "images/s", False))
+    )
 
 
 def eval_curve(eval_rows: Sequence[dict]) -> Optional[bytes]:

@@ -1,6 +1,7 @@
 """Read a run directory into plain data for the report: metrics.jsonl rows, the resolved config, checkpoints,
 pictures and evaluation results. Everything here is data from a run directory: JSON and YAML are parsed as
 text, nothing is unpickled, and a missing or unreadable piece becomes a note, never an exception."""
+
 from __future__ import annotations
 
 import json
@@ -176,9 +177,11 @@ def find_pictures(run_dir: str) -> tuple[Optional[Picture], Optional[Picture], O
         elif name == "trajectory.png":
             trajectories.append((mtime(path), path))
     out = []
-    for found, note in ((training, "the newest grid written during training"),
-                        (sampled, "the newest grid of python -m ddpm_dist.sample"),
-                        (trajectories, "the newest denoising trajectory: noise on the left, images on the right")):
+    for found, note in (
+        (training, "the newest grid written during training"),
+        (sampled, "the newest grid of python -m ddpm_dist.sample"),
+        (trajectories, "the newest denoising trajectory: noise on the left, images on the right"),
+    ):
         if found:
             best = max(found)[1]
             sampling_json = os.path.join(os.path.dirname(best), "sampling.json")
@@ -194,8 +197,9 @@ def _sampling_summary(path: str) -> str:
     try:
         with open(path) as f:
             s = json.load(f)
-        return redact(", ".join(f"{k} {s[k]}" for k in ("source", "sampler", "steps", "guidance", "num_images")
-                                if k in s))
+        return redact(
+            ", ".join(f"{k} {s[k]}" for k in ("source", "sampler", "steps", "guidance", "num_images") if k in s)
+        )
     except (OSError, ValueError, TypeError, AttributeError):
         return "sampling.json unreadable"
 
@@ -268,8 +272,11 @@ def read_checkpoints(run_dir: str, now: float) -> tuple[list[dict], list[str]]:
         rows.append(row)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     done = {r["name"] for r in rows}
-    pending = sorted(n for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
-                     if n.startswith("step_") and n not in done and os.path.isdir(os.path.join(ckpt_dir, n)))
+    pending = sorted(
+        n
+        for n in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+        if n.startswith("step_") and n not in done and os.path.isdir(os.path.join(ckpt_dir, n))
+    )
     notes += [f"{n}: no {MARKER} marker (being written, or interrupted: resume skips it)" for n in pending]
     scored = [r for r in rows if "frechet_distance" in r]
     if scored:
@@ -294,13 +301,27 @@ def collect(run_dir: str, now: Optional[float] = None) -> RunData:
     grid, sampled, trajectory = find_pictures(run_dir)
     results, recons, result_notes = find_results(run_dir)
     return RunData(
-        run_dir=redact(run_dir), name=redact(name), now=now, status=status, status_text=status_text,
-        config_text=config_text, starts=starts,
+        run_dir=redact(run_dir),
+        name=redact(name),
+        now=now,
+        status=status,
+        status_text=status_text,
+        config_text=config_text,
+        starts=starts,
         train=[r for r in rows if r.get("event") == "train" and is_number(r.get("images"))],
         evals=[r for r in rows if r.get("event") == "eval" and is_number(r.get("frechet_distance"))],
         checkpoint_rows=[r for r in rows if r.get("event") == "checkpoint"],
         state_bytes=bytes_rows[-1]["per_rank"] if bytes_rows else None,
-        checkpoints=checkpoints, grid=grid, sampled_grid=sampled, trajectory=trajectory, results=results,
+        checkpoints=checkpoints,
+        grid=grid,
+        sampled_grid=sampled,
+        trajectory=trajectory,
+        results=results,
         recons=recons,
-        notes={"summary": metric_notes, "config": [config_note] if config_note else [], "checkpoints": ckpt_notes,
-               "evaluation": result_notes})
+        notes={
+            "summary": metric_notes,
+            "config": [config_note] if config_note else [],
+            "checkpoints": ckpt_notes,
+            "evaluation": result_notes,
+        },
+    )

@@ -1,5 +1,6 @@
 """Render a RunData as one self-contained HTML page: CSS inline, pictures as data: URIs, no script and no
 address outside the page. Every string from the run is escaped; a missing piece is one line in its section."""
+
 from __future__ import annotations
 
 import base64
@@ -11,9 +12,16 @@ from typing import Iterable, Optional, Sequence
 from . import charts
 from .collect import RECENT_ROWS, Picture, RunData, is_number
 
-SECTIONS = (("summary", "Summary"), ("config", "Config"), ("hardware", "Hardware and world size"),
-            ("curves", "Training curves"), ("samples", "Samples"), ("evaluation", "Evaluation"),
-            ("checkpoints", "Checkpoints"), ("performance", "Performance"))
+SECTIONS = (
+    ("summary", "Summary"),
+    ("config", "Config"),
+    ("hardware", "Hardware and world size"),
+    ("curves", "Training curves"),
+    ("samples", "Samples"),
+    ("evaluation", "Evaluation"),
+    ("checkpoints", "Checkpoints"),
+    ("performance", "Performance"),
+)
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1150px; padding: 0 16px 40px; color: #222; }
 nav a { margin-right: 12px; } h1 { margin-bottom: 4px; } section { border-top: 1px solid #ddd; padding: 6px 0 12px; }
@@ -74,8 +82,14 @@ def table(header: Sequence[str], rows: Iterable[Sequence], text_cols: Sequence[i
     def cls(i: int) -> str:
         return ' class="text"' if i in text_cols else ""
 
-    out = ["<table>" + ("<tr>" + "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(header)) + "</tr>"
-                        if any(header) else "")]
+    out = [
+        "<table>"
+        + (
+            "<tr>" + "".join(f"<th{cls(i)}>{esc(h)}</th>" for i, h in enumerate(header)) + "</tr>"
+            if any(header)
+            else ""
+        )
+    ]
     for k, row in enumerate(rows):
         rc = f' class="{row_classes[k]}"' if row_classes and row_classes[k] else ""
         out.append(f"<tr{rc}>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(row)) + "</tr>")
@@ -104,11 +118,18 @@ def kv(pairs: Iterable[tuple[str, str]]) -> str:
 def section_summary(d: RunData) -> str:
     last = d.last_train
     newest = next((c for c in reversed(d.checkpoints) if "step" in c), None)
-    pairs = [("run", esc(d.name)), ("directory", esc(d.run_dir)),
-             ("status", f'<span class="status {esc(d.status)}">{esc(d.status_text)}</span>')]
+    pairs = [
+        ("run", esc(d.name)),
+        ("directory", esc(d.run_dir)),
+        ("status", f'<span class="status {esc(d.status)}">{esc(d.status_text)}</span>'),
+    ]
     if last:
-        pairs += [("steps", num(last.get("step"))), ("images seen", num(last.get("images"))),
-                  ("epoch", num(last.get("epoch"))), ("last loss", num(last.get("loss")))]
+        pairs += [
+            ("steps", num(last.get("step"))),
+            ("images seen", num(last.get("images"))),
+            ("epoch", num(last.get("epoch"))),
+            ("last loss", num(last.get("loss"))),
+        ]
     else:
         pairs.append(("steps", "no training row yet"))
     if newest:
@@ -124,24 +145,43 @@ def section_config(d: RunData) -> str:
 def section_hardware(d: RunData) -> str:
     if not d.starts:
         newest = next((c for c in reversed(d.checkpoints) if "world_size" in c), None)
-        known = (f" The newest checkpoint was written by world size {newest['world_size']} ({newest.get('backend')})."
-                 if newest else "")
+        known = (
+            f" The newest checkpoint was written by world size {newest['world_size']} ({newest.get('backend')})."
+            if newest
+            else ""
+        )
         return note("unknown: metrics.jsonl has no start row (a run from before it was recorded)." + known)
     s = d.starts[-1]
     hosts = s.get("hosts")
-    out = kv([("world size", num(s.get("world_size"))), ("backend", esc(s.get("backend", ""))),
-              ("hosts", esc(", ".join(map(str, hosts)) if isinstance(hosts, list) else hosts or "")),
-              ("device", esc(s.get("device", ""))), ("torch", esc(s.get("torch", ""))),
-              ("parameters", num(s.get("num_params"))),
-              ("resumed from", esc(s["resumed_from"]) if s.get("resumed_from") else "a fresh start"),
-              ("started", esc(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s["time"])))
-               if is_number(s.get("time")) else "")])
+    out = kv(
+        [
+            ("world size", num(s.get("world_size"))),
+            ("backend", esc(s.get("backend", ""))),
+            ("hosts", esc(", ".join(map(str, hosts)) if isinstance(hosts, list) else hosts or "")),
+            ("device", esc(s.get("device", ""))),
+            ("torch", esc(s.get("torch", ""))),
+            ("parameters", num(s.get("num_params"))),
+            ("resumed from", esc(s["resumed_from"]) if s.get("resumed_from") else "a fresh start"),
+            (
+                "started",
+                esc(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(s["time"]))) if is_number(s.get("time")) else "",
+            ),
+        ]
+    )
     if len(d.starts) > 1:
         out += "<p>Every start and resume:</p>" + table(
             ("started (UTC)", "world size", "backend", "device"),
-            ([esc(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"]))) if is_number(r.get("time")) else "",
-              num(r.get("world_size")), esc(r.get("backend", "")), esc(r.get("device", ""))] for r in d.starts),
-            text_cols=(0, 2, 3))
+            (
+                [
+                    esc(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"]))) if is_number(r.get("time")) else "",
+                    num(r.get("world_size")),
+                    esc(r.get("backend", "")),
+                    esc(r.get("device", "")),
+                ]
+                for r in d.starts
+            ),
+            text_cols=(0, 2, 3),
+        )
     return out
 
 
@@ -154,8 +194,12 @@ def section_curves(d: RunData) -> str:
 
 def section_samples(d: RunData) -> str:
     cmd = f"python -m ddpm_dist.sample --run {d.run_dir} --out {d.run_dir}/samples/final --num-images 16"
-    out = picture(d.grid, "latest sample grid", "no sample grid yet: training writes samples/grid_N.png every "
-                  "train.sample_every_images and samples/final_grid.png at the end")
+    out = picture(
+        d.grid,
+        "latest sample grid",
+        "no sample grid yet: training writes samples/grid_N.png every "
+        "train.sample_every_images and samples/final_grid.png at the end",
+    )
     if d.sampled_grid is not None:
         out += picture(d.sampled_grid, "sampled grid", "")
     out += picture(d.trajectory, "denoising trajectory", f"no trajectory.png under samples/: make one with {cmd}")
@@ -166,32 +210,54 @@ def section_evaluation(d: RunData) -> str:
     out = []
     if d.evals:
         out.append("<h3>In training (eval.every_images)</h3>")
-        out.append(table(("images seen", "Fréchet distance", "extractor", "n"),
-                         ([num(r.get("images")), num(r.get("frechet_distance")), esc(r.get("extractor", "")),
-                           num(r.get("n"))] for r in d.evals), text_cols=(2,)))
+        out.append(
+            table(
+                ("images seen", "Fréchet distance", "extractor", "n"),
+                (
+                    [num(r.get("images")), num(r.get("frechet_distance")), esc(r.get("extractor", "")), num(r.get("n"))]
+                    for r in d.evals
+                ),
+                text_cols=(2,),
+            )
+        )
         png = charts.eval_curve(d.evals)
         if png:
             out.append(image(png, "in-training Fréchet distance"))
     if d.results:
         out.append("<h3>python -m ddpm_dist.evaluate fid | frechet</h3>")
         cols = ("value", "n", "ref_n", "extractor", "class_accuracy", "source", "sampler", "steps", "guidance")
-        out.append(table(("file", "metric", *cols),
-                         ([esc(r["path"]), esc(r.get("metric"))] + [num(r.get(c)) for c in cols] for r in d.results),
-                         text_cols=(0, 1, 5, 7, 8)))
+        out.append(
+            table(
+                ("file", "metric", *cols),
+                ([esc(r["path"]), esc(r.get("metric"))] + [num(r.get(c)) for c in cols] for r in d.results),
+                text_cols=(0, 1, 5, 7, 8),
+            )
+        )
     for rec in d.recons:
         data = rec["data"]
         rows = [r for r in data["rows"] if isinstance(r, dict)]
-        metrics = [k for k in ("one_step_psnr", "one_step_ssim", "ddim_psnr", "ddim_ssim", "one_step_lpips", "ddim_lpips")
-                   if any(k in r for r in rows)]
+        metrics = [
+            k
+            for k in ("one_step_psnr", "one_step_ssim", "ddim_psnr", "ddim_ssim", "one_step_lpips", "ddim_lpips")
+            if any(k in r for r in rows)
+        ]
         out.append(f"<h3>Reconstruction: {esc(rec['path'])}</h3>")
-        out.append(f"<p>{num(data.get('n'))} images of {esc(data.get('data', '?'))} by {esc(data.get('source', '?'))}</p>")
-        out.append(table(("t", *(m.replace("_", " ") for m in metrics)),
-                         ([num(r.get("t"))] + [num(r.get(m)) for m in metrics] for r in rows)))
+        out.append(
+            f"<p>{num(data.get('n'))} images of {esc(data.get('data', '?'))} by {esc(data.get('source', '?'))}</p>"
+        )
+        out.append(
+            table(
+                ("t", *(m.replace("_", " ") for m in metrics)),
+                ([num(r.get("t"))] + [num(r.get(m)) for m in metrics] for r in rows),
+            )
+        )
         if rec["picture"] is not None:
             out.append(picture(rec["picture"], "reconstruction metrics", "", pixels=False))
     if not out:
-        return note(f"no evaluation yet: train with eval.every_images, or run python -m ddpm_dist.evaluate "
-                    f"frechet --run {d.run_dir} (writes frechet.json there)")
+        return note(
+            f"no evaluation yet: train with eval.every_images, or run python -m ddpm_dist.evaluate "
+            f"frechet --run {d.run_dir} (writes frechet.json there)"
+        )
     return "".join(out)
 
 
@@ -199,11 +265,20 @@ def section_checkpoints(d: RunData) -> str:
     if not d.checkpoints:
         return note("no committed checkpoint under checkpoints/ yet")
     scored = any("frechet_distance" in c for c in d.checkpoints)
-    header = ["checkpoint", "step", "images", "world size", "backend", "size", "age"] + (["Fréchet distance"] if scored else [])
+    header = ["checkpoint", "step", "images", "world size", "backend", "size", "age"] + (
+        ["Fréchet distance"] if scored else []
+    )
     rows = []
     for c in d.checkpoints:
-        row = [esc(c["name"]) + (" (best)" if c.get("best") else ""), num(c.get("step")), num(c.get("images")),
-               num(c.get("world_size")), esc(c.get("backend") or ""), human_bytes(c.get("bytes")), human_seconds(c.get("age_s"))]
+        row = [
+            esc(c["name"]) + (" (best)" if c.get("best") else ""),
+            num(c.get("step")),
+            num(c.get("images")),
+            num(c.get("world_size")),
+            esc(c.get("backend") or ""),
+            human_bytes(c.get("bytes")),
+            human_seconds(c.get("age_s")),
+        ]
         if scored:
             row.append(num(c.get("frechet_distance")))
         rows.append(row)
@@ -217,20 +292,33 @@ def _values(rows: Sequence[dict], key: str) -> list[float]:
 def section_performance(d: RunData) -> str:
     recent = d.train[-RECENT_ROWS:]
     pairs = []
-    ips, wait, step_s = _values(recent, "images_per_s"), _values(d.train, "data_wait_share"), _values(recent, "step_seconds")
+    ips, wait, step_s = (
+        _values(recent, "images_per_s"),
+        _values(d.train, "data_wait_share"),
+        _values(recent, "step_seconds"),
+    )
     if ips:
         pairs.append(("images/s", f"{statistics.median(ips):,.1f} (median of the last {len(ips)} rows)"))
     if wait:
         pairs.append(("data-wait share", f"{100 * statistics.mean(wait):.1f}% (mean of {len(wait)} rows)"))
-    pairs.append(("step time", f"{human_seconds(statistics.median(step_s))} (median of the last {len(step_s)} rows)"
-                  if step_s else "not recorded (no step_seconds in the training rows)"))
+    pairs.append(
+        (
+            "step time",
+            f"{human_seconds(statistics.median(step_s))} (median of the last {len(step_s)} rows)"
+            if step_s
+            else "not recorded (no step_seconds in the training rows)",
+        )
+    )
     ages = _values(d.train[-1:], "checkpoint_age_s")
     if ages:
         pairs.append(("checkpoint age at the last row", human_seconds(ages[0])))
     dur, stall = _values(d.checkpoint_rows, "duration_s"), _values(d.checkpoint_rows, "stall_s")
+
     def spread(values: list[float]) -> str:
-        return (f"last {human_seconds(values[-1])}, mean {human_seconds(statistics.mean(values))}, "
-                f"max {human_seconds(max(values))}")
+        return (
+            f"last {human_seconds(values[-1])}, mean {human_seconds(statistics.mean(values))}, "
+            f"max {human_seconds(max(values))}"
+        )
 
     if dur:
         pairs.append(("checkpoint duration", f"{spread(dur)} ({len(dur)} saves)"))
@@ -244,16 +332,28 @@ def section_performance(d: RunData) -> str:
         kinds = sorted({k for r in per_rank for k in r})
         out += "<h3>State bytes per rank</h3>" + table(
             ("rank", *kinds, "total"),
-            ([str(i)] + [human_bytes(r.get(k)) for k in kinds] + [human_bytes(sum(v for v in r.values() if is_number(v)))]
-             for i, r in enumerate(per_rank)))
+            (
+                [str(i)]
+                + [human_bytes(r.get(k)) for k in kinds]
+                + [human_bytes(sum(v for v in r.values() if is_number(v)))]
+                for i, r in enumerate(per_rank)
+            ),
+        )
     else:
         out += note("state bytes per rank: no state_bytes row in metrics.jsonl yet")
     return out
 
 
-RENDER = {"summary": section_summary, "config": section_config, "hardware": section_hardware, "curves": section_curves,
-          "samples": section_samples, "evaluation": section_evaluation, "checkpoints": section_checkpoints,
-          "performance": section_performance}
+RENDER = {
+    "summary": section_summary,
+    "config": section_config,
+    "hardware": section_hardware,
+    "curves": section_curves,
+    "samples": section_samples,
+    "evaluation": section_evaluation,
+    "checkpoints": section_checkpoints,
+    "performance": section_performance,
+}
 
 
 def render(d: RunData) -> str:
@@ -262,6 +362,9 @@ def render(d: RunData) -> str:
     for sid, title in SECTIONS:
         notes = "".join(note(n) for n in d.notes.get(sid, []))
         body.append(f'<section id="{sid}"><h2>{esc(title)}</h2>{notes}{RENDER[sid](d)}</section>')
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(d.name)}: {esc(d.status)}'
-            f"</title><style>{CSS}</style></head><body><h1>Run report: {esc(d.name)}</h1><nav>{nav}</nav>"
-            + "".join(body) + "</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(d.name)}: {esc(d.status)}'
+        f"</title><style>{CSS}</style></head><body><h1>Run report: {esc(d.name)}</h1><nav>{nav}</nav>"
+        + "".join(body)
+        + "</body></html>\n"
+    )

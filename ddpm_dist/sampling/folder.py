@@ -1,5 +1,6 @@
 """A folder (or fsspec URL) of samples: NNNNNN.png named by image index, written atomically, and
 sampling.json saying what made them. `evaluate` reads the same folders."""
+
 from __future__ import annotations
 
 import json

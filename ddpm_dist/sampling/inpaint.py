@@ -3,6 +3,7 @@ region is replaced by the original noised to the new step's level; with `resampl
 R times, re-noising the merged image back one step in between, so the hole harmonises with what is kept.
 It wraps the step of whichever sampler the options name, so spacing, variance, guidance and clipping all
 apply."""
+
 from __future__ import annotations
 
 import os
@@ -51,13 +52,36 @@ class RePaintStep:
         return x_next, x0
 
 
-def inpaint(model, schedule, known: torch.Tensor, keep: torch.Tensor, seeds, options: Optional[SamplerOptions] = None,
-            *, resample: int = 1, prediction: str = "eps", labels=None, null_class: Optional[int] = None,
-            model_kwargs=None, callback=None) -> torch.Tensor:
+def inpaint(
+    model,
+    schedule,
+    known: torch.Tensor,
+    keep: torch.Tensor,
+    seeds,
+    options: Optional[SamplerOptions] = None,
+    *,
+    resample: int = 1,
+    prediction: str = "eps",
+    labels=None,
+    null_class: Optional[int] = None,
+    model_kwargs=None,
+    callback=None,
+) -> torch.Tensor:
     """Completions of `known` (one per seed) outside `keep`, with any sampler."""
-    return denoise_from_seeds(model, schedule, seeds, known.shape[1:], options, device=known.device, labels=labels,
-                    null_class=null_class, prediction=prediction, model_kwargs=model_kwargs, callback=callback,
-                    wrap_step=lambda step: RePaintStep(step, known, keep, resample))
+    return denoise_from_seeds(
+        model,
+        schedule,
+        seeds,
+        known.shape[1:],
+        options,
+        device=known.device,
+        labels=labels,
+        null_class=null_class,
+        prediction=prediction,
+        model_kwargs=model_kwargs,
+        callback=callback,
+        wrap_step=lambda step: RePaintStep(step, known, keep, resample),
+    )
 
 
 def make_mask(spec: str, size: int, seed: int = 0) -> np.ndarray:
@@ -65,7 +89,7 @@ def make_mask(spec: str, size: int, seed: int = 0) -> np.ndarray:
     (strokes and boxes from the seed), or a PNG path (white = keep)."""
     keep = np.ones((size, size), dtype=np.float32)
     if spec == "lower-half":
-        keep[size // 2:] = 0
+        keep[size // 2 :] = 0
     elif spec.startswith("box:"):
         try:
             x0, y0, x1, y1 = (int(v) for v in spec[4:].split(","))
@@ -77,11 +101,11 @@ def make_mask(spec: str, size: int, seed: int = 0) -> np.ndarray:
         for _ in range(rng.integers(1, 4)):
             w, h = rng.integers(size // 6, size // 2, 2)
             x, y = rng.integers(0, size - w), rng.integers(0, size - h)
-            keep[y:y + h, x:x + w] = 0
+            keep[y : y + h, x : x + w] = 0
         for _ in range(rng.integers(1, 3)):  # a random walk stroke
             x, y = rng.integers(0, size, 2)
             for _ in range(size):
-                keep[max(0, y - 1):y + 1, max(0, x - 1):x + 1] = 0
+                keep[max(0, y - 1) : y + 1, max(0, x - 1) : x + 1] = 0
                 x = int(np.clip(x + rng.integers(-1, 2), 0, size - 1))
                 y = int(np.clip(y + rng.integers(-1, 2), 0, size - 1))
     else:

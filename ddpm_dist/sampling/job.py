@@ -1,5 +1,6 @@
 """A sampling job: every rank generates its share of the images into a folder (or any fsspec URL) and
 rank 0 finishes the extras. A re-run with the same job only makes what is missing."""
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,8 @@ from ..parallel.collectives import all_reduce_sum_, barrier
 from ..parallel.env import init_distributed, read_env, shutdown
 from . import folder
 from .outputs import write_outputs
-from .setup import make_share, prepare
 from .plan import plan_batches, rank_share
+from .setup import make_share, prepare
 from .tasks import TaskSpec, build_task
 
 log = logging.getLogger(__name__)
@@ -64,19 +65,41 @@ def sample_to_folder(job: SampleJob) -> None:
         setup = prepare(trained, env.device, job.sampler, compile=job.compile)
         task = build_task(job.task, trained.config, job.seed)
         if env.rank == 0:
-            log.info("sampling %d images (%s) from %s: %s, %d worker(s), batch %d", job.num_images, task.kind,
-                     setup.source, setup.options.describe(), env.world_size, job.batch_size)
+            log.info(
+                "sampling %d images (%s) from %s: %s, %d worker(s), batch %d",
+                job.num_images,
+                task.kind,
+                setup.source,
+                setup.options.describe(),
+                env.world_size,
+                job.batch_size,
+            )
             labels = task.labels(list(range(job.num_images)), job.classes, setup.num_classes, job.seed)
-            folder.write_provenance(job.out, {
-                "source": setup.source, "num_images": job.num_images, "seed": job.seed, "batch_size": job.batch_size,
-                "classes": job.classes, "weights": job.weights, "task": task.kind, **setup.options.to_dict(),
-                "labels": labels})
+            folder.write_provenance(
+                job.out,
+                {
+                    "source": setup.source,
+                    "num_images": job.num_images,
+                    "seed": job.seed,
+                    "batch_size": job.batch_size,
+                    "classes": job.classes,
+                    "weights": job.weights,
+                    "task": task.kind,
+                    **setup.options.to_dict(),
+                    "labels": labels,
+                },
+            )
             folder.remove_debris(job.out)
         barrier()
         done = folder.existing_indices(job.out)
         share = rank_share(plan_batches(job.num_images, job.batch_size, done), env.rank, env.world_size)
-        metrics = Metrics(job.metrics, rank=env.rank, local_rank=env.local_rank, world_size=env.world_size,
-                          run=os.path.basename(str(job.out).rstrip("/")))
+        metrics = Metrics(
+            job.metrics,
+            rank=env.rank,
+            local_rank=env.local_rank,
+            world_size=env.world_size,
+            run=os.path.basename(str(job.out).rstrip("/")),
+        )
         _generate(job, setup, task, share, done, env, metrics)
         barrier()
         if env.rank == 0:
@@ -88,11 +111,18 @@ def sample_to_folder(job: SampleJob) -> None:
 
 
 def _generate(job, setup, task, share, done, env, metrics) -> None:
-    bar = tqdm(total=job.num_images, initial=len(done & set(range(job.num_images))), desc="sampling", unit="img",
-               disable=env.rank != 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=job.num_images,
+        initial=len(done & set(range(job.num_images))),
+        desc="sampling",
+        unit="img",
+        disable=env.rank != 0,
+        dynamic_ncols=True,
+    )
     t0, made, local_made = time.perf_counter(), 0, 0
-    for indices, images, _, fresh in make_share(setup, share, seed=job.seed, classes=job.classes,
-                                                    num_images=job.num_images, task=task):
+    for indices, images, _, fresh in make_share(
+        setup, share, seed=job.seed, classes=job.classes, num_images=job.num_images, task=task
+    ):
         count = 0
         for i, img in zip(indices, images):
             if fresh and i not in done:

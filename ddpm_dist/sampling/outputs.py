@@ -1,5 +1,6 @@
 """Rank 0, once every image of a sampling job exists: check completeness, then the pictures (grid,
 trajectory, reverse-process GIF, the task's own figure), samples.npz and WebDataset shards."""
+
 from __future__ import annotations
 
 import io
@@ -34,8 +35,10 @@ def write_outputs(job, setup, task) -> dict:
     if extras:
         out_dir = storage.local_path(job.out)
         order = sorted(range(min(len(images), GRID_MAX)), key=lambda i: (labels[i] if labels else 0, i))
-        path = save_image(grid(images[order], job.grid_width or None, scale=auto_scale(images.shape[1])),
-                          os.path.join(out_dir, "grid.png"))  # sorted by class: rows of one class each
+        path = save_image(
+            grid(images[order], job.grid_width or None, scale=auto_scale(images.shape[1])),
+            os.path.join(out_dir, "grid.png"),
+        )  # sorted by class: rows of one class each
         log.info("grid: %s", path)
         _trajectory(job, setup, task, labels, out_dir)
     if task.kind != "generate" and local:
@@ -43,8 +46,10 @@ def write_outputs(job, setup, task) -> dict:
         width = max(len(r) for r in rows)
         pad = [np.concatenate([r, np.full((width - len(r), *r.shape[1:]), 255, np.uint8)]) for r in rows]
         result = task.measure(dict(enumerate(images)))
-        result["picture"] = save_image(grid(np.concatenate(pad), nrow=width, scale=auto_scale(images.shape[1])),
-                                       os.path.join(storage.local_path(job.out), task.picture))
+        result["picture"] = save_image(
+            grid(np.concatenate(pad), nrow=width, scale=auto_scale(images.shape[1])),
+            os.path.join(storage.local_path(job.out), task.picture),
+        )
     if job.npz:
         buf = io.BytesIO()
         np.savez(buf, images=images, labels=np.array(labels if labels else [-1] * len(images)))
@@ -52,9 +57,11 @@ def write_outputs(job, setup, task) -> dict:
         log.info("npz: %s", storage.redact(storage.join(job.out, "samples.npz")))
     if job.tar:
         from ..data.shard_sets import build_shards
+
         src = ((f"sample{i:06d}", images[i], labels[i] if labels else None) for i in range(len(images)))
-        build_shards(src, storage.join(job.out, "shards"), prefix="samples", shuffle_seed=None, overwrite=True,
-                     progress=False)
+        build_shards(
+            src, storage.join(job.out, "shards"), prefix="samples", shuffle_seed=None, overwrite=True, progress=False
+        )
     if result:
         folder.write_provenance(job.out, {**folder.read_provenance(job.out), "result": result})
     return result
@@ -64,9 +71,14 @@ def _trajectory(job, setup, task, labels, out_dir: str) -> None:
     """The reverse process of the first images: x_t and predicted x0 as pictures, x_t as a GIF."""
     rec = TrajectoryRecorder(record_at=None)
     k = min(TRAJECTORY_IMAGES, job.num_images)
-    x = make_batch(setup, list(range(k)), seed=job.seed, labels=labels[:k] if labels else None, task=task,
-                       callback=rec).cpu()
+    x = make_batch(
+        setup, list(range(k)), seed=job.seed, labels=labels[:k] if labels else None, task=task, callback=rec
+    ).cpu()
     keep = np.unique(np.linspace(0, len(rec.x_t) - 1, min(10, len(rec.x_t))).round().astype(int))
-    log.info("trajectory: %s", trajectory_grid([rec.x_t[i] for i in keep] + [x], os.path.join(out_dir, "trajectory.png")))
+    log.info(
+        "trajectory: %s", trajectory_grid([rec.x_t[i] for i in keep] + [x], os.path.join(out_dir, "trajectory.png"))
+    )
     trajectory_grid([rec.x0[i] for i in keep] + [x], os.path.join(out_dir, "trajectory_x0.png"))
-    log.info("animation: %s", save_gif(rec.x_t[:: max(1, len(rec.x_t) // 40)] + [x], os.path.join(out_dir, "reverse.gif")))
+    log.info(
+        "animation: %s", save_gif(rec.x_t[:: max(1, len(rec.x_t) // 40)] + [x], os.path.join(out_dir, "reverse.gif"))
+    )

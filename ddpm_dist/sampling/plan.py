@@ -2,6 +2,7 @@
 whatever the world size (the last batch padded), image i is drawn from seeds (seed, i), so the images are
 the same for any number of ranks; batches are dealt round robin and every rank runs the same number of
 them (repeats pad the short ranks, so collectives stay in step)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,8 +29,11 @@ def labels_for(indices: list[int], classes: Optional[str], num_classes: int, see
 def plan_batches(num_images: int, batch_size: int, done: set[int]) -> list[list[int]]:
     """The fixed-composition batches that still have a missing index."""
     nb = -(-num_images // batch_size)
-    return [list(range(b * batch_size, (b + 1) * batch_size)) for b in range(nb)
-            if any(i not in done for i in range(b * batch_size, min((b + 1) * batch_size, num_images)))]
+    return [
+        list(range(b * batch_size, (b + 1) * batch_size))
+        for b in range(nb)
+        if any(i not in done for i in range(b * batch_size, min((b + 1) * batch_size, num_images)))
+    ]
 
 
 def rank_share(todo: list[list[int]], rank: int, world_size: int) -> list[tuple[list[int], bool]]:

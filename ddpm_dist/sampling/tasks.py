@@ -1,6 +1,7 @@
 """What a sampling run makes, beside the sampler options: plain generation, inpainting or super-resolution.
 A task supplies, per image index, the labels, the model's extra inputs and a wrapper of the sampler's
 step, so every task runs through the same seed-addressed, distributed, resumable generation."""
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,7 @@ TASKS = ("generate", "inpaint", "sr")
 @dataclass
 class TaskSpec:
     """A task as the command line names it; build_task turns it into a Task for a given model."""
+
     kind: str = "generate"
     image: Optional[str] = None  # an image file, or a shard manifest (then image_index picks a sample)
     image_index: int = 0
@@ -32,6 +34,7 @@ class TaskSpec:
 
 class Generate:
     """From noise only."""
+
     kind = "generate"
 
     def labels(self, indices: list[int], classes: Optional[str], num_classes: int, seed: int):
@@ -52,6 +55,7 @@ def _sources(indices: list[int], count: int) -> list[int]:
 @dataclass
 class Inpaint(Generate):
     """Complete `images` (uint8 NHWC; image i % len for index i) outside `keep` (H x W, 1 = known)."""
+
     images: np.ndarray
     keep: np.ndarray
     image_labels: list[int] = field(default_factory=list)  # -1: unknown (the null class is used)
@@ -61,7 +65,10 @@ class Inpaint(Generate):
     def labels(self, indices, classes, num_classes, seed):
         if classes is not None or not num_classes or not self.image_labels:
             return labels_for(indices, classes, num_classes, seed)
-        return [self.image_labels[k] if self.image_labels[k] >= 0 else num_classes for k in _sources(indices, len(self.images))]
+        return [
+            self.image_labels[k] if self.image_labels[k] >= 0 else num_classes
+            for k in _sources(indices, len(self.images))
+        ]
 
     def step_wrapper(self, indices, device):
         known = to_model_range(self.images[_sources(indices, len(self.images))]).to(device)
@@ -78,15 +85,21 @@ class Inpaint(Generate):
 
     def measure(self, samples: dict[int, np.ndarray]) -> dict:
         known = self.keep.astype(bool)
-        known_err = max(float(np.abs(s.astype(int) - self.images[i % len(self.images)].astype(int))[known].max(initial=0))
-                        for i, s in samples.items())
-        return {"summary": f"inpainting: original | masked | {len(samples)} completions", "known_region_max_error": known_err}
+        known_err = max(
+            float(np.abs(s.astype(int) - self.images[i % len(self.images)].astype(int))[known].max(initial=0))
+            for i, s in samples.items()
+        )
+        return {
+            "summary": f"inpainting: original | masked | {len(samples)} completions",
+            "known_region_max_error": known_err,
+        }
 
 
 @dataclass
 class SuperResolution(Generate):
     """Upsample `images` (uint8 NHWC originals, image i % len for index i) from their `factor`-times
     downsampled versions, with a model trained with train.sr_factor (SR3-style condition channels)."""
+
     images: np.ndarray
     factor: int
     kind, picture = "sr", "superres.png"
@@ -109,14 +122,17 @@ class SuperResolution(Generate):
 
     def measure(self, samples: dict[int, np.ndarray]) -> dict:
         """PSNR (dB, on uint8) of the samples and of bicubic upsampling against the originals."""
+
         def psnr(a, b):
             mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
             return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
         ours = [psnr(s, self.images[i % len(self.images)]) for i, s in samples.items()]
         bicubic = [psnr(to_uint8(self.condition(to_model_range(img[None])))[0], img) for img in self.images]
-        summary = (f"super-resolution x{self.factor}: low-res | bicubic | samples | original (PSNR samples "
-                   f"{np.mean(ours):.2f} dB, bicubic {np.mean(bicubic):.2f} dB)")
+        summary = (
+            f"super-resolution x{self.factor}: low-res | bicubic | samples | original (PSNR samples "
+            f"{np.mean(ours):.2f} dB, bicubic {np.mean(bicubic):.2f} dB)"
+        )
         return {"summary": summary, "psnr": float(np.mean(ours)), "bicubic_psnr": float(np.mean(bicubic))}
 
 
@@ -154,5 +170,7 @@ def build_task(spec: TaskSpec, model_config, seed: int = 0):
     if spec.kind == "inpaint":
         return Inpaint(img[None], make_mask(spec.mask, size, seed), [label], spec.resample)
     if not model_config.cond_channels:
-        raise ValueError("this model has no conditioning channels: train it with train.sr_factor and model.cond_channels")
+        raise ValueError(
+            "this model has no conditioning channels: train it with train.sr_factor and model.cond_channels"
+        )
     return SuperResolution(img[None], spec.sr_factor)

@@ -10,6 +10,7 @@ A component is anything with state_dict() / load_state_dict(state); the manager 
 
 Commit (rank 0, after every rank finished writing): meta.json into the temp dir, rename the temp dir
 to step_XXXXXXXXX, then write the COMMITTED marker last. A directory without the marker is ignored."""
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,18 @@ class _Pending:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str, components: dict, *, rank: int, identity: Optional[dict] = None,
-                 keep_last: int = 2, keep_every_images: int = 0, keep_best: bool = False, async_save: bool = False):
+    def __init__(
+        self,
+        directory: str,
+        components: dict,
+        *,
+        rank: int,
+        identity: Optional[dict] = None,
+        keep_last: int = 2,
+        keep_every_images: int = 0,
+        keep_best: bool = False,
+        async_save: bool = False,
+    ):
         """`identity` (backend, world size, model config, the resolved config) goes into every meta.json; a
         checkpoint whose model_config differs is refused on load. keep_best: pruning also spares the checkpoint
         with the lowest in-training Fréchet distance (its meta.json 'eval', given to save())."""
@@ -126,8 +137,14 @@ class CheckpointManager:
             os.makedirs(tmp)
         barrier()
         native = self._native()
-        meta = {"checkpoint_format": CHECKPOINT_FORMAT, "step": step, "images": images, **self.identity,
-                "formats": {n: c.native_format for n, c in native.items()}, "state": {}}
+        meta = {
+            "checkpoint_format": CHECKPOINT_FORMAT,
+            "step": step,
+            "images": images,
+            **self.identity,
+            "formats": {n: c.native_format for n, c in native.items()},
+            "state": {},
+        }
         if evaluation:
             meta["eval"] = evaluation
         tensors = {}
@@ -153,7 +170,9 @@ class CheckpointManager:
         except SAVE_ERRORS as e:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"checkpoint at step {step} failed, previous one kept: {type(e).__name__}: {e}") from e
+            raise CheckpointError(
+                f"checkpoint at step {step} failed, previous one kept: {type(e).__name__}: {e}"
+            ) from e
         if self.rank == 0:
             self._commit(tmp, final, meta)
         barrier()
@@ -174,7 +193,7 @@ class CheckpointManager:
         """The last keep_last, per period of keep_every_images the first checkpoint that reached it (counted in
         images, so a batch size changed across a resume does not shift which ones stay), and with keep_best the
         one with the lowest in-training Fréchet distance."""
-        keep = set(found[-self.keep_last:])
+        keep = set(found[-self.keep_last :])
         if self.keep_best and (best := best_checkpoint(found)):
             keep.add(best)
         if self.keep_every_images:
@@ -251,8 +270,11 @@ class CheckpointManager:
         """A clear error for a checkpoint of another model shape, or one whose components are stored in
         formats this run's components cannot read."""
         old, new = meta.get("model_config", {}), self.identity.get("model_config", {})
-        diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k) and k not in RUNTIME_FIELDS]  # e.g. activation checkpointing: same weights
+        diff = [
+            f"{k}: {old.get(k)} -> {new.get(k)}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k not in RUNTIME_FIELDS
+        ]  # e.g. activation checkpointing: same weights
         if diff:
             raise CheckpointError(f"checkpoint '{path}' is for another model ({'; '.join(diff)})")
         for name, component in self.components.items():
@@ -260,6 +282,7 @@ class CheckpointManager:
             mine = getattr(component, "native_format", None)
             if saved is None or (saved if saved not in PORTABLE_FORMATS else None) != mine:
                 raise CheckpointError(
-                    f"checkpoint '{path}' holds '{name}' as {saved or 'nothing'} (backend '{meta.get('backend')}'); this "
-                    f"run's '{name}' uses {mine or 'DCP/JSON'} (backend '{self.identity.get('backend')}'): use a new "
-                    f"run_dir or the same backend family")
+                    f"checkpoint '{path}' holds '{name}' as {saved or 'nothing'} (backend '{meta.get('backend')}'); "
+                    f"this run's '{name}' uses {mine or 'DCP/JSON'} (backend '{self.identity.get('backend')}'): "
+                    f"use a new run_dir or the same backend family"
+                )

@@ -2,6 +2,7 @@
 code as `python -m ddpm_dist.evaluate` (seed-addressed generation shared by all ranks, float64 feature
 sums all-reduced), reported to the metrics sinks; from the same features (all-gathered) rank 0 adds KID,
 precision / recall and, for class-conditional models, per-class Fréchet distances."""
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,8 @@ import torch
 
 from ..config import Config
 from ..eval.feature_metrics import FeatureBank, feature_metrics
-from ..eval.statistics import FeatureStats, RefStats, accumulate, compute_ref_stats, frechet_distance
 from ..eval.job import make_extractor
+from ..eval.statistics import FeatureStats, RefStats, accumulate, compute_ref_stats, frechet_distance
 from ..parallel.collectives import barrier
 from ..sampling import SamplingSetup, make_share, plan_batches, rank_share
 
@@ -25,8 +26,9 @@ REF_FEATURES = 10_000  # real features kept in the cached reference (Inception: 
 class InTrainingEval:
     def __init__(self, cfg: Config, device: torch.device, rank: int, world_size: int):
         self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
-        self.extractor = make_extractor(cfg.eval.extractor, inception=cfg.eval.inception or None,
-                                        data=cfg.data.source, device=device)
+        self.extractor = make_extractor(
+            cfg.eval.extractor, inception=cfg.eval.inception or None, data=cfg.data.source, device=device
+        )
         self.ref = self._reference()
 
     def _reference(self) -> RefStats:
@@ -36,8 +38,9 @@ class InTrainingEval:
         name = self.extractor.name + ("" if split == "train" else f"_{split}")
         path = os.path.join(self.cfg.run_dir, f"ref_stats_{name}.npz")
         if self.rank == 0 and not os.path.exists(path):
-            compute_ref_stats(self.cfg.data.source, self.extractor, self.cfg.eval.batch_size,
-                              max_features=REF_FEATURES, split=split).save(path)
+            compute_ref_stats(
+                self.cfg.data.source, self.extractor, self.cfg.eval.batch_size, max_features=REF_FEATURES, split=split
+            ).save(path)
         barrier()
         ref = RefStats.load(path)
         ref.check(self.extractor)
@@ -52,8 +55,9 @@ class InTrainingEval:
 
         def batches():
             nonlocal made
-            for indices, images, labels, fresh in make_share(setup, share, seed=self.cfg.seed, classes=None,
-                                                                 num_images=n):
+            for indices, images, labels, fresh in make_share(
+                setup, share, seed=self.cfg.seed, classes=None, num_images=n
+            ):
                 if fresh:
                     made += len(images)
                     bank.add_images(indices, labels)

@@ -3,6 +3,7 @@
 It drives an Engine (single, DDP, FSDP2 or ZeRO) without knowing which. The randomness of a step (timesteps,
 label dropout, noise) is a function of (seed, step, global slot): each rank draws only its own slots
 (randomness.py), and a resumed run draws exactly what the uninterrupted one would have."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,10 +22,10 @@ from ..images import model_range
 from ..obs.log import setup_logging
 from ..parallel import init_distributed, read_env
 from ..parallel.collectives import all_gather_ints, all_reduce_mean
-from ..parallel.sharded_ema import ema_beta
 from ..parallel.env import shutdown
 from ..parallel.faults import PeerLost, describe_lost_peer
 from ..parallel.seeding import seed_device_rng
+from ..parallel.sharded_ema import ema_beta
 from ..rng import mix_seed
 from . import outputs
 from .preemption import REQUEUE_EXIT_CODE, record_exit, register_worker
@@ -35,8 +36,20 @@ from .state import Progress
 log = logging.getLogger(__name__)
 
 
-def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: int, world_size: int, seed: int,
-             train: TrainConfig, diffusion: DiffusionConfig, num_classes: int, lr: float) -> tuple[float, float]:
+def run_step(
+    engine,
+    schedule,
+    micro_batches: list[dict],
+    *,
+    step: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    train: TrainConfig,
+    diffusion: DiffusionConfig,
+    num_classes: int,
+    lr: float,
+) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches, from the run's seed and its train and diffusion sections;
     returns (mean loss on this rank, grad norm) as tensors on the device: nothing here waits for the GPU (the
     metrics read them every log_every steps)."""
@@ -49,8 +62,15 @@ def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: in
         x0 = batch["image"].to(device, non_blocking=True)
         if x0.dtype == torch.uint8:  # the stream ships uint8 (a quarter of the bytes); callers may pass [-1, 1] floats
             x0 = model_range(x0)
-        t, drop, noise = slot_randomness(seed, step, rank_slots(i, rank, world_size, micro), schedule.num_steps,
-                                         x0.shape[1:], train.label_dropout, device)
+        t, drop, noise = slot_randomness(
+            seed,
+            step,
+            rank_slots(i, rank, world_size, micro),
+            schedule.num_steps,
+            x0.shape[1:],
+            train.label_dropout,
+            device,
+        )
         kwargs = {}
         if num_classes:
             y = batch["label"].to(device)
@@ -61,9 +81,17 @@ def run_step(engine, schedule, micro_batches: list[dict], *, step: int, rank: in
             seed_device_rng(device, mix_seed(seed, step, i, rank))
         last = i == accum - 1
         with engine.sync_gradients(last):
-            loss = diffusion_loss(engine.forward, schedule, x0, t, noise,
-                                  prediction=diffusion.prediction, weighting=diffusion.loss_weighting,
-                                  min_snr_gamma=diffusion.min_snr_gamma, model_kwargs=kwargs)
+            loss = diffusion_loss(
+                engine.forward,
+                schedule,
+                x0,
+                t,
+                noise,
+                prediction=diffusion.prediction,
+                weighting=diffusion.loss_weighting,
+                min_snr_gamma=diffusion.min_snr_gamma,
+                model_kwargs=kwargs,
+            )
             engine.backward(loss, accum, last)
         total += loss.detach().float()
     grad_norm = engine.step(lr, train.grad_clip)
@@ -99,8 +127,9 @@ def train(cfg: Config) -> int:
             lost = describe_lost_peer(e, cfg.parallel.dist_timeout_s)
             if lost is None:
                 raise
-            raise PeerLost(f"{lost}; at step {progress.step}: relaunch to resume from the newest committed "
-                           f"checkpoint") from e
+            raise PeerLost(
+                f"{lost}; at step {progress.step}: relaunch to resume from the newest committed checkpoint"
+            ) from e
     record_exit(env.rank, exit_code)
     shutdown()
     return exit_code
@@ -110,13 +139,26 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
     run = build_run(cfg, env, started, progress)
     engine, ema, power, stream, ckpt, metrics = run.engine, run.ema, run.power, run.stream, run.ckpt, run.metrics
     steps_left = math.ceil(max(cfg.train.total_images - progress.images, 0) / cfg.train.global_batch)
-    log.info("%s: %s, %d rank(s), global batch %d = %d x %d ranks x %d accumulation, %d steps to go, %.2fM parameters",
-             cfg.run_dir, run.backend, env.world_size, cfg.train.global_batch, run.micro, env.world_size, run.accum,
-             steps_left, run.num_params / 1e6)
+    log.info(
+        "%s: %s, %d rank(s), global batch %d = %d x %d ranks x %d accumulation, %d steps to go, %.2fM parameters",
+        cfg.run_dir,
+        run.backend,
+        env.world_size,
+        cfg.train.global_batch,
+        run.micro,
+        env.world_size,
+        run.accum,
+        steps_left,
+        run.num_params / 1e6,
+    )
 
     def committed():
-        metrics.checkpoint(duration=ckpt.last_duration, stall=ckpt.last_stall, success_time=ckpt.last_success_time,
-                           images=ckpt.last_images)
+        metrics.checkpoint(
+            duration=ckpt.last_duration,
+            stall=ckpt.last_stall,
+            success_time=ckpt.last_success_time,
+            images=ckpt.last_images,
+        )
 
     def save(force_sync: bool = False, evaluation=None):
         ckpt.save(progress.step, progress.images, force_sync=force_sync, evaluation=evaluation)
@@ -124,7 +166,10 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
             committed()
 
     def due(every_images: int) -> bool:
-        return every_images > 0 and progress.images // every_images != (progress.images - cfg.train.global_batch) // every_images
+        return (
+            every_images > 0
+            and progress.images // every_images != (progress.images - cfg.train.global_batch) // every_images
+        )
 
     data = _batches(stream, cfg)
     evaluator = None
@@ -139,9 +184,19 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
         if cfg.data.audit:
             _audit(cfg.run_dir, env.rank, progress.step, batches)
         lr = run.lr_schedule(progress.images)
-        loss, grad_norm = run_step(engine, run.schedule, batches, step=progress.step, rank=env.rank,
-                                   world_size=env.world_size, seed=cfg.seed, train=cfg.train, diffusion=cfg.diffusion,
-                                   num_classes=run.model_cfg.num_classes, lr=lr)
+        loss, grad_norm = run_step(
+            engine,
+            run.schedule,
+            batches,
+            step=progress.step,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=cfg.seed,
+            train=cfg.train,
+            diffusion=cfg.diffusion,
+            num_classes=run.model_cfg.num_classes,
+            lr=lr,
+        )
         t_ema = time.perf_counter()
         ema.update(ema_beta(cfg.train.global_batch, progress.images, cfg.ema.halflife_images, cfg.ema.warmup_ratio))
         if power:
@@ -152,17 +207,30 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
 
         # Section: metrics.
         if progress.step == first_step + 1:  # optimizer state exists now: what each rank holds
-            sizes = {**engine.local_bytes(), "ema": ema.local_bytes(), **({"power_ema": power.local_bytes()} if power else {})}
+            sizes = {
+                **engine.local_bytes(),
+                "ema": ema.local_bytes(),
+                **({"power_ema": power.local_bytes()} if power else {}),
+            }
             metrics.state_bytes([dict(zip(sizes, row)) for row in all_gather_ints(list(sizes.values()), env.device)])
         if ckpt.poll():
             committed()
         if power and due(cfg.ema.snapshot_every_images):  # before any checkpoint of this step: none is ever skipped
             run.snapshots.write(progress.images, power)
-        row = metrics.train_step(step=progress.step, images=progress.images, loss=loss, lr=lr, grad_norm=grad_norm,
-                                 step_seconds=time.perf_counter() - t_step, data_wait=stream.data_wait_seconds - wait0,
-                                 ema_seconds=ema_seconds, rank_images=run.micro * run.accum,
-                                 skipped_total=stream.skipped_total, epoch=stream.epoch,
-                                 loss_mean_fn=lambda v: all_reduce_mean([v], env.device)[0])
+        row = metrics.train_step(
+            step=progress.step,
+            images=progress.images,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            step_seconds=time.perf_counter() - t_step,
+            data_wait=stream.data_wait_seconds - wait0,
+            ema_seconds=ema_seconds,
+            rank_images=run.micro * run.accum,
+            skipped_total=stream.skipped_total,
+            epoch=stream.epoch,
+            loss_mean_fn=lambda v: all_reduce_mean([v], env.device)[0],
+        )
         if row is not None and not math.isfinite(row["loss"]):
             log.error("loss is %s at step %d; stopping without saving", row["loss"], progress.step)
             exit_code = 1
@@ -175,14 +243,19 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
         if due(cfg.eval.every_images):
             if evaluator is None:
                 from .in_training_eval import InTrainingEval
+
                 evaluator = InTrainingEval(cfg, env.device, env.rank, env.world_size)
             value = evaluator(outputs.ema_model(run), progress.images, metrics)
             evaluation = {"frechet_distance": value, "extractor": evaluator.extractor.name, "images": progress.images}
 
         # Section: stop (preemption, wall-clock budget) or checkpoint.
         if progress.step % cfg.train.stop_check_every == 0 and run.preemption.should_stop():
-            log.info("stopping at step %d (%s): saving a checkpoint, exit %d = requeue", progress.step,
-                     run.preemption.reason, REQUEUE_EXIT_CODE)
+            log.info(
+                "stopping at step %d (%s): saving a checkpoint, exit %d = requeue",
+                progress.step,
+                run.preemption.reason,
+                REQUEUE_EXIT_CODE,
+            )
             save(force_sync=True, evaluation=evaluation)
             last_saved_step = progress.step
             metrics.event("preempted", step=progress.step, reason=run.preemption.reason)

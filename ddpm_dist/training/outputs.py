@@ -1,5 +1,6 @@
 """What training writes besides checkpoints: sample grids from the EMA weights, and at the end the export
 (EMA and raw weights in safetensors), a final grid and the training curves."""
+
 from __future__ import annotations
 
 import logging
@@ -9,12 +10,12 @@ import time
 from ..artifacts import save_export
 from ..config import to_dict
 from ..data import read_all
+from ..drawing import auto_scale, plot_curves, save_grid
+from ..drawing.figures import mean_pairwise_distance
 from ..models import UNet
 from ..parallel.collectives import barrier
 from ..sampling import SamplingSetup, SuperResolution, make_batch
 from ..sampling.tasks import Generate
-from ..drawing import auto_scale, plot_curves, save_grid
-from ..drawing.figures import mean_pairwise_distance
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,25 @@ def write_final(run) -> None:
     ema_full, raw_full = run.ema.full_state(), run.engine.full_model_state()
     if is_main:
         resolved = to_dict(cfg)
-        path = save_export(os.path.join(cfg.run_dir, "export.safetensors"), ema_full, raw_full, run.model_cfg,
-                           {"step": progress.step, "images": progress.images, "diffusion": resolved["diffusion"],
-                            "sample": resolved["sample"]})
+        path = save_export(
+            os.path.join(cfg.run_dir, "export.safetensors"),
+            ema_full,
+            raw_full,
+            run.model_cfg,
+            {
+                "step": progress.step,
+                "images": progress.images,
+                "diffusion": resolved["diffusion"],
+                "sample": resolved["sample"],
+            },
+        )
         log.info("export: %s", path)
     sample_grid(run, progress.images, name="final_grid.png")
     if is_main and cfg.metrics.jsonl:
         try:
-            log.info("curves: %s", plot_curves(os.path.join(cfg.run_dir, "metrics.jsonl"),
-                                               os.path.join(cfg.run_dir, "curves.png")))
+            log.info(
+                "curves: %s",
+                plot_curves(os.path.join(cfg.run_dir, "metrics.jsonl"), os.path.join(cfg.run_dir, "curves.png")),
+            )
         except ValueError as e:  # too short a run to have a logged row
             log.info("no curves: %s", e)
-

@@ -1,6 +1,7 @@
 """Preemption: SIGUSR1 / SIGUSR2 / SIGTERM only set a flag; at each step boundary the ranks agree with one
 small all_reduce(MAX), so every rank stops at the same step, saves, and exits with REQUEUE_EXIT_CODE.
 A wall-clock budget (train.max_wall_seconds) raises the same flag before a job's time limit."""
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,11 @@ class Preemption:
             local = max(local, 2.0)
         agreed = all_reduce_max(local, self.device)
         if agreed and not self.reason:
-            self.reason = "wall-clock budget" if agreed == 2.0 and not self.received else (
-                f"signal {signal.Signals(self.received).name}" if self.received else "a signal on another rank")
+            self.reason = (
+                "wall-clock budget"
+                if agreed == 2.0 and not self.received
+                else (f"signal {signal.Signals(self.received).name}" if self.received else "a signal on another rank")
+            )
         return agreed > 0
 
     def restore(self) -> None:

@@ -5,6 +5,7 @@ Slot s of step k (s counts the step's global batch: micro-step i of rank r holds
 A rank draws only its own slots, so its cost is O(local batch) whatever the world size, and the noise
 of a slot does not depend on the world size or accumulation: a resume at another world size draws exactly
 what the uninterrupted run would have (no RNG state is saved)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,8 +23,15 @@ def rank_slots(micro_step: int, rank: int, world_size: int, micro: int) -> range
     return range(first, first + micro)
 
 
-def slot_randomness(seed: int, step: int, slots: Sequence[int], num_timesteps: int, image_shape,
-                    label_dropout: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def slot_randomness(
+    seed: int,
+    step: int,
+    slots: Sequence[int],
+    num_timesteps: int,
+    image_shape,
+    label_dropout: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(t, drop, noise) of these slots: integers from splitmix64 on the host, one reseeded generator per slot
     for the noise, written in place into one tensor on the device."""
     keys = [mix_seed(seed, step, s, 0x7A11) for s in slots]

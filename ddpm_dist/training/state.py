@@ -1,5 +1,6 @@
 """The loop's own stateful components: progress counters and the learning-rate schedule. Like the engine,
 the EMA and the data stream they have state_dict / load_state_dict, and the CheckpointManager saves them."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +14,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Progress:
     """Optimizer steps taken and training images seen (progress is counted in images: EDM)."""
+
     step: int = 0
     images: int = 0
 
@@ -27,6 +29,7 @@ class Progress:
 class LRSchedule:
     """Linear warm-up over warmup_images, then constant or cosine decay to 0 at total_images. A function of
     images seen; its state is its settings, so a resume that changes them says so."""
+
     lr: float
     kind: str = "constant"  # constant | cosine
     warmup_images: int = 0
@@ -52,5 +55,7 @@ class LRSchedule:
     def load_state_dict(self, state: dict) -> None:
         changed = {k: (v, getattr(self, k)) for k, v in state.items() if getattr(self, k, v) != v}
         if changed:
-            log.info("learning-rate schedule changed on resume: %s",
-                     ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+            log.info(
+                "learning-rate schedule changed on resume: %s",
+                ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()),
+            )

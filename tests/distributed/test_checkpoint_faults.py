@@ -1,4 +1,5 @@
 """Resharding, wall-clock budget, and the faults a checkpoint must survive."""
+
 import errno
 import json
 import os
@@ -93,14 +94,21 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     from ddpm_dist.training.checkpoint import CheckpointManager
 
     cfg = resolve_model_config("tiny")
-    engine = parallelize(UNet(cfg), ParallelConfig(backend="single"), read_env(), TrainConfig(lr=1e-3, grad_clip=1.0),
-                         micro_batch=1, accum_steps=1)
+    engine = parallelize(
+        UNet(cfg),
+        ParallelConfig(backend="single"),
+        read_env(),
+        TrainConfig(lr=1e-3, grad_clip=1.0),
+        micro_batch=1,
+        accum_steps=1,
+    )
     ema = ShardedEMA(engine)
     manager = CheckpointManager(str(tmp_path / "ck"), {"engine": engine, "ema": ema}, rank=0, keep_last=2)
     manager.save(1, 8)
     before = checkpoint_tensors(manager.latest())
 
     import torch.distributed.checkpoint.filesystem as fs
+
     real = fs._write_item
 
     def full(*args, **kwargs):
@@ -140,5 +148,6 @@ def test_deepspeed_checkpoint_at_another_world_size_is_a_clear_error(tmp_path):
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "DeepSpeed ZeRO checkpoint of 2 ranks" in line and "not 1" in line, line
     from ddpm_dist.artifacts import load_checkpoint_weights
+
     weights, meta = load_checkpoint_weights(str(run))
     assert meta["formats"]["engine"] == "deepspeed" and len(weights) > 10

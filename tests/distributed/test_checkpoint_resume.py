@@ -1,4 +1,5 @@
 """Exact resume: 2N steps straight == N steps, stop, fresh process(es), N more (bitwise on the CPU)."""
+
 import pytest
 
 from tests.support.train_helpers import assert_bitwise_equal, audit, checkpoint_tensors, final_checkpoint, run_train
@@ -6,11 +7,14 @@ from tests.support.train_helpers import assert_bitwise_equal, audit, checkpoint_
 N = 8
 
 
-@pytest.mark.parametrize("backend,nproc,extra", [
-    ("single", 1, []),
-    ("fsdp", 2, []),
-    ("zero", 2, ["parallel.zero_stage=3"]),
-])
+@pytest.mark.parametrize(
+    "backend,nproc,extra",
+    [
+        ("single", 1, []),
+        ("fsdp", 2, []),
+        ("zero", 2, ["parallel.zero_stage=3"]),
+    ],
+)
 def test_exact_resume(tmp_path, backend, nproc, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     opts = [f"parallel.backend={backend}", *extra]
@@ -26,6 +30,7 @@ def test_exact_resume(tmp_path, backend, nproc, extra):
         from safetensors.torch import load_file
 
         from ddpm_dist.artifacts import load_checkpoint_weights
+
         a, b = load_file(straight / "export.safetensors"), load_file(resumed / "export.safetensors")
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
         a, b = (load_checkpoint_weights(final_checkpoint(r), "ema")[0] for r in (straight, resumed))

@@ -1,5 +1,6 @@
 """KID against clean-fid's kernel_distance, precision / recall against a brute-force loop, the feature gather
 across 2 gloo ranks, and `evaluate ref-stats` + `frechet` end to end in 1 and 2 processes (same result)."""
+
 import json
 import math
 import subprocess
@@ -12,8 +13,8 @@ from ddpm_dist.eval.feature_metrics import FeatureBank, class_frechet_distances,
 from ddpm_dist.eval.statistics import accumulate
 from tests.support.common import DIGITS, PYTHON, ROOT
 from tests.support.dist_workers import spawn
-from tests.unit.test_fid import small_extractor
 from tests.support.train_helpers import child_env
+from tests.unit.test_fid import small_extractor
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def test_kid_equals_cleanfid_kernel_distance(features, subsets, size):
     """(100, 1000): clean-fid's defaults (subsets of min(70, 50) rows); (7, 30): smaller subsets;
     (1, 10_000): one subset of 50 generated rows against a permutation of 50 of the 70 real ones."""
     from cleanfid.fid import kernel_distance as cleanfid_kid
+
     real, gen = features
     for seed in (0, 123):
         np.random.seed(seed)
@@ -45,6 +47,7 @@ def test_kid_equals_cleanfid_kernel_distance(features, subsets, size):
 
 def brute_force_pr(real, gen, k=3):
     """Kynkäänniemi et al. 2019 as plain loops: a ball around each feature out to its k-th nearest neighbour."""
+
     def radii(points):
         return [sorted(math.dist(p, q) for q in points)[k] for p in points]  # [0] is the point itself
 
@@ -69,15 +72,20 @@ def test_precision_recall_on_sets_with_known_answers():
     p, r = precision_recall(blob, narrow)
     assert p > 0.9 and r < 0.5 and (p, r) == brute_force_pr(blob, narrow)
     for _ in range(3):  # overlapping blobs of other sizes and spreads: the loop's answer exactly
-        real, gen = rng.normal(0, 1, (int(rng.integers(40, 90)), 5)), rng.normal(0.7, 1.3, (int(rng.integers(40, 90)), 5))
+        real, gen = (
+            rng.normal(0, 1, (int(rng.integers(40, 90)), 5)),
+            rng.normal(0.7, 1.3, (int(rng.integers(40, 90)), 5)),
+        )
         assert precision_recall(real, gen) == brute_force_pr(real, gen)
 
 
 def test_class_frechet_distances_pick_the_classes_present():
     rng = np.random.default_rng(2)
     feats, labels = rng.normal(0, 1, (30, 4)), np.array([0] * 10 + [1] * 19 + [2])
-    mu, sigma = np.stack([feats[labels == c].mean(0) for c in (0, 1)] + [np.zeros(4)]), np.stack(
-        [np.cov(feats[labels == c], rowvar=False) for c in (0, 1)] + [np.eye(4)])
+    mu, sigma = (
+        np.stack([feats[labels == c].mean(0) for c in (0, 1)] + [np.zeros(4)]),
+        np.stack([np.cov(feats[labels == c], rowvar=False) for c in (0, 1)] + [np.eye(4)]),
+    )
     out = class_frechet_distances(feats, labels, mu, sigma, np.array([10, 19, 1]))
     assert set(out) == {0, 1} and all(abs(v) < 1e-6 for v in out.values())  # class 2: a single image
 
@@ -87,7 +95,7 @@ def gather_worker(rank, world, feats, out):
     mine = list(range(len(feats)))[rank::world]
     bank = FeatureBank(feats.shape[1])
     for i in range(0, len(mine), 3):
-        idx = mine[i:i + 3]
+        idx = mine[i : i + 3]
         bank.add_images(idx, [j % 4 for j in idx])
         bank.add_features(torch.from_numpy(feats[idx]))
     gathered, labels = bank.gather(torch.device("cpu"))
@@ -117,8 +125,14 @@ def labelled_samples(tmp_path_factory):
 
 
 def evaluate(*args):
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.evaluate", *map(str, args)], cwd=ROOT, env=child_env(),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [PYTHON, "-m", "ddpm_dist.evaluate", *map(str, args)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -135,8 +149,21 @@ def test_ref_stats_and_frechet_end_to_end_in_one_and_two_processes(labelled_samp
     results = []
     for world in (1, 2):
         res = tmp_path / f"frechet{world}.json"
-        out = evaluate("frechet", "--samples", labelled_samples, "--ref", ref, "--data", DIGITS, "--world-size", world,
-                       "--batch-size", 10, "--out", res)
+        out = evaluate(
+            "frechet",
+            "--samples",
+            labelled_samples,
+            "--ref",
+            ref,
+            "--data",
+            DIGITS,
+            "--world-size",
+            world,
+            "--batch-size",
+            10,
+            "--out",
+            res,
+        )
         assert "KID" in out and "precision" in out
         results.append(json.loads(res.read_text()))
     one, two = results
@@ -172,13 +199,18 @@ def test_feature_metrics_reach_prometheus_and_metrics_jsonl(tmp_path):
     cfg = MetricsConfig(prometheus=True, prometheus_port=port, prometheus_addr="127.0.0.1", job="j")
     with Metrics(cfg, rank=0, local_rank=0, world_size=1, run="r", run_dir=str(tmp_path)) as metrics:
         metrics.feature_metrics({}, "digits-classifier", 64)  # another rank: nothing published
-        metrics.feature_metrics({"kid": 0.0125, "precision": 0.75, "recall": 0.5, "class_frechet": {"3": 1.5}},
-                                "digits-classifier", 64)
+        metrics.feature_metrics(
+            {"kid": 0.0125, "precision": 0.75, "recall": 0.5, "class_frechet": {"3": 1.5}}, "digits-classifier", 64
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             text = r.read().decode()
     labels = 'extractor="digits-classifier",job="j",rank="0",run="r"'
-    for line in (f"ddpm_eval_kid{{{labels}}} 0.0125", f"ddpm_eval_precision{{{labels}}} 0.75",
-                 f"ddpm_eval_recall{{{labels}}} 0.5", f'ddpm_eval_class_frechet_distance{{class="3",{labels}}} 1.5'):
+    for line in (
+        f"ddpm_eval_kid{{{labels}}} 0.0125",
+        f"ddpm_eval_precision{{{labels}}} 0.75",
+        f"ddpm_eval_recall{{{labels}}} 0.5",
+        f'ddpm_eval_class_frechet_distance{{class="3",{labels}}} 1.5',
+    ):
         assert line in text, line
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["event"], r["kid"], r["class_frechet"]) for r in rows] == [("eval_features", 0.0125, {"3": 1.5})]

@@ -1,4 +1,5 @@
 """Engines against a single-process reference on the same global batch (2 gloo processes, tiny UNet)."""
+
 import json
 
 import pytest
@@ -11,10 +12,17 @@ pytestmark = pytest.mark.distributed
 
 
 def run_parity(tmp_path, backend, world_size, **kwargs):
-    out = tmp_path / f"{backend}-{world_size}-{kwargs.get('accum', 1)}-{kwargs.get('zero_stage', '')}-{kwargs.get('bf16', False)}"
+    out = (
+        tmp_path
+        / f"{backend}-{world_size}-{kwargs.get('accum', 1)}-{kwargs.get('zero_stage', '')}-{kwargs.get('bf16', False)}"
+    )
     out.mkdir()
     spawn(parity_worker, world_size, str(out), backend, kwargs)
-    return json.load(open(out / "losses.json")), load_file(out / "params.safetensors"), load_file(out / "ema.safetensors")
+    return (
+        json.load(open(out / "losses.json")),
+        load_file(out / "params.safetensors"),
+        load_file(out / "ema.safetensors"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +43,16 @@ def assert_close(ref, got, loss_rel=1e-5, param_abs=1e-4):
     assert worst_p <= param_abs and worst_e <= param_abs, (worst_p, worst_e)
 
 
-@pytest.mark.parametrize("backend,kwargs", [
-    ("ddp", {}),
-    ("fsdp", {}),
-    ("zero", {"zero_stage": 1}),
-    ("zero", {"zero_stage": 2}),
-    ("zero", {"zero_stage": 3}),
-])
+@pytest.mark.parametrize(
+    "backend,kwargs",
+    [
+        ("ddp", {}),
+        ("fsdp", {}),
+        ("zero", {"zero_stage": 1}),
+        ("zero", {"zero_stage": 2}),
+        ("zero", {"zero_stage": 3}),
+    ],
+)
 def test_two_ranks_match_one_process(tmp_path, reference, backend, kwargs):
     assert_close(reference, run_parity(tmp_path, backend, 2, steps=20, **kwargs))
 
@@ -79,7 +90,7 @@ def test_bf16_stays_within_stated_tolerance(tmp_path, reference, backend, kwargs
 
 @pytest.mark.parametrize("backend,stage", [("fsdp", 0), ("zero", 3)])
 def test_sharded_bytes_per_rank(tmp_path, backend, stage):
-    """Parameters, gradients, optimizer state and EMA per rank at world sizes 1, 2, 4: sharded x world / full <= 1.05."""
+    """Parameters, gradients, optimizer state and EMA per rank at world sizes 1, 2, 4: sharded x world / full <= 1.05"""
     from tests.support.dist_workers import memory_worker
 
     totals = {}

@@ -1,5 +1,6 @@
 """Post-hoc EMA (EDM2): the math, reconstruction against a profile tracked in full, sharded snapshots (FSDP2, ZeRO-3)
 against one process, the CLI at world sizes 1 and 4, exact resume of the profiles through the training loop."""
+
 import json
 import os
 import shutil
@@ -14,7 +15,14 @@ from ddpm_dist.config import ConfigError, load_config
 from ddpm_dist.posthoc.phema import exp_to_std, fit_error, power_beta, profile_inner, solve_coefficients, std_to_exp
 from tests.support.common import ROOT
 from tests.support.phema_workers import GLOBAL_BATCH, profiles_run, snapshot_weights
-from tests.support.train_helpers import PYTHON, assert_bitwise_equal, checkpoint_tensors, child_env, final_checkpoint, run_train
+from tests.support.train_helpers import (
+    PYTHON,
+    assert_bitwise_equal,
+    checkpoint_tensors,
+    child_env,
+    final_checkpoint,
+    run_train,
+)
 
 STDS, TRUTH_STD, STEPS = [0.05, 0.10], 0.08, 16  # the target std is none of the snapshotted profiles
 SHARDED_STEPS, SHARDED_EVERY = 8, 2  # a profile at t does not depend on later steps: compared with the 16-step run's
@@ -31,8 +39,8 @@ def test_inner_product_is_the_integral():
     tau = np.linspace(0, 3.0, 2_000_001)
     for (ta, sa), (tb, sb) in [((1.0, 0.05), (3.0, 0.10)), ((2.5, 0.2), (1.5, 0.03)), ((2.0, 0.1), (2.0, 0.1))]:
         ga, gb = float(std_to_exp(sa)), float(std_to_exp(sb))
-        pa = np.where(tau <= ta, (ga + 1) * tau ** ga / ta ** (ga + 1), 0)
-        pb = np.where(tau <= tb, (gb + 1) * tau ** gb / tb ** (gb + 1), 0)
+        pa = np.where(tau <= ta, (ga + 1) * tau**ga / ta ** (ga + 1), 0)
+        pb = np.where(tau <= tb, (gb + 1) * tau**gb / tb ** (gb + 1), 0)
         assert np.isclose(np.trapezoid(pa * pb, tau), profile_inner(ta, ga, tb, gb), rtol=1e-4)  # a jump at min(ta, tb)
 
 
@@ -135,8 +143,9 @@ def test_sharded_snapshots_match_one_process_and_reconstruct_at_any_world_size(t
         found = committed_snapshots(str(run / "ema_snapshots"))
         assert len(found) == 2 * SHARDED_STEPS // SHARDED_EVERY
         index = json.load(open(run / "ema_snapshots" / "index.json"))
-        assert [(r["images"], r["std"], r["path"]) for r in index["snapshots"]] == \
-            [(s.images, s.std, os.path.basename(s.path)) for s in found]
+        assert [(r["images"], r["std"], r["path"]) for r in index["snapshots"]] == [
+            (s.images, s.std, os.path.basename(s.path)) for s in found
+        ]
         worst = 0.0
         for s in found:
             a, b = snapshot_weights(s.path), snapshot_weights(ref[os.path.basename(s.path)].path)
@@ -149,13 +158,32 @@ def test_sharded_snapshots_match_one_process_and_reconstruct_at_any_world_size(t
     exports = {}
     for world in (1, 4):
         out = tmp_path / f"exports-{world}"
-        r = subprocess.run([PYTHON, "-m", "ddpm_dist.ema", "reconstruct", "--run", str(runs["fsdp"]), "--std",
-                            f"0.03,{TRUTH_STD}", "--world-size", str(world), "--out", str(out)],
-                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "ddpm_dist.ema",
+                "reconstruct",
+                "--run",
+                str(runs["fsdp"]),
+                "--std",
+                f"0.03,{TRUTH_STD}",
+                "--world-size",
+                str(world),
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         exports[world] = sorted(out.iterdir())
-        assert [p.name for p in exports[world]] == [f"phema-{SHARDED_STEPS * GLOBAL_BATCH:012d}-{s:.4f}.safetensors"
-                                                     for s in (0.03, TRUTH_STD)]
+        assert [p.name for p in exports[world]] == [
+            f"phema-{SHARDED_STEPS * GLOBAL_BATCH:012d}-{s:.4f}.safetensors" for s in (0.03, TRUTH_STD)
+        ]
     for a, b in zip(exports[1], exports[4]):
         wa, wb = load_export(str(a))[0], load_export(str(b))[0]
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
@@ -174,7 +202,12 @@ def test_exact_resume_keeps_profiles_and_snapshots(tmp_path):
     and a half-written one are replaced by the replay."""
     from ddpm_dist.posthoc.snapshots import committed_snapshots
 
-    opts = ["ema.stds=[0.05,0.1]", "ema.snapshot_every_images=32", "checkpoint.every_images=32", "checkpoint.keep_last=4"]
+    opts = [
+        "ema.stds=[0.05,0.1]",
+        "ema.snapshot_every_images=32",
+        "checkpoint.every_images=32",
+        "checkpoint.keep_last=4",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train(straight, 4, *opts)
     run_train(resumed, 4, *opts)  # then pretend it died after the snapshot at 64 images, before its checkpoint

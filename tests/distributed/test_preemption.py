@@ -1,4 +1,5 @@
 """Preemption of a 2-process run: a signal to one rank, or to the launcher the README tells users to run."""
+
 import os
 import re
 import signal
@@ -35,8 +36,13 @@ def worker_pids(run_dir):
             env = dict(x.split(b"=", 1) for x in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in x)
         except OSError:
             continue
-        if b"ddpm_dist.train" in cmd and f"run_dir={run_dir}".encode() in cmd and b"torch.distributed.run" not in cmd \
-                and b"launchers.torchrun" not in cmd and b"RANK" in env:
+        if (
+            b"ddpm_dist.train" in cmd
+            and f"run_dir={run_dir}".encode() in cmd
+            and b"torch.distributed.run" not in cmd
+            and b"launchers.torchrun" not in cmd
+            and b"RANK" in env
+        ):
             pids[int(env[b"RANK"])] = int(pid)
     return pids
 
@@ -60,8 +66,15 @@ def uninterrupted(tmp_path_factory):
 
 def preempt_and_resume(tmp_path, uninterrupted, send, launcher):
     run = tmp_path / "run"
-    p = subprocess.Popen(train_cmd(run, STEPS, *OPTS, nproc=2, launcher=launcher), cwd=ROOT, env=child_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        train_cmd(run, STEPS, *OPTS, nproc=2, launcher=launcher),
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for_step(run, 20)
         send(p, run)

@@ -1,4 +1,5 @@
 """Seed-addressed sampling: the same images for any world size, resumable, complete."""
+
 import os
 import signal
 import subprocess
@@ -26,15 +27,26 @@ def export(tmp_path_factory):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("export") / "export.safetensors"
-    save_export(str(path), model.state_dict(), None, model.config,
-                {"diffusion": {"schedule": "cosine", "num_steps": 100}, "sample": {"sampler": "ddim", "steps": 6}})
+    save_export(
+        str(path),
+        model.state_dict(),
+        None,
+        model.config,
+        {"diffusion": {"schedule": "cosine", "num_steps": 100}, "sample": {"sampler": "ddim", "steps": 6}},
+    )
     return str(path)
 
 
 def sample(export, out, *args, timeout=300):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.sample", "--export", export, "--out", str(out), *args], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [PYTHON, "-m", "ddpm_dist.sample", "--export", export, "--out", str(out), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -43,8 +55,22 @@ def pngs(out):
     return {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out)) if n[:6].isdigit()}
 
 
-COMMON = ["--num-images", "11", "--batch-size", "4", "--sampler", "ddpm", "--steps", "6", "--guidance", "1.5",
-          "--extras", "no", "--seed", "5"]
+COMMON = [
+    "--num-images",
+    "11",
+    "--batch-size",
+    "4",
+    "--sampler",
+    "ddpm",
+    "--steps",
+    "6",
+    "--guidance",
+    "1.5",
+    "--extras",
+    "no",
+    "--seed",
+    "5",
+]
 
 
 def test_bitwise_identical_for_world_sizes_1_2_3(export, tmp_path):
@@ -75,9 +101,14 @@ def test_interrupted_run_resumes_to_exactly_the_requested_set(export, tmp_path):
     sample(export, tmp_path / "ref", *args)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([PYTHON, "-m", "ddpm_dist.sample", "--export", export, "--out", str(out), *args,
-                          "--world-size", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [PYTHON, "-m", "ddpm_dist.sample", "--export", export, "--out", str(out), *args, "--world-size", "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     end = time.time() + 120
     while time.time() < end and not (out.is_dir() and len([n for n in os.listdir(out) if n.endswith(".png")]) >= 8):
         time.sleep(0.05)

@@ -1,4 +1,5 @@
 """Paths and polling every test uses."""
+
 import os
 import sys
 import time

@@ -1,5 +1,6 @@
 """What the fuzz tests share: a small genuine data set, tar builders for odd members, and the checks every
 example ends in (success, or the documented error class with one bounded line, in bounded time and memory)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,9 @@ NUM_CLASSES = 5
 
 def fuzz(n: int):
     """Derandomized, no example database, no deadline (time is checked by `bounded`)."""
-    return settings(max_examples=n, derandomize=True, deadline=None, database=None,
-                    suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=n, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
 
 
 def one_line(e: BaseException) -> str:
@@ -38,8 +40,10 @@ def one_line(e: BaseException) -> str:
 @contextlib.contextmanager
 def within(seconds: float):
     """A TimeoutError if the block runs longer (a hang becomes a failure, not a stuck CI job)."""
+
     def expire(*_):
         raise TimeoutError(f"still running after {seconds}s")
+
     old = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -77,14 +81,22 @@ def build_dataset(out: str, fmt: str = "png", n: int = 12, per_shard: int = 6):
     rng = np.random.default_rng(0)
     path = f"{out}.npz"
     np.savez(path, images=rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8), labels=np.arange(n) % NUM_CLASSES)
-    return build_shards(iter_numpy(path), out, samples_per_shard=per_shard, image_format=fmt, progress=False,
-                        shuffle_seed=None, overwrite=True)
+    return build_shards(
+        iter_numpy(path),
+        out,
+        samples_per_shard=per_shard,
+        image_format=fmt,
+        progress=False,
+        shuffle_seed=None,
+        overwrite=True,
+    )
 
 
 def read_stream(manifest, batches: int = 3, batch: int = 2) -> list:
     """Up to `batches` batches of a TrainStream over `manifest` (checked: shapes, labels in range)."""
-    stream = TrainStream(manifest, rank=0, layout=Layout(1, batch, 0), seed=0, max_skip_fraction=1.0,
-                         buffer_bytes=1 << 20)
+    stream = TrainStream(
+        manifest, rank=0, layout=Layout(1, batch, 0), seed=0, max_skip_fraction=1.0, buffer_bytes=1 << 20
+    )
     out = []
     for b in stream:
         assert tuple(b["image"].shape) == (batch, manifest.channels, *manifest.image_size)

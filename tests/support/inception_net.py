@@ -12,6 +12,7 @@ count (width=1 is the real network) so that a test runs in seconds on two CPU co
 their real 2048 output channels, the feature size every consumer expects. The original resizes inside with
 TensorFlow's bilinear; this one with torch's bilinear (only `layers` is on the FID path: clean-fid resizes
 outside the network in its "clean" mode)."""
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,15 @@ class InceptionA(nn.Module):
 
     def forward(self, x):
         pool = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # FID Inception: padding excluded
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(pool)], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(pool),
+            ],
+            1,
+        )
 
 
 class InceptionB(nn.Module):
@@ -57,8 +65,14 @@ class InceptionB(nn.Module):
         self.out_channels = w(384) + w(96) + cin
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionC(nn.Module):
@@ -124,18 +138,34 @@ class InceptionE(nn.Module):
             pool = F.max_pool2d(x, 3, stride=1, padding=1)
         else:
             pool = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3), self.branch3x3dbl_3a(d),
-                          self.branch3x3dbl_3b(d), self.branch_pool(pool)], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(d),
+                self.branch3x3dbl_3b(d),
+                self.branch_pool(pool),
+            ],
+            1,
+        )
 
 
 def fid_inception_layers(width: float = 1.0) -> nn.Sequential:
     """299x299 normalised images -> (N, 2048, 1, 1): the FID Inception-v3 up to its pool features."""
+
     def w(c: int) -> int:
         return max(4, int(round(c * width)))
 
-    layers = [BasicConv2d(3, w(32), 3, stride=2), BasicConv2d(w(32), w(32), 3), BasicConv2d(w(32), w(64), 3, padding=1),
-              nn.MaxPool2d(3, stride=2), BasicConv2d(w(64), w(80), 1), BasicConv2d(w(80), w(192), 3),
-              nn.MaxPool2d(3, stride=2)]
+    layers = [
+        BasicConv2d(3, w(32), 3, stride=2),
+        BasicConv2d(w(32), w(32), 3),
+        BasicConv2d(w(32), w(64), 3, padding=1),
+        nn.MaxPool2d(3, stride=2),
+        BasicConv2d(w(64), w(80), 1),
+        BasicConv2d(w(80), w(192), 3),
+        nn.MaxPool2d(3, stride=2),
+    ]
     cin = w(192)
     for pool_features in (w(32), w(64), w(64)):  # Mixed_5b, 5c, 5d (35x35)
         layers.append(InceptionA(cin, pool_features, w))

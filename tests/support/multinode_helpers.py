@@ -1,5 +1,6 @@
 """What the multi-host tests share: torchrun on every host of the `cluster` fixture (tests/support/common.py) and
 evidence waits."""
+
 import os
 import subprocess
 import time
@@ -19,11 +20,29 @@ def launch(cluster, run_dir, steps, nproc, *extra, launcher="torch.distributed.r
     rdzv, rdzv_id, procs = f"{free_port()}", uuid.uuid4().hex[:8], []
     target = [module, *extra] if module else ["ddpm_dist.train", *train_args(run_dir, steps, *extra)]
     for i, h in enumerate(cluster.hosts):
-        cmd = [PYTHON, "-m", launcher, "--nnodes", str(len(cluster.hosts)), "--nproc-per-node", str(nproc),
-               "--node-rank", str(i), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"n1:{rdzv}",
-               "--rdzv-id", rdzv_id, "-m", *target]
+        cmd = [
+            PYTHON,
+            "-m",
+            launcher,
+            "--nnodes",
+            str(len(cluster.hosts)),
+            "--nproc-per-node",
+            str(nproc),
+            "--node-rank",
+            str(i),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"n1:{rdzv}",
+            "--rdzv-id",
+            rdzv_id,
+            "-m",
+            *target,
+        ]
         log = open(f"{run_dir}.{h.name}.log", "a")
-        procs.append(cluster.popen(h, cmd, cwd=ROOT, env=child_env(**(env or {})), stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            cluster.popen(h, cmd, cwd=ROOT, env=child_env(**(env or {})), stdout=log, stderr=subprocess.STDOUT)
+        )
     return procs
 
 
@@ -41,5 +60,3 @@ def log_of(run_dir, host) -> str:
 def audit_lines(run_dir) -> int:
     path = os.path.join(run_dir, "data_audit", "rank0.jsonl")
     return sum(1 for _ in open(path)) if os.path.exists(path) else 0
-
-

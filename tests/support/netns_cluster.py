@@ -9,6 +9,7 @@ tag and removed by name and PID, also when a test fails. Needs root and iproute2
     python -m tests.support.netns_cluster exec TAG n1 -- hostname
     python -m tests.support.netns_cluster down TAG
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,10 @@ class Cluster:
         self.subnet = next(s for s in random.sample(range(256), 256) if f"198.18.{s}." not in used)
         self.ctl = f"198.18.{self.subnet}.1"
         self.bridge = f"ddpm{self.tag}"
-        self.hosts = [Host(f"n{i}", f"198.18.{self.subnet}.{i + 1}", f"ddpm{self.tag}-n{i}", f"v{self.tag}n{i}")
-                      for i in range(1, hosts + 1)]
+        self.hosts = [
+            Host(f"n{i}", f"198.18.{self.subnet}.{i + 1}", f"ddpm{self.tag}-n{i}", f"v{self.tag}n{i}")
+            for i in range(1, hosts + 1)
+        ]
 
     # -- naming ---------------------------------------------------------------------------------------
     def host(self, name: str) -> Host:
@@ -55,8 +58,14 @@ class Cluster:
 
     def prefix(self, host: Host, cwd: str = "") -> list[str]:
         """Run a command on `host` (its network, hostname and /etc/hosts) in `cwd` (default: this one)."""
-        return ["nsenter", f"--net=/var/run/netns/{host.netns}", f"--uts={self.dir}/{host.name}.uts",
-                f"--mount={self.dir}/{host.name}.mnt", f"--wd={cwd or os.getcwd()}", "--"]
+        return [
+            "nsenter",
+            f"--net=/var/run/netns/{host.netns}",
+            f"--uts={self.dir}/{host.name}.uts",
+            f"--mount={self.dir}/{host.name}.mnt",
+            f"--wd={cwd or os.getcwd()}",
+            "--",
+        ]
 
     def popen(self, host: Host, cmd: list[str], cwd: str = "", **kw) -> subprocess.Popen:
         return subprocess.Popen(self.prefix(host, cwd) + cmd, **kw)
@@ -98,12 +107,25 @@ class Cluster:
             for kind in ("uts", "mnt"):
                 open(f"{self.dir}/{h.name}.{kind}", "w").close()
             sh("unshare", f"--uts={self.dir}/{h.name}.uts", "hostname", h.name)
-            sh("unshare", f"--mount={self.dir}/{h.name}.mnt", "--propagation", "private",
-               "mount", "--bind", f"{etc}/hosts", "/etc/hosts")
+            sh(
+                "unshare",
+                f"--mount={self.dir}/{h.name}.mnt",
+                "--propagation",
+                "private",
+                "mount",
+                "--bind",
+                f"{etc}/hosts",
+                "/etc/hosts",
+            )
         with socket.create_server((self.ctl, 0)) as server:  # every host resolves `ctl` and reaches it
             for h in self.hosts:
-                sh(*self.prefix(h), sys.executable, "-c", "import socket, sys; socket.create_connection(('ctl', "
-                   f"{server.getsockname()[1]}), timeout=10).close(); assert socket.gethostname() == '{h.name}'")
+                sh(
+                    *self.prefix(h),
+                    sys.executable,
+                    "-c",
+                    "import socket, sys; socket.create_connection(('ctl', "
+                    f"{server.getsockname()[1]}), timeout=10).close(); assert socket.gethostname() == '{h.name}'",
+                )
 
     def pids(self, host: Host) -> list[int]:
         r = sh("ip", "netns", "pids", host.netns, check=False)
@@ -160,14 +182,19 @@ class Cluster:
         c = cls.__new__(cls)
         c.tag, c.dir, c.subnet = tag, os.path.join(STATE_ROOT, tag), state["subnet"]
         c.ctl, c.bridge = f"198.18.{c.subnet}.1", f"ddpm{tag}"
-        c.hosts = [Host(f"n{i}", f"198.18.{c.subnet}.{i + 1}", f"ddpm{tag}-n{i}", f"v{tag}n{i}")
-                   for i in range(1, state["hosts"] + 1)]
+        c.hosts = [
+            Host(f"n{i}", f"198.18.{c.subnet}.{i + 1}", f"ddpm{tag}-n{i}", f"v{tag}n{i}")
+            for i in range(1, state["hosts"] + 1)
+        ]
         return c
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.support.netns_cluster", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tests.support.netns_cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up")
     up.add_argument("--hosts", type=int, default=2)

@@ -1,6 +1,7 @@
 """`torchrun ... -m tests.support.parity_main OUT BACKEND [JSON kwargs]`: the engine parity harness of
 tests/distributed/test_parallel.py (a fixed global batch, tests/dist_workers.train_steps) under any launcher, so the
 same comparison with one process runs across hosts."""
+
 import json
 import sys
 

@@ -1,5 +1,7 @@
-"""Post-hoc EMA runs for tests/distributed/test_posthoc_ema.py: the tiny UNet on a fixed batch, power-function EMA profiles and
-their snapshots, plus a ground-truth profile tracked in full (never snapshotted). Top level, so spawn can pickle."""
+"""Post-hoc EMA runs for tests/distributed/test_posthoc_ema.py: the tiny UNet on a fixed batch, power-function EMA
+profiles and their snapshots, plus a ground-truth profile tracked in full (never snapshotted). Top level, so spawn
+can pickle."""
+
 import dataclasses
 import json
 import os
@@ -15,11 +17,11 @@ def profiles_run(rank, world_size, run_dir, backend, stds, truth_stds, steps, sn
     from safetensors.torch import save_file
 
     from ddpm_dist.config import ParallelConfig, TrainConfig, load_config
-    from ddpm_dist.posthoc.power import PowerEMA
-    from ddpm_dist.posthoc.snapshots import SnapshotWriter
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.seeding import seed_everything
+    from ddpm_dist.posthoc.power import PowerEMA
+    from ddpm_dist.posthoc.snapshots import SnapshotWriter
     from ddpm_dist.training.loop import run_step
     from tests.support.dist_workers import synthetic_batch
 
@@ -27,16 +29,33 @@ def profiles_run(rank, world_size, run_dir, backend, stds, truth_stds, steps, sn
     model_cfg = resolve_model_config(cfg.model)
     seed_everything(0)
     micro = GLOBAL_BATCH // world_size
-    engine = parallelize(UNet(model_cfg), ParallelConfig(backend=backend, zero_stage=zero_stage), read_env(),
-                         TrainConfig(lr=2e-3, grad_clip=1.0), micro_batch=micro, accum_steps=1)
+    engine = parallelize(
+        UNet(model_cfg),
+        ParallelConfig(backend=backend, zero_stage=zero_stage),
+        read_env(),
+        TrainConfig(lr=2e-3, grad_clip=1.0),
+        micro_batch=micro,
+        accum_steps=1,
+    )
     power, truth = PowerEMA(engine, stds), PowerEMA(engine, truth_stds)
     writer = SnapshotWriter(run_dir, rank, dataclasses.asdict(model_cfg))
     schedule = cfg.diffusion.make_schedule()
     x, y = synthetic_batch(GLOBAL_BATCH, model_cfg.in_channels, model_cfg.image_size, model_cfg.num_classes)
     for step in range(steps):
         s = slice(rank * micro, (rank + 1) * micro)
-        run_step(engine, schedule, [{"image": x[s], "label": y[s]}], step=step, rank=rank, world_size=world_size,
-                 seed=cfg.seed, train=cfg.train, diffusion=cfg.diffusion, num_classes=0, lr=2e-3)
+        run_step(
+            engine,
+            schedule,
+            [{"image": x[s], "label": y[s]}],
+            step=step,
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.seed,
+            train=cfg.train,
+            diffusion=cfg.diffusion,
+            num_classes=0,
+            lr=2e-3,
+        )
         images = (step + 1) * GLOBAL_BATCH
         power.update(images, GLOBAL_BATCH)
         truth.update(images, GLOBAL_BATCH)

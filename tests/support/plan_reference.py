@@ -1,5 +1,6 @@
 """The epoch plan by brute force: explicit position arrays of length N (the implementation before data/plan.py).
 The property tests compare data/plan.py and the stream's cursor with it."""
+
 from __future__ import annotations
 
 from typing import Iterator, Optional
@@ -32,7 +33,7 @@ class ReferencePlan:
         B, nb = self.layout.batch_size, self.batches_per_rank
         first = sum(self.worker_batches(w) for w in range(lane))
         start = rank * nb * B + first * B
-        seq = self.ordered[start:start + self.worker_batches(lane) * B].copy()
+        seq = self.ordered[start : start + self.worker_batches(lane) * B].copy()
         shard = np.searchsorted(self.offsets, seq, side="right") - 1
         for i, j in block_spans(shard, self.layout.block):
             rng = np.random.default_rng(mix_seed(self.seed, self.epoch, shard[i], seq[i], j - i))
@@ -50,7 +51,7 @@ class ReferencePlan:
         for rank in range(self.layout.world_size):
             for lane in range(self.layout.lanes):
                 c = self.consumed_per_lane(batches_done, lane)
-                pool[self.worker_sequence(rank, lane)[:c * B]] = False
+                pool[self.worker_sequence(rank, lane)[: c * B]] = False
         return pool
 
 

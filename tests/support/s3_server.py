@@ -1,4 +1,5 @@
 """A real S3 API server (moto) on loopback for tests, stopped by the fixture that started it."""
+
 import contextlib
 import os
 import socket
@@ -18,11 +19,18 @@ def s3_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": url, "FSSPEC_S3_ENDPOINT_URL": url}
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ENDPOINT_URL": url,
+        "FSSPEC_S3_ENDPOINT_URL": url,
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import boto3
+
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket="ddpm")
     try:
         yield env
@@ -40,9 +48,14 @@ def s3_server_process(**server_env):
     """An S3 API server (moto) in its own process, e.g. INITIAL_NO_AUTH_ACTION_COUNT="0" to check credentials;
     yields its URL; stopped by PID."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, **server_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **server_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def answers():
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -50,6 +63,7 @@ def s3_server_process(**server_env):
             except OSError:
                 assert server.poll() is None, "the S3 API server exited"
                 return False
+
         wait_for(answers, 60, "the S3 API server to listen")
         yield f"http://127.0.0.1:{port}"
     finally:

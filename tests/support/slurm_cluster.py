@@ -1,6 +1,7 @@
 """Real SLURM clusters for system tests (munged, slurmctld, slurmd from Debian): one node on loopback, or
 one slurmd per host of a tests.support.netns_cluster. Started in a private folder, stopped by PID; every wait is
 bounded."""
+
 import contextlib
 import os
 import re
@@ -45,8 +46,6 @@ PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 GRES = "AutoDetect=off\nNodeName={node_names} Name=gpu File=/dev/null\n"
 
 
-
-
 def _pid(path):
     try:
         return int(open(path).read().strip())
@@ -60,9 +59,29 @@ def submit(tmp_path, verb, entry_args, *launcher_args, tasks=("--tasks-per-node"
     from tests.support.train_helpers import child_env
 
     env = child_env()
-    r = subprocess.run([PYTHON, "-m", "launchers.slurm", verb, *tasks, "--cpus-per-task", "1", "--time", "30",
-                        "--log-folder", str(tmp_path / "logs" / "%j"), *launcher_args, "--", *entry_args],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "launchers.slurm",
+            verb,
+            *tasks,
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "30",
+            "--log-folder",
+            str(tmp_path / "logs" / "%j"),
+            *launcher_args,
+            "--",
+            *entry_args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     job = re.search(r"submitted job (\d+)", r.stdout).group(1)
     assert "follow: tail -f" in r.stdout and "logs:" in r.stdout
@@ -89,8 +108,12 @@ def preempt_and_finish(tmp_path, job: str, run, after_steps: int) -> tuple[str, 
     """Once the job's rank 0 has taken `after_steps` steps, `scancel --signal=USR2`; wait for the requeue and
     the completion; (the job's logs, the step every rank stopped at), after checking the resume from it."""
     audit_file = run / "data_audit" / "rank0.jsonl"
-    wait_for(lambda: audit_file.exists() and sum(1 for _ in open(audit_file)) >= after_steps, 240,
-             "job did not start training", every=0.5)
+    wait_for(
+        lambda: audit_file.exists() and sum(1 for _ in open(audit_file)) >= after_steps,
+        240,
+        "job did not start training",
+        every=0.5,
+    )
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     wait_for(lambda: job_state(job)[1] >= 1, 120, "job was not requeued", every=0.5)
     wait_for(lambda: job_state(job)[0] == "COMPLETED", 300, f"job did not complete: {job_state(job)}", every=0.5)
@@ -117,8 +140,17 @@ def slurm_cluster(d, nodes: list[tuple[str, str, list[str]]], ctld_addr: str = "
     names = ",".join(n for n, _, _ in nodes)
     ctld_host = "localhost" if ctld_addr == "127.0.0.1" else f"{socket.gethostname()}({ctld_addr})"
     conf = d / "slurm.conf"
-    conf.write_text(CONF.format(d=d, name=name, ctld_host=ctld_host, ctld_port=free_port(), d_port=free_port(),
-                                nodes="\n".join(lines), node_names=names))
+    conf.write_text(
+        CONF.format(
+            d=d,
+            name=name,
+            ctld_host=ctld_host,
+            ctld_port=free_port(),
+            d_port=free_port(),
+            nodes="\n".join(lines),
+            node_names=names,
+        )
+    )
     (d / "gres.conf").write_text(GRES.format(node_names=names))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     pidfiles = [d / "slurmctld.pid"] + [d / f"slurmd.{n}.pid" for n, _, _ in nodes]
@@ -135,8 +167,19 @@ def slurm_cluster(d, nodes: list[tuple[str, str, list[str]]], ctld_addr: str = "
         subprocess.run(["slurmctld"], env=env, check=True)
         for node, _, prefix in nodes:
             subprocess.run([*prefix, "slurmd", "-N", node], env=env, check=True)
-        wait_for(lambda: set(subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
-                                            text=True).stdout.split()) == {"idle"}, 60, "slurm nodes idle", every=0.5)
+        wait_for(
+            lambda: (
+                set(
+                    subprocess.run(
+                        ["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True
+                    ).stdout.split()
+                )
+                == {"idle"}
+            ),
+            60,
+            "slurm nodes idle",
+            every=0.5,
+        )
         yield env
     finally:
         if old is None:

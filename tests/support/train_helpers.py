@@ -1,4 +1,5 @@
 """Run training as users do (subprocesses, torchrun) and read checkpoints back for bitwise comparisons."""
+
 import json
 import os
 import subprocess
@@ -9,14 +10,28 @@ import torch
 from tests.support.common import ROOT
 
 PYTHON = sys.executable
-FAST = ["model.preset=digits", "model.base_channels=16", "model.norm_groups=8", "train.global_batch=16",
-        "train.lr=0.001", "train.lr_schedule=constant", "train.warmup_images=64", "train.log_every=5",
-        "train.sample_every_images=0", "sample.steps=4", "data.audit=true", "diffusion.num_steps=200"]
+FAST = [
+    "model.preset=digits",
+    "model.base_channels=16",
+    "model.norm_groups=8",
+    "train.global_batch=16",
+    "train.lr=0.001",
+    "train.lr_schedule=constant",
+    "train.warmup_images=64",
+    "train.log_every=5",
+    "train.sample_every_images=0",
+    "sample.steps=4",
+    "data.audit=true",
+    "diffusion.num_steps=200",
+]
 
 
 def child_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    }
     env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra)
     return env
 
@@ -35,8 +50,14 @@ def train_cmd(run_dir, steps, *extra, nproc=1, launcher="python"):
 
 
 def run_train(run_dir, steps, *extra, nproc=1, launcher="python", timeout=600, check=True):
-    r = subprocess.run(train_cmd(run_dir, steps, *extra, nproc=nproc, launcher=launcher), cwd=ROOT, env=child_env(),
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        train_cmd(run_dir, steps, *extra, nproc=nproc, launcher=launcher),
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -70,6 +91,7 @@ def checkpoint_tensors(ckpt_dir) -> dict:
             flat[prefix] = v
         else:
             flat[prefix] = torch.tensor(float(v)) if isinstance(v, (int, float)) else v
+
     walk("", state)
     return flat
 

@@ -1,5 +1,6 @@
 """checkpoint.keep_best: beside the last k, the committed checkpoint with the lowest in-training Fréchet distance
 stays, through pruning and a resume, and `sample --checkpoint best` uses it."""
+
 import json
 import os
 import subprocess
@@ -53,8 +54,14 @@ def eval_rows(run) -> list[dict]:
         return [r for r in map(json.loads, f) if r["event"] == "eval"]
 
 
-EVAL = ["eval.every_images=32", "eval.num_images=32", "eval.batch_size=32", "checkpoint.keep_last=1",
-        "checkpoint.keep_best=true", "eval.reference=validation"]
+EVAL = [
+    "eval.every_images=32",
+    "eval.num_images=32",
+    "eval.batch_size=32",
+    "checkpoint.keep_last=1",
+    "checkpoint.keep_best=true",
+    "eval.reference=validation",
+]
 
 
 def test_training_keeps_the_best_evaluated_checkpoint_through_a_resume(tmp_path):
@@ -71,7 +78,8 @@ def test_training_keeps_the_best_evaluated_checkpoint_through_a_resume(tmp_path)
         metas = [read_meta(p) for p in found]
         assert [m["images"] for m in metas] == sorted({best["images"], 16 * steps}), (
             f"kept {[m['images'] for m in metas]}, best Fréchet distance {best['frechet_distance']:.3f} at "
-            f"{best['images']} images, last at {16 * steps}")
+            f"{best['images']} images, last at {16 * steps}"
+        )
         kept_best = next(m for m in metas if m["images"] == best["images"])
         assert kept_best["eval"]["frechet_distance"] == pytest.approx(best["frechet_distance"], rel=1e-12)
     assert best["images"] == 16 * 8, f"the spoiled steps were evaluated better: {[r['frechet_distance'] for r in rows]}"
@@ -79,9 +87,30 @@ def test_training_keeps_the_best_evaluated_checkpoint_through_a_resume(tmp_path)
         assert int(z["n"]) == 179  # the reference is the held-out split (eval.reference=validation)
 
     out = tmp_path / "best"
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.sample", "--run", str(run), "--checkpoint", "best", "--out", str(out),
-                        "--num-images", "4", "--steps", "2", "--extras", "no"],
-                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ddpm_dist.sample",
+            "--run",
+            str(run),
+            "--checkpoint",
+            "best",
+            "--out",
+            str(out),
+            "--num-images",
+            "4",
+            "--steps",
+            "2",
+            "--extras",
+            "no",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "sampling.json") as f:
         source = json.load(f)["source"]
@@ -91,18 +120,49 @@ def test_training_keeps_the_best_evaluated_checkpoint_through_a_resume(tmp_path)
 def test_best_without_evaluations_is_one_line(tmp_path):
     run = tmp_path / "run"
     run_train(run, 2)
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.sample", "--run", str(run), "--checkpoint", "best", "--out",
-                        str(tmp_path / "out"), "--num-images", "2"],
-                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ddpm_dist.sample",
+            "--run",
+            str(run),
+            "--checkpoint",
+            "best",
+            "--out",
+            str(tmp_path / "out"),
+            "--num-images",
+            "2",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: no checkpoint under"), r.stderr
     assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
 def test_keep_best_needs_evaluation(tmp_path):
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.train", "--config", "configs/digits.yaml", f"run_dir={tmp_path}/run",
-                        "checkpoint.keep_best=true"], cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ddpm_dist.train",
+            "--config",
+            "configs/digits.yaml",
+            f"run_dir={tmp_path}/run",
+            "checkpoint.keep_best=true",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.strip() == (
-        "error: checkpoint.keep_best needs eval.every_images > 0 (the Fréchet distance it keeps the best of)")
+        "error: checkpoint.keep_best needs eval.every_images > 0 (the Fréchet distance it keeps the best of)"
+    )
     assert not os.path.exists(tmp_path / "run")

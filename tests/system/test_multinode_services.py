@@ -1,5 +1,6 @@
 """Services across hosts: a two-node SLURM cluster (slurmctld here, one slurmd per host namespace) running a
 preemptible training job through submitit, and a real Prometheus here scraping every rank of both hosts."""
+
 import json
 import re
 import signal
@@ -11,8 +12,8 @@ from ddpm_dist.parallel.env import first_host, read_env
 from tests.support.common import PYTHON, free_port
 from tests.support.multinode_helpers import COMMON, LOSS_STEPS, launch, log_of, wait_all, wait_for
 from tests.support.slurm_cluster import preempt_and_finish, slurm_cluster, submit
-from tests.system.test_prometheus import dashboard_expressions, prometheus, query  # noqa: F401 - a fixture
 from tests.support.train_helpers import FAST, assert_bitwise_equal, audit, checkpoint_tensors, final_checkpoint
+from tests.system.test_prometheus import dashboard_expressions, prometheus, query  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.system
 
@@ -26,10 +27,17 @@ def slurm2(cluster, tmp_path_factory):
 
 def test_ranks_and_master_come_from_the_two_node_jobs_slurm_variables(cluster, slurm2, tmp_path):
     """read_env's SLURM branch and first_host on the variables of a real `srun -N2` step, not a hand-made dict."""
-    code = ("import json, os, socket; e = dict(os.environ, HOSTNAME_SEEN=socket.gethostname()); "
-            f"json.dump(e, open('{tmp_path}/env-' + e['SLURM_PROCID'] + '.json', 'w'))")
-    r = subprocess.run(["srun", "-N2", "-n2", "--gpus-per-node=1", PYTHON, "-c", code], env=slurm2, capture_output=True,
-                       text=True, timeout=120)
+    code = (
+        "import json, os, socket; e = dict(os.environ, HOSTNAME_SEEN=socket.gethostname()); "
+        f"json.dump(e, open('{tmp_path}/env-' + e['SLURM_PROCID'] + '.json', 'w'))"
+    )
+    r = subprocess.run(
+        ["srun", "-N2", "-n2", "--gpus-per-node=1", PYTHON, "-c", code],
+        env=slurm2,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     for rank in (0, 1):
         e = json.load(open(tmp_path / f"env-{rank}.json"))
@@ -45,8 +53,15 @@ def test_two_node_job_is_preempted_requeued_and_resumes_exactly(cluster, slurm2,
     host of SLURM_JOB_NODELIST; `scancel --signal=USR2` stops every rank at one step with one committed checkpoint,
     the job is requeued and finishes bitwise equal to an uninterrupted run."""
     run = tmp_path / "run"
-    entry = ["--config", "configs/digits.yaml", f"run_dir={run}", *FAST, f"train.total_images={16 * LOSS_STEPS}",
-             "parallel.backend=fsdp", *COMMON]
+    entry = [
+        "--config",
+        "configs/digits.yaml",
+        f"run_dir={run}",
+        *FAST,
+        f"train.total_images={16 * LOSS_STEPS}",
+        "parallel.backend=fsdp",
+        *COMMON,
+    ]
     job = submit(tmp_path, "train", entry, "--nodes", "2", tasks=("--gpus-per-node", "1"))
     text, _ = preempt_and_finish(tmp_path, job, run, after_steps=10)
     assert re.search(r"2 ranks on n1 \(rank 0\), n2 \(rank 1\); rendezvous n1:\d+", text), text[-3000:]
@@ -61,11 +76,24 @@ def test_prometheus_here_scrapes_every_rank_of_both_hosts(cluster, prometheus, t
     series for each host wherever the expression keeps the instance."""
     port, sd = prometheus
     run, exporter = tmp_path / "run", free_port()
-    procs = launch(cluster, run, 100_000, 1, "parallel.backend=ddp", "metrics.prometheus=true",
-                   f"metrics.prometheus_port={exporter}", f"metrics.sd_dir={sd}", "metrics.job=4343",
-                   "checkpoint.every_images=320", "train.sample_every_images=640", "eval.every_images=640",
-                   "eval.num_images=32", "train.max_wall_seconds=240", launcher="launchers.torchrun",
-                   env={"DDPM_CACHE": str(tmp_path / "cache")})
+    procs = launch(
+        cluster,
+        run,
+        100_000,
+        1,
+        "parallel.backend=ddp",
+        "metrics.prometheus=true",
+        f"metrics.prometheus_port={exporter}",
+        f"metrics.sd_dir={sd}",
+        "metrics.job=4343",
+        "checkpoint.every_images=320",
+        "train.sample_every_images=640",
+        "eval.every_images=640",
+        "eval.num_images=32",
+        "train.max_wall_seconds=240",
+        launcher="launchers.torchrun",
+        env={"DDPM_CACHE": str(tmp_path / "cache")},
+    )
     hosts = {f"{h.addr}:{exporter}" for h in cluster.hosts}
     try:
         exprs = dashboard_expressions()

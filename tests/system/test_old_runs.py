@@ -3,6 +3,7 @@
 tests/fixtures/run_v1 is a 4-step digits run written by that code (its config.yaml has train.eval_* and
 train.ema_*); run_v1_expected.json holds what that code gave when resuming a copy of it and sampling.
 tests/fixtures/config_v1.yaml is configs/digits.yaml of that shape."""
+
 import json
 import os
 import shutil
@@ -22,8 +23,9 @@ NOTICES = [f"config: {old} is now {new}" for old, new in RENAMED.items()]  # eve
 
 
 def run(*args, timeout=300):
-    r = subprocess.run([PYTHON, "-m", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        [PYTHON, "-m", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -46,10 +48,15 @@ def sample(run_dir, out):
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-    """A copy of the old run resumed from its checkpoint (step 4) to step 8 by today's code, from its own config.yaml."""
+    """A copy of the old run resumed from its checkpoint (step 4) to step 8 by today's code, from its config.yaml."""
     run_dir = copy_of_run(tmp_path_factory)
-    r = run("ddpm_dist.train", "--config", str(run_dir / "config.yaml"), f"run_dir={run_dir}",
-            f"train.total_images={EXPECTED['resumed_to_images']}")
+    r = run(
+        "ddpm_dist.train",
+        "--config",
+        str(run_dir / "config.yaml"),
+        f"run_dir={run_dir}",
+        f"train.total_images={EXPECTED['resumed_to_images']}",
+    )
     return run_dir, r
 
 
@@ -85,7 +92,8 @@ def test_an_old_shape_config_file_loads_with_one_line_per_renamed_key():
     r = run("ddpm_dist.train", "--config", "tests/fixtures/config_v1.yaml", "--print-config", timeout=120)
     assert r.stderr.splitlines() == NOTICES  # config_v1.yaml sets every renamed key, nothing else is said
     old = yaml.safe_load(r.stdout)
-    today = load_config(os.path.join(ROOT, "configs", "digits.yaml"),
-                        ["eval.every_images=50000", "eval.num_images=500", "eval.batch_size=100",
-                         "eval.reference=validation"])
+    today = load_config(
+        os.path.join(ROOT, "configs", "digits.yaml"),
+        ["eval.every_images=50000", "eval.num_images=500", "eval.batch_size=100", "eval.reference=validation"],
+    )
     assert old == to_dict(today)  # the same run as today's digits.yaml with those evaluation settings

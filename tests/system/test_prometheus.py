@@ -1,6 +1,7 @@
 """A real Prometheus (Debian package) on loopback scraping a real 2-process training run through the
 file-based discovery the run writes: every dashboard panel, recording rule and alert expression returns
 data; promtool validates the config and rules and runs the alert unit tests."""
+
 import json
 import os
 import re
@@ -22,8 +23,9 @@ OPS = os.path.join(ROOT, "ops")
 
 
 def promtool(*args):
-    r = subprocess.run(["promtool", *args], cwd=os.path.join(OPS, "prometheus"), capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        ["promtool", *args], cwd=os.path.join(OPS, "prometheus"), capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -84,9 +86,16 @@ def prometheus(tmp_path):
     cfg["scrape_configs"][0]["file_sd_configs"][0].update(files=[str(sd / "*.json")], refresh_interval="1s")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     port = free_port()
-    proc = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "w"),
+    )
     try:
         end = time.time() + 30
         while time.time() < end:
@@ -114,14 +123,32 @@ def test_every_panel_and_alert_returns_data_from_a_real_run(tmp_path, prometheus
         except OSError:
             exporter = free_port()
     run = tmp_path / "run"
-    cmd = train_cmd(run, 100000, "parallel.backend=ddp", "metrics.prometheus=true", "metrics.prometheus_addr=127.0.0.1",
-                    f"metrics.prometheus_port={exporter}",
-                    f"metrics.sd_dir={sd}", "metrics.job=4242", "checkpoint.every_images=320",
-                    "train.sample_every_images=640", "eval.every_images=640", "eval.num_images=32",
-                    "train.max_wall_seconds=240", nproc=2, launcher="launcher")
+    cmd = train_cmd(
+        run,
+        100000,
+        "parallel.backend=ddp",
+        "metrics.prometheus=true",
+        "metrics.prometheus_addr=127.0.0.1",
+        f"metrics.prometheus_port={exporter}",
+        f"metrics.sd_dir={sd}",
+        "metrics.job=4242",
+        "checkpoint.every_images=320",
+        "train.sample_every_images=640",
+        "eval.every_images=640",
+        "eval.num_images=32",
+        "train.max_wall_seconds=240",
+        nproc=2,
+        launcher="launcher",
+    )
     env = child_env(DDPM_CACHE=str(tmp_path / "cache"))
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(tmp_path / "train.log", "w"), stderr=subprocess.STDOUT,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=open(tmp_path / "train.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         exprs = dashboard_expressions()
         rules = yaml.safe_load(open(os.path.join(OPS, "prometheus", "rules.yml")))

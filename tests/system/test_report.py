@@ -1,6 +1,7 @@
 """python -m ddpm_dist.report: one self-contained HTML page about a run, finished (checked in headless
 Chromium: every section there, every picture decodes), running, preempted or stopped, and a one-line error
 for what is not a run directory."""
+
 import html
 import json
 import os
@@ -18,8 +19,15 @@ from tests.support.train_helpers import child_env, run_train, train_cmd
 
 SECTION_IDS = ("summary", "config", "hardware", "curves", "samples", "evaluation", "checkpoints", "performance")
 # Without these Chromium reaches for the network (component updates, sync, field trials) and for a GPU.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # Appended to a copy of the report: what the browser made of every <img>, once everything has loaded.
 IMAGE_PROBE = """<script>
 window.addEventListener("load", function () {
@@ -36,8 +44,14 @@ window.addEventListener("load", function () {
 
 
 def report_cli(*args):
-    return subprocess.run([PYTHON, "-m", "ddpm_dist.report", *map(str, args)], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [PYTHON, "-m", "ddpm_dist.report", *map(str, args)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 class Sections(HTMLParser):
@@ -77,14 +91,36 @@ def finished_run(tmp_path_factory):
     """40 steps with two grids, two in-training evaluations and two checkpoints; then a sample folder (grid,
     trajectory), `evaluate frechet` (frechet.json) and `evaluate recon` (recon.json, recon.png)."""
     run = tmp_path_factory.mktemp("report") / "run"
-    run_train(run, 40, "train.sample_every_images=320", "checkpoint.every_images=320", "eval.every_images=320",
-              "eval.num_images=64", "eval.extractor=digits")
-    for cmd in (["ddpm_dist.sample", "--run", run, "--out", run / "samples" / "final", "--num-images", "16"],
-                ["ddpm_dist.evaluate", "frechet", "--run", run, "--num-images", "64"],
-                ["ddpm_dist.evaluate", "recon", "--run", run, "--num-images", "16", "--t", "10,100", "--ddim-steps", "4",
-                 "--out", run / "recon"]):
-        r = subprocess.run([PYTHON, "-m", *map(str, cmd)], cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                           timeout=300)
+    run_train(
+        run,
+        40,
+        "train.sample_every_images=320",
+        "checkpoint.every_images=320",
+        "eval.every_images=320",
+        "eval.num_images=64",
+        "eval.extractor=digits",
+    )
+    for cmd in (
+        ["ddpm_dist.sample", "--run", run, "--out", run / "samples" / "final", "--num-images", "16"],
+        ["ddpm_dist.evaluate", "frechet", "--run", run, "--num-images", "64"],
+        [
+            "ddpm_dist.evaluate",
+            "recon",
+            "--run",
+            run,
+            "--num-images",
+            "16",
+            "--t",
+            "10,100",
+            "--ddim-steps",
+            "4",
+            "--out",
+            run / "recon",
+        ],
+    ):
+        r = subprocess.run(
+            [PYTHON, "-m", *map(str, cmd)], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     return run
 
@@ -96,7 +132,9 @@ def test_finished_run(finished_run):
     page = (finished_run / "report.html").read_text()
     found = sections(page)
     assert set(SECTION_IDS) <= set(found.text)
-    assert "<script" not in page and not re.search(r"(src|href)=\"(?!data:image/png;base64,|#)", page)  # nothing outside
+    assert "<script" not in page and not re.search(
+        r"(src|href)=\"(?!data:image/png;base64,|#)", page
+    )  # nothing outside
     assert len(found.srcs) == 6  # curves, training grid, sampled grid, trajectory, eval curve, recon.png
     text = found.text
     assert "finished" in text["summary"] and "640" in text["summary"]
@@ -122,8 +160,12 @@ def test_finished_run_in_chromium(finished_run, tmp_path):
 
     def browse(*args):
         profile = tmp_path / f"profile{len(list(tmp_path.iterdir()))}"  # a fresh profile each time
-        r = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout
 
@@ -137,6 +179,7 @@ def test_finished_run_in_chromium(finished_run, tmp_path):
     shot = tmp_path / "shot.png"
     browse(f"--screenshot={shot}", "--window-size=1200,3000", f"file://{out}")
     from PIL import Image
+
     with Image.open(shot) as im:
         im.load()
         assert im.format == "PNG" and im.size == (1200, 3000)
@@ -145,8 +188,14 @@ def test_finished_run_in_chromium(finished_run, tmp_path):
 def test_running_then_preempted_run(tmp_path):
     """While training appends to metrics.jsonl the report says running; after SIGTERM, preempted."""
     run = tmp_path / "run"
-    p = subprocess.Popen(train_cmd(run, 100000), cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+    p = subprocess.Popen(
+        train_cmd(run, 100000),
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         metrics = run / "metrics.jsonl"
         wait_for(lambda: metrics.exists() and '"event": "train"' in metrics.read_text(), 120, "a training row")
@@ -172,11 +221,32 @@ def test_partial_last_line_stale_run_and_start_row(tmp_path):
     from ddpm_dist.reporting import write_report
 
     now = time.time()
-    rows = [{"event": "start", "world_size": 2, "backend": "fsdp", "hosts": ["node-a", "node-b"], "device": "cpu",
-             "torch": "2.x", "num_params": 1234, "time": now - 3700},
-            {"event": "train", "step": 5, "images": 80, "epoch": 0, "loss": 0.5, "lr": 1e-3, "images_per_s": 100.0,
-             "data_wait_share": 0.1, "step_seconds": 0.2, "checkpoint_age_s": 30.0, "time": now - 3600},
-            {"event": "checkpoint", "duration_s": 1.5, "stall_s": 0.5, "time": now - 3600}]
+    rows = [
+        {
+            "event": "start",
+            "world_size": 2,
+            "backend": "fsdp",
+            "hosts": ["node-a", "node-b"],
+            "device": "cpu",
+            "torch": "2.x",
+            "num_params": 1234,
+            "time": now - 3700,
+        },
+        {
+            "event": "train",
+            "step": 5,
+            "images": 80,
+            "epoch": 0,
+            "loss": 0.5,
+            "lr": 1e-3,
+            "images_per_s": 100.0,
+            "data_wait_share": 0.1,
+            "step_seconds": 0.2,
+            "checkpoint_age_s": 30.0,
+            "time": now - 3600,
+        },
+        {"event": "checkpoint", "duration_s": 1.5, "stall_s": 0.5, "time": now - 3600},
+    ]
     (tmp_path / "config.yaml").write_text("run_dir: x\nname: stale <run>\n")
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"event": "train", "st')
     path, data = write_report(str(tmp_path), now=now)
@@ -199,7 +269,8 @@ def test_garbled_run_directory_is_notes_not_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_bytes(
         b'[1, 2]\nnot json\n\xff\xfe\n{"event": "train", "step": "x", "images": 16, "loss": "nan?", "time": "t"}\n'
         b'{"event": "start", "world_size": "<b>", "hosts": 3, "time": null}\n'
-        b'{"event": "state_bytes", "per_rank": [{"params": "many"}, 7]}\n{"event": "checkpoint", "stall_s": []}\n')
+        b'{"event": "state_bytes", "per_rank": [{"params": "many"}, 7]}\n{"event": "checkpoint", "stall_s": []}\n'
+    )
     samples = tmp_path / "samples"
     samples.mkdir()
     (samples / "final_grid.png").write_bytes(b"<script>not a png</script>")
@@ -208,7 +279,10 @@ def test_garbled_run_directory_is_notes_not_errors(tmp_path):
     (tmp_path / "fid.json").write_text('{"metric": {"a": "<i>"}, "value": 1.5, "n": "<script>"}')
     (tmp_path / "recon.json").write_text('{"rows": [1, {"t": "<t>", "ddim_psnr": 3.0}], "n": []}')
     ckpts = tmp_path / "checkpoints"
-    for name, meta in (("step_000000001", "[1]"), ("step_000000002", '{"checkpoint_format": 2, "step": "<s>", "eval": 5}')):
+    for name, meta in (
+        ("step_000000001", "[1]"),
+        ("step_000000002", '{"checkpoint_format": 2, "step": "<s>", "eval": 5}'),
+    ):
         (ckpts / name).mkdir(parents=True)
         (ckpts / name / "meta.json").write_text(meta)
         (ckpts / name / "COMMITTED").write_text("[]")

@@ -1,6 +1,7 @@
 """`python -m ddpm_dist.shards index`: a pattern indexed once (in parts, by any number of processes) gives the same
 manifest and indexes as `shards build` wrote for the committed digits; img2dataset's stats are checked; training from
 a bare pattern of many shards is refused with one line."""
+
 import json
 import os
 import shutil
@@ -21,8 +22,14 @@ PATTERN = os.path.join(SHARDS, "digits-{000000..000006}.tar")  # the committed t
 
 
 def cli(*args, timeout=120):
-    return subprocess.run([PYTHON, "-m", "ddpm_dist.shards", "index", *map(str, args)], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [PYTHON, "-m", "ddpm_dist.shards", "index", *map(str, args)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_two_processes_index_the_digits_into_out_like_build_did(tmp_path):
@@ -30,8 +37,9 @@ def test_two_processes_index_the_digits_into_out_like_build_did(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "indexed 7 shards (7 with samples), 1618 samples of 16x16x1 png" in r.stdout
     built, m = load_manifest(DIGITS), load_manifest(str(tmp_path / "ix" / "manifest.json"))
-    assert [(os.path.basename(s.url), s.num_samples, s.bytes, s.sha256) for s in m.shards] == \
-        [(s.url, s.num_samples, s.bytes, s.sha256) for s in built.shards]
+    assert [(os.path.basename(s.url), s.num_samples, s.bytes, s.sha256) for s in m.shards] == [
+        (s.url, s.num_samples, s.bytes, s.sha256) for s in built.shards
+    ]
     assert all(s.url == os.path.join(SHARDS, os.path.basename(s.url)) for s in m.shards)  # absolute: not beside them
     assert (m.num_classes, m.image_format, m.extra["label_histogram"]) == (10, "png", built.extra["label_histogram"])
     for s in built.shards:  # byte for byte the indexes `shards build` wrote
@@ -52,9 +60,13 @@ def test_parts_then_finalize_equal_one_process_and_default_out_is_beside_the_sha
     one = index.finalize(plan, 1)
     whole = (data / "manifest.json").read_bytes()
     assert [s.url for s in one.shards] == [f"digits-{k:06d}.tar" for k in range(3)]  # relative: relocatable
-    assert sorted(os.listdir(data)) == sorted([*(f"digits-{k:06d}.tar" for k in range(3)),
-                                               *(f"digits-{k:06d}.tar.idx.json" for k in range(3)),
-                                               *(n for n in os.listdir(data) if n.startswith("manifest."))])
+    assert sorted(os.listdir(data)) == sorted(
+        [
+            *(f"digits-{k:06d}.tar" for k in range(3)),
+            *(f"digits-{k:06d}.tar.idx.json" for k in range(3)),
+            *(n for n in os.listdir(data) if n.startswith("manifest.")),
+        ]
+    )
     for p in (1, 0):  # an array of independent jobs, in any order
         r = cli(pattern, "--part", f"{p}/2")
         assert r.returncode == 0 and f"indexed part {p} of 2" in r.stdout, r.stderr
@@ -92,16 +104,20 @@ def test_img2dataset_stats_must_match_the_tar(tmp_path):
     assert "holds 256 samples but its img2dataset stats say 257 succeeded" in r.stderr
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("missing", "does not exist"),
-    ("gzip", "gzip-compressed"),
-    ("truncated", "not a readable tar"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("missing", "does not exist"),
+        ("gzip", "gzip-compressed"),
+        ("truncated", "not a readable tar"),
+    ],
+)
 def test_bad_shards_are_one_line_errors(tmp_path, damage, message):
     data = open(os.path.join(SHARDS, "digits-000000.tar"), "rb").read()
     target = tmp_path / "a.tar"
     if damage == "gzip":
         import gzip
+
         target.write_bytes(gzip.compress(data))
     elif damage == "truncated":
         target.write_bytes(data[:700])
@@ -120,23 +136,40 @@ def test_stream_index_equals_tar_index():
 
 def test_training_from_a_bare_pattern_of_many_shards_is_refused_in_one_line(tmp_path):
     many = f"s3://bucket/crawl/{{00000..{MAX_PATTERN_SHARDS:05d}}}.tar"  # 65 shards: refused before anything is read
-    with pytest.raises(ShardError, match=r"names 65 shards: index it first with `python -m ddpm_dist.shards index "
-                                         r"'s3://bucket/crawl/\{00000\.\.00064\}\.tar' --out DIR` and train from "
-                                         r"DIR/manifest\.json"):
+    with pytest.raises(
+        ShardError,
+        match=r"names 65 shards: index it first with `python -m ddpm_dist.shards index "
+        r"'s3://bucket/crawl/\{00000\.\.00064\}\.tar' --out DIR` and train from "
+        r"DIR/manifest\.json",
+    ):
         manifest_from_pattern(many)
     assert manifest_from_pattern(os.path.join(SHARDS, "digits-{000000..000001}.tar")).num_samples == 512  # small: ok
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.train", "--config", "configs/digits.yaml", f"run_dir={tmp_path}/run",
-                        f"data.source={many}"], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ddpm_dist.train",
+            "--config",
+            "configs/digits.yaml",
+            f"run_dir={tmp_path}/run",
+            f"data.source={many}",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "index it first" in r.stderr
     assert len([line for line in r.stderr.splitlines() if "error" in line.lower()]) == 1, r.stderr[-2000:]
 
 
 def test_slurm_task_entry_runs_the_index_verb(tmp_path):
     """What each task of `launchers.slurm shards` runs: shards.main with the arguments after --."""
-    from launchers import slurm
+    from launchers import slurm as launcher
 
-    assert "shards" in slurm.VERBS
-    assert slurm.run_entry("shards", ["index", PATTERN, "--out", str(tmp_path / "ix")]) == 0
+    assert "shards" in launcher.VERBS
+    assert launcher.run_entry("shards", ["index", PATTERN, "--out", str(tmp_path / "ix")]) == 0
     assert load_manifest(str(tmp_path / "ix" / "manifest.json")).num_samples == 1618
 
 

@@ -1,4 +1,5 @@
 """Shard building from every source, atomic output, inspect/verify, and S3 through a real S3 API server."""
+
 import os
 import struct
 import subprocess
@@ -24,9 +25,11 @@ def test_digits_round_trip_and_committed_shards_match_a_rebuild(tmp_path):
     _, got, got_labels = roundtrip(iter_digits(16), str(tmp_path / "d"))
     assert np.array_equal(got, images) and np.array_equal(got_labels, labels)
     # The committed shards are exactly what the builder makes (same bytes, same sha256).
-    rebuilt = build_shards(iter_digits(16), str(tmp_path / "r"), prefix="digits", samples_per_shard=256, progress=False,
-                           val_fraction=0.1)
+    rebuilt = build_shards(
+        iter_digits(16), str(tmp_path / "r"), prefix="digits", samples_per_shard=256, progress=False, val_fraction=0.1
+    )
     from ddpm_dist.data import load_manifest
+
     committed = load_manifest(DIGITS)
     assert [s.sha256 for s in rebuilt.shards] == [s.sha256 for s in committed.shards]
     assert [s.sha256 for s in rebuilt.validation] == [s.sha256 for s in committed.validation]
@@ -46,8 +49,11 @@ def test_validation_split_is_held_out_of_training(tmp_path):
 
     def split_keys(name):
         view = loaded.split(name)
-        return [s["__key__"] for i in range(len(view.shards))
-                for s in iter_tar_samples(read_bytes(view.shard_url(i)), view.shard_url(i))]
+        return [
+            s["__key__"]
+            for i in range(len(view.shards))
+            for s in iter_tar_samples(read_bytes(view.shard_url(i)), view.shard_url(i))
+        ]
 
     train, val = split_keys("train"), split_keys("validation")
     assert len(val) == int(1797 * 0.25) == 449 and len(train) == 1797 - 449
@@ -111,13 +117,15 @@ def test_torchvision_mnist_from_local_files(tmp_path):
 
 def test_torchvision_missing_files_is_a_clear_error(tmp_path):
     from ddpm_dist.data.sources import SourceError
+
     with pytest.raises(SourceError, match="cifar10 files not found"):
         next(iter_torchvision("cifar10", str(tmp_path)))
 
 
 def test_cut_by_bytes_and_refuse_non_empty_output(tmp_path):
-    m = build_shards(iter_digits(16), str(tmp_path / "o"), samples_per_shard=10_000, max_shard_bytes=100_000,
-                     progress=False)
+    m = build_shards(
+        iter_digits(16), str(tmp_path / "o"), samples_per_shard=10_000, max_shard_bytes=100_000, progress=False
+    )
     assert len(m.shards) > 3 and all(s.bytes <= 100_000 for s in m.shards)
     assert sum(s.num_samples for s in m.shards) == 1797
     with pytest.raises(ShardError, match="not empty"):
@@ -127,25 +135,31 @@ def test_cut_by_bytes_and_refuse_non_empty_output(tmp_path):
 
 def test_verify_reports_checksum_and_decode_faults(tmp_path):
     import shutil
+
     d = tmp_path / "d"
     shutil.copytree(os.path.dirname(DIGITS), d)
     assert verify(str(d / "manifest.json"), progress=False).ok
     data = bytearray((d / "digits-000002.tar").read_bytes())
     i = data.index(b"IDAT") + 8  # inside the first PNG's compressed data
-    data[i:i + 4] = b"\xff\xff\xff\xff"
+    data[i : i + 4] = b"\xff\xff\xff\xff"
     (d / "digits-000002.tar").write_bytes(bytes(data))
     report = verify(str(d / "manifest.json"), progress=False)
     assert not report.ok
     assert any("digits-000002.tar: sha256 mismatch" in f for f in report.faults)
     assert any("does not decode" in f for f in report.faults)
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.shards", "verify", str(d / "manifest.json")], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [PYTHON, "-m", "ddpm_dist.shards", "verify", str(d / "manifest.json")], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 1 and "FAULT" in r.stdout
 
 
 def test_inspect_cli(tmp_path):
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.shards", "inspect", DIGITS, "--preview", str(tmp_path / "p.png")],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [PYTHON, "-m", "ddpm_dist.shards", "inspect", DIGITS, "--preview", str(tmp_path / "p.png")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "samples    1618" in r.stdout and "0:160" in r.stdout
     assert "validation 179 in 1 shards (held out)" in r.stdout
     assert Image.open(tmp_path / "p.png").size[0] > 100
@@ -153,6 +167,7 @@ def test_inspect_cli(tmp_path):
 
 def test_brace_pattern_source():
     from ddpm_dist.data import open_manifest
+
     m = open_manifest(os.path.join(os.path.dirname(DIGITS), "digits-{000000..000006}.tar"))
     assert m.num_samples == 1618 and m.image_size == [16, 16]
 
@@ -160,6 +175,7 @@ def test_brace_pattern_source():
 @pytest.mark.system
 def test_s3_build_verify_and_stream(tmp_path, s3_endpoint):  # noqa: F811
     from ddpm_dist.data import Layout, TrainStream, load_manifest
+
     url = "s3://ddpm/digits"
     build_shards(iter_digits(16), url, prefix="digits", samples_per_shard=256, progress=False, val_fraction=0.1)
     assert verify(f"{url}/manifest.json", progress=False).ok
@@ -171,19 +187,41 @@ def test_s3_build_verify_and_stream(tmp_path, s3_endpoint):  # noqa: F811
         assert x["key"] == y["key"] and (x["image"] == y["image"]).all()
     # the CLI too, and training reads s3:// directly
     env = {**os.environ, "PYTHONPATH": ROOT, "AWS_SECRET_ACCESS_KEY": "ddpm-secret-value-42"}
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.shards", "verify", f"{url}/manifest.json"], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [PYTHON, "-m", "ddpm_dist.shards", "verify", f"{url}/manifest.json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.train", "--config", "configs/digits.yaml", f"run_dir={tmp_path}/run",
-                        f"data.source={url}/manifest.json", "train.total_images=320", "train.sample_every_images=0",
-                        "sample.steps=2", "data.num_workers=2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ddpm_dist.train",
+            "--config",
+            "configs/digits.yaml",
+            f"run_dir={tmp_path}/run",
+            f"data.source={url}/manifest.json",
+            "train.total_images=320",
+            "train.sample_every_images=0",
+            "sample.steps=2",
+            "data.num_workers=2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ddpm-secret-value-42" not in r.stderr + r.stdout  # no credential in logs
 
 
 def test_redact_removes_credentials_and_queries():
     from ddpm_dist.data.storage import redact
+
     assert redact("https://user:pw@host/data/m.json?X-Amz-Signature=abc") == "https://host/data/m.json"
     assert redact("s3://bucket/key") == "s3://bucket/key"
 
@@ -193,8 +231,10 @@ def test_memory_url_and_webdataset_opener():
     import webdataset as wds
 
     from ddpm_dist.data.storage import register_webdataset_opener
-    m = build_shards(iter_digits(16), "memory://ddpm-test/digits", samples_per_shard=500, progress=False,
-                     overwrite=True)
+
+    m = build_shards(
+        iter_digits(16), "memory://ddpm-test/digits", samples_per_shard=500, progress=False, overwrite=True
+    )
     assert verify("memory://ddpm-test/digits/manifest.json", progress=False).ok
     register_webdataset_opener()
     ds = wds.WebDataset(f"memory://ddpm-test/digits/{m.shards[0].url}", shardshuffle=False)

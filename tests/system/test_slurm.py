@@ -1,5 +1,6 @@
 """System tests on a real single-node SLURM cluster: a 2-task training job preempted with scancel --signal,
 requeued, resumed, finishing equal to an uninterrupted run; a 2-task sampling job."""
+
 import os
 import subprocess
 
@@ -7,7 +8,15 @@ import pytest
 
 from tests.support.common import PYTHON, ROOT
 from tests.support.slurm_cluster import job_state, logs, preempt_and_finish, slurm, submit, wait_for  # noqa: F401 - fixture
-from tests.support.train_helpers import FAST, assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint, run_train
+from tests.support.train_helpers import (
+    FAST,
+    assert_bitwise_equal,
+    audit,
+    checkpoint_tensors,
+    child_env,
+    final_checkpoint,
+    run_train,
+)
 
 pytestmark = pytest.mark.system
 STEPS = 60  # the preemption signal goes out after 20 steps, from evidence
@@ -31,14 +40,51 @@ def test_sampling_job(tmp_path, slurm):  # noqa: F811
     run = tmp_path / "run"
     run_train(run, 4)
     out = tmp_path / "samples"
-    job = submit(tmp_path, "sample", ["--export", str(run / "export.safetensors"), "--out", str(out),
-                                      "--num-images", "10", "--batch-size", "4", "--steps", "3", "--extras", "no"])
+    job = submit(
+        tmp_path,
+        "sample",
+        [
+            "--export",
+            str(run / "export.safetensors"),
+            "--out",
+            str(out),
+            "--num-images",
+            "10",
+            "--batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--extras",
+            "no",
+        ],
+    )
     wait_for(lambda: job_state(job)[0] in ("COMPLETED", "FAILED", "CANCELLED"), 240, "sampling job did not end")
     assert job_state(job)[0] == "COMPLETED", logs(tmp_path, job)[-3000:]
     local = tmp_path / "local"
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.sample", "--export", str(run / "export.safetensors"), "--out",
-                        str(local), "--num-images", "10", "--batch-size", "4", "--steps", "3", "--extras", "no"],
-                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ddpm_dist.sample",
+            "--export",
+            str(run / "export.safetensors"),
+            "--out",
+            str(local),
+            "--num-images",
+            "10",
+            "--batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--extras",
+            "no",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     names = sorted(n for n in os.listdir(out) if n.endswith(".png"))
     assert names == [f"{i:06d}.png" for i in range(10)]

@@ -2,6 +2,7 @@
 per shard, and every rank gets the same verdict from one collective. Against an S3 API server (moto) on loopback,
 each of 4 real gloo ranks talks to it through its own counting proxy, so the requests are counted per rank at
 the server's door; local files for one process and for ranks simulated in threads."""
+
 from __future__ import annotations
 
 import collections
@@ -24,6 +25,7 @@ MISSING, SMALL = 17, 29  # rank 1's and rank 2's slice
 
 
 # ----------------------------------------------------------------------------------------------- local, one process
+
 
 def _files(tmp_path, sizes):
     paths = []
@@ -53,8 +55,10 @@ def test_one_process_missing_and_too_small_are_one_line(tmp_path):
     urls = _files(tmp_path, [4096, 4096, 3071, 4096, 100])
     with pytest.raises(DataError) as e:
         check_shards(urls, np.array([4, 4, 3, 4, 1]))
-    assert str(e.value) == (f"shard '{urls[2]}' has 3071 bytes, too few for the 3 samples the manifest claims (a "
-                            f"sample takes at least 1024) (2 such shards)")
+    assert str(e.value) == (
+        f"shard '{urls[2]}' has 3071 bytes, too few for the 3 samples the manifest claims (a "
+        f"sample takes at least 1024) (2 such shards)"
+    )
     os.mkdir(tmp_path / "a-directory")  # not a shard
     with pytest.raises(DataError, match="1 shard.s. listed in the manifest do not exist, first '.*a-directory'"):
         check_shards([str(tmp_path / "a-directory")], np.array([0]))
@@ -78,6 +82,7 @@ def test_slices_cover_every_shard_once():
 
 # ------------------------------------------------------------------------------------- local, ranks in threads
 
+
 class ThreadSum:
     """A SUM all-reduce between ranks simulated in threads."""
 
@@ -91,6 +96,7 @@ class ThreadSum:
             total = np.sum(self.parts, axis=0)
             self.barrier.wait()
             return total
+
         return share
 
 
@@ -102,10 +108,12 @@ def _run_ranks(world, urls, counts):
         def url_of(i):
             asked[r].append(i)
             return urls[i]
+
         try:
             out[r] = check_shards(url_of, counts, r, world, reduce.share_for(r), threads=3)
         except Exception as e:  # noqa: BLE001 - the result under test
             out[r] = e
+
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
     for t in threads:
         t.start()
@@ -133,14 +141,18 @@ def test_a_failing_rank_raises_its_own_error_and_no_rank_waits(tmp_path):
     _, out = _run_ranks(4, urls, np.full(8, 2))
     assert isinstance(out[2], ValueError) and "nosuchprotocol" in str(out[2])
     others = {str(out[r]) for r in (0, 1, 3)}
-    assert others == {"1 shard(s) could not be checked, first 'nosuchprotocol://bucket/shard.tar' (rank 2 failed to "
-                      "stat it; its own error says why)"}
+    assert others == {
+        "1 shard(s) could not be checked, first 'nosuchprotocol://bucket/shard.tar' (rank 2 failed to "
+        "stat it; its own error says why)"
+    }
 
 
 # ------------------------------------------------------------------------- S3 API server, 4 real gloo ranks
 
+
 class _Forward(BaseHTTPRequestHandler):
     """Forward one request to the upstream server and record (method, path, query) first."""
+
     protocol_version = "HTTP/1.1"
 
     def _forward(self):
@@ -160,8 +172,9 @@ class _Forward(BaseHTTPRequestHandler):
                 if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                     self.send_header(k, v)
             # a HEAD's Content-Length is the object's size (what the check reads); otherwise the body's
-            self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
-                             else str(len(data)))
+            self.send_header(
+                "Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+            )
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
@@ -229,8 +242,9 @@ def _rank_main(endpoints: list, out_dir: str) -> None:
     got = {}
     for name, (prefix, counts) in SCENARIOS.items():
         try:
-            sizes = check_shards(lambda i, p=prefix: _url(p, i), np.array(counts), env.rank, env.world_size,
-                                 share=sum_across_ranks)
+            sizes = check_shards(
+                lambda i, p=prefix: _url(p, i), np.array(counts), env.rank, env.world_size, share=sum_across_ranks
+            )
             got[name] = {"sizes": sizes.tolist()}
         except DataError as e:
             got[name] = {"error": str(e)}
@@ -261,7 +275,7 @@ def test_four_ranks_each_head_only_their_slice_on_s3(s3_endpoint, tmp_path):  # 
             conn.close()
         probes = [p.seen for p in proxies]
         spawn_local(_rank_main, ([p.url for p in proxies], str(tmp_path)), WORLD)
-        seen = [p.seen[len(probe):] for p, probe in zip(proxies, probes)]
+        seen = [p.seen[len(probe) :] for p, probe in zip(proxies, probes)]
     finally:
         for p in proxies:
             p.stop()
@@ -273,22 +287,27 @@ def test_four_ranks_each_head_only_their_slice_on_s3(s3_endpoint, tmp_path):  # 
         assert len(mine) == NUM_SHARDS // WORLD
         assert len(seen[r]) == len(SCENARIOS) * len(mine), (r, collections.Counter(m for m, _, _ in seen[r]))
         for k, (name, (prefix, _)) in enumerate(SCENARIOS.items()):
-            got = seen[r][k * len(mine):(k + 1) * len(mine)]
+            got = seen[r][k * len(mine) : (k + 1) * len(mine)]
             assert sorted(got) == [("HEAD", f"/ddpm/{_key(prefix, i)}", "") for i in mine], (r, name)
 
     # what each rank concluded: the same on every rank
     for got in results:
         assert got["fine"] == {"sizes": [_size(i) for i in range(NUM_SHARDS)]}
-        assert got["missing"] == {"error": f"1 shard(s) listed in the manifest do not exist, first "
-                                           f"'{_url('b', MISSING)}'"}
-        assert got["small"] == {"error": f"shard '{_url('a', SMALL)}' has {_size(SMALL)} bytes, too few for the 3 "
-                                         f"samples the manifest claims (a sample takes at least 1024)"}
+        assert got["missing"] == {
+            "error": f"1 shard(s) listed in the manifest do not exist, first '{_url('b', MISSING)}'"
+        }
+        assert got["small"] == {
+            "error": f"shard '{_url('a', SMALL)}' has {_size(SMALL)} bytes, too few for the 3 "
+            f"samples the manifest claims (a sample takes at least 1024)"
+        }
 
 
 @pytest.mark.system
 def test_no_shard_in_a_missing_bucket_says_so(s3_endpoint):  # noqa: F811 - fixture
     with pytest.raises(DataError) as e:
         check_shards([f"s3://no-such-bucket-startup/shard-{i}.tar" for i in range(3)], np.ones(3))
-    assert str(e.value) == ("3 shard(s) listed in the manifest do not exist, first "
-                            "'s3://no-such-bucket-startup/shard-0.tar' (bucket 'no-such-bucket-startup' does not "
-                            "exist: check the name and AWS_ENDPOINT_URL)")
+    assert str(e.value) == (
+        "3 shard(s) listed in the manifest do not exist, first "
+        "'s3://no-such-bucket-startup/shard-0.tar' (bucket 'no-such-bucket-startup' does not "
+        "exist: check the name and AWS_ENDPOINT_URL)"
+    )

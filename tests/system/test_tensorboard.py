@@ -1,5 +1,6 @@
 """The TensorBoard sink, read back through a real TensorBoard server's HTTP API: every scalar equals its row in
 metrics.jsonl (at the same images seen), the sample grids are the PNGs training wrote, the config is there."""
+
 import io
 import json
 import os
@@ -18,8 +19,15 @@ from tests.support.common import ROOT, wait_for
 from tests.support.train_helpers import child_env, run_train, train_args
 
 pytestmark = pytest.mark.system
-SINK = ["metrics.tensorboard=true", "train.log_every=2", "train.sample_every_images=64", "checkpoint.every_images=64",
-        "eval.every_images=64", "eval.num_images=32", "eval.batch_size=32"]
+SINK = [
+    "metrics.tensorboard=true",
+    "train.log_every=2",
+    "train.sample_every_images=64",
+    "checkpoint.every_images=64",
+    "eval.every_images=64",
+    "eval.num_images=32",
+    "eval.batch_size=32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +41,12 @@ def run(tmp_path_factory):
 def server(run):
     """`tensorboard` on 127.0.0.1 (a port it picks) over the run's events; stopped by its PID."""
     exe = os.path.join(os.path.dirname(sys.executable), "tensorboard")
-    proc = subprocess.Popen([exe, "--logdir", str(run / "tensorboard"), "--host", "127.0.0.1", "--port", "0",
-                             "--load_fast=false"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [exe, "--logdir", str(run / "tensorboard"), "--host", "127.0.0.1", "--port", "0", "--load_fast=false"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = None
         for line in proc.stderr:  # "TensorBoard 2.x at http://127.0.0.1:PORT/ (Press CTRL+C to quit)"
@@ -55,6 +67,7 @@ def server(run):
             except OSError:
                 return False
             return "checkpoint/duration_seconds" in tags and SAMPLES_TAG in images
+
         wait_for(loaded, 120, "tensorboard serving the run's scalars and images")
         yield get
     finally:
@@ -109,16 +122,24 @@ def test_config_is_shown(run, server):
 
 def test_missing_package_is_one_line(tmp_path):
     """Asking for the sink without tensorboard installed: one line, exit 2, before any work."""
-    hide = ("import sys, importlib.abc\n"
-            "class Hide(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path, target=None):\n"
-            "        if name.split('.')[0] == 'tensorboard': raise ModuleNotFoundError(name)\n"
-            "sys.meta_path.insert(0, Hide())\n"
-            "from ddpm_dist.command_line import run_cli\n"
-            "from ddpm_dist.train import main\n"
-            "run_cli(main)\n")
-    r = subprocess.run([sys.executable, "-c", hide, *train_args(tmp_path / "run", 2, "metrics.tensorboard=true")],
-                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    hide = (
+        "import sys, importlib.abc\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'tensorboard': raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from ddpm_dist.command_line import run_cli\n"
+        "from ddpm_dist.train import main\n"
+        "run_cli(main)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", hide, *train_args(tmp_path / "run", 2, "metrics.tensorboard=true")],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.strip()]
     assert errors == ["error: metrics.tensorboard=true needs the tensorboard package: pip install tensorboard"], errors

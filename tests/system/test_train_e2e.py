@@ -1,4 +1,5 @@
 """Single-process training end to end: loss falls, the run directory has everything, sampling reads it."""
+
 import json
 import os
 import subprocess
@@ -12,9 +13,20 @@ from tests.support.common import PYTHON, ROOT
 def short_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "digits"
     env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [PYTHON, "-m", "ddpm_dist.train", "--config", "configs/digits.yaml", f"run_dir={run}",
-           "train.total_images=3200", "train.warmup_images=320", "train.log_every=5", "train.sample_every_images=0",
-           "checkpoint.every_images=1600", "sample.steps=10"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "ddpm_dist.train",
+        "--config",
+        "configs/digits.yaml",
+        f"run_dir={run}",
+        "train.total_images=3200",
+        "train.warmup_images=320",
+        "train.log_every=5",
+        "train.sample_every_images=0",
+        "checkpoint.every_images=1600",
+        "sample.steps=10",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return run, r
@@ -43,9 +55,32 @@ def test_sample_cli_from_export_and_run(short_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     for src in (["--export", str(run / "export.safetensors")], ["--run", str(run)]):
         out = tmp_path / src[0][2:]
-        r = subprocess.run([PYTHON, "-m", "ddpm_dist.sample", *src, "--out", str(out), "--num-images", "6",
-                            "--batch-size", "4", "--steps", "5", "--classes", "3", "--guidance", "2.0", "--npz"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "ddpm_dist.sample",
+                *src,
+                "--out",
+                str(out),
+                "--num-images",
+                "6",
+                "--batch-size",
+                "4",
+                "--steps",
+                "5",
+                "--classes",
+                "3",
+                "--guidance",
+                "2.0",
+                "--npz",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         names = sorted(os.listdir(out))
         assert [n for n in names if n[0].isdigit()] == [f"{i:06d}.png" for i in range(6)]
@@ -55,6 +90,7 @@ def test_sample_cli_from_export_and_run(short_run, tmp_path):
     # EMA weights from the run directory's checkpoint equal those of the export: same images.
     import numpy as np
     from PIL import Image
+
     a = np.asarray(Image.open(tmp_path / "export" / "000004.png"))
     b = np.asarray(Image.open(tmp_path / "run" / "000004.png"))
     assert np.array_equal(a, b)

@@ -1,6 +1,7 @@
 """Checkpoints are data, never code (docs/SECURITY.md): a checkpoint whose pickles would run code is refused, with
 one line naming the file, by every command that reads one (resume, sample, evaluate, viz), and the code never runs.
 Each attack is a genuine committed checkpoint with one file rewritten to create a marker file when unpickled."""
+
 import os
 import pickle
 import shutil
@@ -46,8 +47,9 @@ def copy_run(run, tmp_path):
 
 
 def cli(module, *args):
-    return subprocess.run([PYTHON, "-m", module, *map(str, args)], cwd=ROOT, env=child_env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [PYTHON, "-m", module, *map(str, args)], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_refused(r, file, marker, why="refusing to load"):
@@ -60,6 +62,7 @@ def assert_refused(r, file, marker, why="refusing to load"):
 
 def read_metadata(ckpt):
     from ddpm_dist.artifacts.safe_dcp import read_dcp_metadata
+
     return read_dcp_metadata(os.path.join(ckpt, ".metadata"))  # genuine, so the restricted reader admits it
 
 
@@ -72,12 +75,15 @@ def write_metadata(ckpt, md):
 COMMANDS = {
     "resume": lambda run, out: run_train(run, 4, check=False),
     "sample": lambda run, out: cli("ddpm_dist.sample", "--run", run, "--out", out, "--num-images", 2),
-    "evaluate-frechet": lambda run, out: cli("ddpm_dist.evaluate", "frechet", "--run", run, "--num-images", 2,
-                                             "--out", out / "f.json"),
-    "viz-compare": lambda run, out: cli("ddpm_dist.viz", "compare", "--run", run, "--samplers", "ddim:2",
-                                        "--num-images", 1, "--out", out / "c.png"),
-    "viz-forward-reverse": lambda run, out: cli("ddpm_dist.viz", "forward-reverse", "--run", run, "--num-images", 1,
-                                                "--steps", 2, "--out", out / "f.png"),
+    "evaluate-frechet": lambda run, out: cli(
+        "ddpm_dist.evaluate", "frechet", "--run", run, "--num-images", 2, "--out", out / "f.json"
+    ),
+    "viz-compare": lambda run, out: cli(
+        "ddpm_dist.viz", "compare", "--run", run, "--samplers", "ddim:2", "--num-images", 1, "--out", out / "c.png"
+    ),
+    "viz-forward-reverse": lambda run, out: cli(
+        "ddpm_dist.viz", "forward-reverse", "--run", run, "--num-images", 1, "--steps", 2, "--out", out / "f.png"
+    ),
 }
 
 
@@ -159,6 +165,7 @@ def test_deepspeed_file_that_runs_code_is_refused(zero_run, tmp_path, name):
     torch.save(state, file)
     assert_refused(run_train(run, 4, *ZERO, check=False), file, marker, "it references builtins.exec")
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
     TorchCheckpointEngine().load(file)  # the attack is real: DeepSpeed's own loader runs it
     assert os.path.exists(marker)
 

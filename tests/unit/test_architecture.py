@@ -1,4 +1,5 @@
 """The layout is the architecture: every module's imports (parsed with ast, lazy ones included) flow one way."""
+
 import ast
 import os
 
@@ -25,12 +26,37 @@ ALLOWED = {
     "parallel": {"cpu_malloc", "rng"},
     "drawing": {"images", "diffusion"},
     "artifacts": {"config", "diffusion", "models"},
-    "sampling": {"artifacts", "config", "data", "diffusion", "images", "models", "obs", "parallel", "redact", "drawing"},
+    "sampling": {
+        "artifacts",
+        "config",
+        "data",
+        "diffusion",
+        "images",
+        "models",
+        "obs",
+        "parallel",
+        "redact",
+        "drawing",
+    },
     "eval": {"artifacts", "data", "diffusion", "images", "obs", "parallel", "redact", "sampling"},
     "posthoc": {"artifacts", "eval", "models", "obs", "parallel", "redact", "drawing"},  # post-hoc EMA: profiles,
     # snapshots, reconstruction, and the sweep that scores reconstructions (eval) and draws them (drawing)
-    "training": {"artifacts", "config", "data", "diffusion", "posthoc", "eval", "images", "models", "obs", "parallel",
-                 "redact", "rng", "sampling", "drawing"},
+    "training": {
+        "artifacts",
+        "config",
+        "data",
+        "diffusion",
+        "posthoc",
+        "eval",
+        "images",
+        "models",
+        "obs",
+        "parallel",
+        "redact",
+        "rng",
+        "sampling",
+        "drawing",
+    },
     "reporting": {"artifacts", "redact"},  # reads what training and evaluation left behind, as data
 }
 
@@ -85,7 +111,7 @@ def test_no_import_cycle(graph):
         state[node] = 1
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
             if not state.get(nxt):
                 visit(nxt, stack + [nxt])
         state[node] = 2
@@ -96,7 +122,9 @@ def test_no_import_cycle(graph):
 
 
 def test_no_library_module_imports_an_entry_point(graph):
-    bad = [(m, sorted(deps & ENTRY_POINTS)) for m, deps in graph.items() if m not in ENTRY_POINTS and deps & ENTRY_POINTS]
+    bad = [
+        (m, sorted(deps & ENTRY_POINTS)) for m, deps in graph.items() if m not in ENTRY_POINTS and deps & ENTRY_POINTS
+    ]
     assert not bad, bad
 
 
@@ -120,8 +148,13 @@ def test_parts_import_only_what_sits_below_them(graph):
 def test_parts_form_floors(graph):
     """Folder level: no loop between parts (viz <-> sampling was one), so the parts stack into floors and every
     import points down; the table allows no loop either."""
-    edges = {(part(m), part(d)) for m, deps in graph.items() if m not in ENTRY_POINTS and m != "ddpm_dist"
-             for d in deps if part(d) != part(m)}
+    edges = {
+        (part(m), part(d))
+        for m, deps in graph.items()
+        if m not in ENTRY_POINTS and m != "ddpm_dist"
+        for d in deps
+        if part(d) != part(m)
+    }
     edges |= {(p, q) for p, allowed in ALLOWED.items() for q in allowed}
     floors, left = [], set(ALLOWED)
     while left:
@@ -168,13 +201,17 @@ def test_collectives_go_through_parallel_and_sinks_through_the_metrics_processor
     for name, path in modules().items():
         raw = raw_imports(path)
         if not name.startswith("ddpm_dist.parallel") and any(
-                m == "torch.distributed" or (m.startswith("torch.distributed.") and not m.startswith(
-                    "torch.distributed.checkpoint")) for m in raw):
+            m == "torch.distributed"
+            or (m.startswith("torch.distributed.") and not m.startswith("torch.distributed.checkpoint"))
+            for m in raw
+        ):
             dist_users.append(name)
         if "prometheus_client" in raw and name != "ddpm_dist.obs.prometheus":
             prom_users.append(name)
     graph = {name: imports(name, path) for name, path in modules().items()}
-    prom_users += [m for m, deps in graph.items() if "ddpm_dist.obs.prometheus" in deps and m != "ddpm_dist.obs.metrics"]
+    prom_users += [
+        m for m, deps in graph.items() if "ddpm_dist.obs.prometheus" in deps and m != "ddpm_dist.obs.metrics"
+    ]
     assert not dist_users and not prom_users, (dist_users, prom_users)
 
 

@@ -1,4 +1,5 @@
 """Config: YAML + overrides, one-line errors naming the key, resolved copy, CLI exit codes."""
+
 import os
 import re
 import subprocess
@@ -6,8 +7,16 @@ import subprocess
 import pytest
 import yaml
 
-from ddpm_dist.config import (RENAMED, Config, ConfigError, EMAConfig, EvalConfig, check_batch, load_config,
-                              save_resolved)
+from ddpm_dist.config import (
+    RENAMED,
+    Config,
+    ConfigError,
+    EMAConfig,
+    EvalConfig,
+    check_batch,
+    load_config,
+    save_resolved,
+)
 from tests.support.common import PYTHON, ROOT
 
 
@@ -18,23 +27,28 @@ def write(tmp_path, text):
 
 
 def test_yaml_then_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, "train:\n  lr: 0.5\nmodel:\n  preset: tiny\n"),
-                      ["train.lr=0.25", "model.channel_mults=[1,2]", "sample.guidance=3"])
+    cfg = load_config(
+        write(tmp_path, "train:\n  lr: 0.5\nmodel:\n  preset: tiny\n"),
+        ["train.lr=0.25", "model.channel_mults=[1,2]", "sample.guidance=3"],
+    )
     assert cfg.train.lr == 0.25 and cfg.model.channel_mults == [1, 2] and cfg.sample.guidance == 3.0
     assert isinstance(cfg.sample.guidance, float)
 
 
-@pytest.mark.parametrize("text,overrides,match", [
-    ("train:\n  lrr: 1\n", [], "unknown key 'train.lrr'"),
-    ("", ["nosection.x=1"], "unknown key 'nosection'"),
-    ("train:\n  global_batch: many\n", [], "train.global_batch: expected an integer"),
-    ("train:\n  bf16: 3\n", [], "train.bf16: expected true or false"),
-    ("diffusion:\n  schedule: wiggly\n", [], "diffusion.schedule: 'wiggly' is not one of"),
-    ("train:\n  global_batch: 0\n", [], "train.global_batch: must be positive"),
-    ("sample:\n  eta: 2\n", [], "sample.eta"),
-    ("train: [1, 2\n", [], "invalid YAML"),
-    ("train: 5\n", [], "train: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "text,overrides,match",
+    [
+        ("train:\n  lrr: 1\n", [], "unknown key 'train.lrr'"),
+        ("", ["nosection.x=1"], "unknown key 'nosection'"),
+        ("train:\n  global_batch: many\n", [], "train.global_batch: expected an integer"),
+        ("train:\n  bf16: 3\n", [], "train.bf16: expected true or false"),
+        ("diffusion:\n  schedule: wiggly\n", [], "diffusion.schedule: 'wiggly' is not one of"),
+        ("train:\n  global_batch: 0\n", [], "train.global_batch: must be positive"),
+        ("sample:\n  eta: 2\n", [], "sample.eta"),
+        ("train: [1, 2\n", [], "invalid YAML"),
+        ("train: 5\n", [], "train: expected a mapping"),
+    ],
+)
 def test_errors_name_the_key(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config(write(tmp_path, text), overrides)
@@ -62,16 +76,20 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--config", "/nope.yaml"], "does not exist"),
-    (["--config", "configs/digits.yaml", "train.nope=1"], "unknown key 'train.nope'"),
-    (["--config", "configs/digits.yaml", "train.total_images=abc"], "expected an integer"),
-    (["--config", "configs/digits.yaml", "data.source=/nope/manifest.json", "run_dir=RUN"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--config", "/nope.yaml"], "does not exist"),
+        (["--config", "configs/digits.yaml", "train.nope=1"], "unknown key 'train.nope'"),
+        (["--config", "configs/digits.yaml", "train.total_images=abc"], "expected an integer"),
+        (["--config", "configs/digits.yaml", "data.source=/nope/manifest.json", "run_dir=RUN"], "does not exist"),
+    ],
+)
 def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, cpu_env, args, match):
     args = [a.replace("RUN", str(tmp_path / "run")) for a in args]
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.train", *args], cwd=ROOT, env=cpu_env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [PYTHON, "-m", "ddpm_dist.train", *args], cwd=ROOT, env=cpu_env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr
@@ -83,19 +101,22 @@ def test_all_shipped_configs_load():
             load_config(os.path.join(ROOT, "configs", name))
 
 
-@pytest.mark.parametrize("override,match", [
-    ("eval.batch_size=0", "eval.batch_size: must be positive, got 0"),
-    ("eval.extractor=clip", "eval.extractor: 'clip' is not one of digits, inception"),
-    ("eval.reference=test", "eval.reference: 'test' is not one of train, validation"),
-    ("ema.stds=[0.3]", "ema.stds: [0.3] not in (0, 0.28)"),
-    ("ema.stds=[0.05]", "ema.snapshot_every_images: must be positive with ema.stds set"),
-    ("parallel.zero_stage=4", "parallel.zero_stage: must be 1, 2 or 3"),
-    ("checkpoint.keep_last=0", "checkpoint.keep_last: must be positive"),
-    ("data.shard_buffer_mb=0", "data.shard_buffer_mb: must be at least 1"),
-    ("diffusion.beta_end=2", "diffusion.beta_start/beta_end"),
-    ("model.time_conditioning=film", "model.time_conditioning: 'film' is not one of scale_shift, add"),
-    ("train.label_dropout=1", "train.label_dropout: must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("eval.batch_size=0", "eval.batch_size: must be positive, got 0"),
+        ("eval.extractor=clip", "eval.extractor: 'clip' is not one of digits, inception"),
+        ("eval.reference=test", "eval.reference: 'test' is not one of train, validation"),
+        ("ema.stds=[0.3]", "ema.stds: [0.3] not in (0, 0.28)"),
+        ("ema.stds=[0.05]", "ema.snapshot_every_images: must be positive with ema.stds set"),
+        ("parallel.zero_stage=4", "parallel.zero_stage: must be 1, 2 or 3"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last: must be positive"),
+        ("data.shard_buffer_mb=0", "data.shard_buffer_mb: must be at least 1"),
+        ("diffusion.beta_end=2", "diffusion.beta_start/beta_end"),
+        ("model.time_conditioning=film", "model.time_conditioning: 'film' is not one of scale_shift, add"),
+        ("train.label_dropout=1", "train.label_dropout: must be in [0, 1)"),
+    ],
+)
 def test_each_section_validates_itself_naming_the_full_key(override, match):
     with pytest.raises(ConfigError, match=re.escape(match)) as e:
         load_config(None, [override])
@@ -129,7 +150,8 @@ def test_renamed_keys_load_under_their_new_names_with_one_line_each(tmp_path, ca
         "config: train.ema_halflife_images is now ema.halflife_images",  # the file's, in RENAMED's order
         "config: train.eval_every_images is now eval.every_images",
         "config: train.eval_num_images is now eval.num_images",  # then each override's
-        "config: train.ema_warmup_ratio is now ema.warmup_ratio"]
+        "config: train.ema_warmup_ratio is now ema.warmup_ratio",
+    ]
     load_config(None, ["eval.every_images=8", "ema.halflife_images=10"])  # today's names: nothing said
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "1")  # one line per job, not per rank

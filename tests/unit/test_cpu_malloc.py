@@ -1,5 +1,6 @@
 """The CPU malloc settings that init_distributed applies: a training step reuses the memory the previous step
 freed instead of faulting it back in from the kernel."""
+
 import json
 import os
 import subprocess
@@ -37,8 +38,11 @@ print(json.dumps({"applied": keep_freed_memory(), "faults": sorted(faults[3:])[4
 
 
 def run_child(user_setting: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("DDPM_KEEP_MALLOC", "MALLOC_MMAP_THRESHOLD_",
-                                                              "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DDPM_KEEP_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+    }
     if user_setting:
         env["DDPM_KEEP_MALLOC"] = "1"
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=ROOT, capture_output=True, text=True, check=True)

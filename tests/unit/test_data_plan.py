@@ -1,6 +1,7 @@
 """The epoch plan (data/plan.py) and the data cursor against a brute-force reference with explicit position arrays
-(tests/support/plan_reference.py, the implementation before plan.py), for random manifests and random sequences of layout
-changes: the same positions per rank, worker and batch, and nothing of length N in the new plan."""
+(tests/support/plan_reference.py, the implementation before plan.py), for random manifests and random sequences of
+layout changes: the same positions per rank, worker and batch, and nothing of length N in the new plan."""
+
 import base64
 import json
 
@@ -20,14 +21,17 @@ def rank_batches(plan, rank):
     """Rank batch j is lane (j mod nw)'s batch j // nw: the positions of every batch of the rank, in order."""
     B, nw = plan.layout.batch_size, plan.layout.lanes
     seqs = [plan.worker_sequence(rank, lane) for lane in range(nw)]
-    return [seqs[j % nw][(j // nw) * B:(j // nw + 1) * B].tolist() for j in range(plan.batches_per_rank)]
+    return [seqs[j % nw][(j // nw) * B : (j // nw + 1) * B].tolist() for j in range(plan.batches_per_rank)]
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
-@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=7).filter(lambda c: sum(c) > 0),
-       seed=st.integers(0, 2**31), epoch=st.integers(0, 3),
-       changes=st.lists(st.tuples(layouts, st.floats(0, 1)), min_size=1, max_size=5),
-       begin=st.floats(0, 1))
+@given(
+    counts=st.lists(st.integers(0, 40), min_size=1, max_size=7).filter(lambda c: sum(c) > 0),
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 3),
+    changes=st.lists(st.tuples(layouts, st.floats(0, 1)), min_size=1, max_size=5),
+    begin=st.floats(0, 1),
+)
 def test_plan_and_cursor_match_the_brute_force_reference(counts, seed, epoch, changes, begin):
     pool, due, earlier = None, None, []
     for layout, frac in changes:
@@ -52,8 +56,12 @@ def test_plan_and_cursor_match_the_brute_force_reference(counts, seed, epoch, ch
             again = EpochPlan(counts, seed, epoch, Layout(*lay), again).remaining(d)
         order = again.order
         members = again.members(0, order.total)
-        positions = np.concatenate([order.positions(members[(members >= order.starts[k]) & (members < order.starts[k + 1])], k)
-                                    for k in range(len(counts))])
+        positions = np.concatenate(
+            [
+                order.positions(members[(members >= order.starts[k]) & (members < order.starts[k + 1])], k)
+                for k in range(len(counts))
+            ]
+        )
         assert sorted(positions.tolist()) == np.flatnonzero(pool).tolist()
 
 
@@ -64,9 +72,18 @@ def test_a_bit_mask_cursor_of_before_still_loads(tmp_path):
     counts = [s.num_samples for s in m.shards]
     old = ReferencePlan(counts, 7, 0, Layout(2, 32, 0))
     pool = old.remaining(9)  # two ranks consumed 9 batches, then the job came back with 3 ranks
-    state = {"epoch": 0, "batches_done": 0, "pool": base64.b64encode(np.packbits(pool).tobytes()).decode(), "seed": 7,
-             "world_size": 3, "batch_size": 32, "num_workers": 0, "block": 0, "num_samples": m.num_samples,
-             "skipped_total": 0}
+    state = {
+        "epoch": 0,
+        "batches_done": 0,
+        "pool": base64.b64encode(np.packbits(pool).tobytes()).decode(),
+        "seed": 7,
+        "world_size": 3,
+        "batch_size": 32,
+        "num_workers": 0,
+        "block": 0,
+        "num_samples": m.num_samples,
+        "skipped_total": 0,
+    }
     expected = ReferencePlan(counts, 7, 0, Layout(3, 32, 0), pool)
     for rank in range(3):
         s = TrainStream(m, rank=rank, layout=Layout(3, 32, 0), seed=7)

@@ -1,4 +1,5 @@
 """The training stream: exact resume, changed world size, equal batches per rank, corrupt samples, faults."""
+
 import io
 import os
 
@@ -18,8 +19,8 @@ from ddpm_dist.data import (
 from ddpm_dist.data.reader import byte_runs
 from ddpm_dist.data.shard_sets import read_all
 from ddpm_dist.data.sources import iter_numpy
-from tests.support.plan_reference import block_spans
 from tests.support.common import DIGITS
+from tests.support.plan_reference import block_spans
 
 
 def keys(batches):
@@ -100,6 +101,7 @@ def _shards_with_corrupt(tmp_path, bad_every):
     import json
 
     from ddpm_dist.data.shard_sets import iter_tar_samples
+
     infos = []
     for info in m.shards:
         path = out / info.url
@@ -111,9 +113,11 @@ def _shards_with_corrupt(tmp_path, bad_every):
                 w.write(rec)
         path.write_bytes(buf.getvalue())
         from ddpm_dist.data.shard_sets import tar_index
+
         (out / info.index).write_text(json.dumps(tar_index(buf.getvalue())))
-        infos.append(dataclasses.replace(info, sha256=hashlib.sha256(buf.getvalue()).hexdigest(),
-                                         bytes=len(buf.getvalue())))
+        infos.append(
+            dataclasses.replace(info, sha256=hashlib.sha256(buf.getvalue()).hexdigest(), bytes=len(buf.getvalue()))
+        )
     (out / "manifest.json").write_text(m.with_shards(infos).to_json())  # the JSON alone: the sidecar is stale
     return str(out / "manifest.json")
 
@@ -135,6 +139,7 @@ def test_too_many_corrupt_samples_is_fatal(tmp_path):
 
 def test_missing_shard_fails_before_training(tmp_path):
     import shutil
+
     out = tmp_path / "copy"
     shutil.copytree(os.path.dirname(DIGITS), out)
     os.unlink(out / "digits-000003.tar")
@@ -147,6 +152,7 @@ def test_shards_without_an_index_read_through_webdataset(buffer):
     """A brace pattern (no manifest, no index) streams the same samples as the indexed manifest, also a
     block at a time (one pass over each visited tar)."""
     from ddpm_dist.data import open_manifest
+
     pattern = open_manifest(os.path.join(os.path.dirname(DIGITS), "digits-{000000..000006}.tar"))
     assert not any(s.index for s in pattern.shards)
     a = TrainStream(pattern, rank=0, layout=Layout(1, 32, 0), seed=7, buffer_bytes=buffer)
@@ -157,7 +163,9 @@ def test_random_flip_is_deterministic_and_flips_about_half():
     a = take(make_stream(0, 1, 0, random_flip=True), 5)
     b = take(make_stream(0, 1, 0, random_flip=True), 5)
     c = take(make_stream(0, 1, 0, random_flip=False), 5)
-    flipped = sum(not np.array_equal(x, y) for ba, bc in zip(a, c) for x, y in zip(ba["image"].numpy(), bc["image"].numpy()))
+    flipped = sum(
+        not np.array_equal(x, y) for ba, bc in zip(a, c) for x, y in zip(ba["image"].numpy(), bc["image"].numpy())
+    )
     assert all((x["image"] == y["image"]).all() for x, y in zip(a, b))
     assert 0.3 < flipped / (5 * 32) < 0.7
 
@@ -329,8 +337,10 @@ def test_images_of_any_size_are_fitted_in_the_workers(tmp_path):
         for k, sample in enumerate(iter_tar_samples(open(m.shard_url(i), "rb").read())):
             raw[int(m.counts[:i].sum()) + k] = sample
     for mode in ("center_crop", "random_crop"):
-        def stream():
+
+        def stream(mode=mode):
             return TrainStream(m, rank=0, layout=Layout(1, 8, 2), seed=5, image_size=(16, 16), resize=mode)
+
         batches = take(stream(), 15)  # 10 batches an epoch: into the second epoch
         for b in batches:
             assert b["image"].shape == (8, 3, 16, 16)

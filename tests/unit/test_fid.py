@@ -1,4 +1,5 @@
 """Feature statistics and Fréchet distances against clean-fid's own pipeline, with a small extractor built here."""
+
 import os
 import subprocess
 
@@ -7,7 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_dist.eval.statistics import Extractor, FeatureStats, RefStats, StatsMismatch, accumulate, frechet_distance, module_checksum
+from ddpm_dist.eval.statistics import (
+    Extractor,
+    FeatureStats,
+    RefStats,
+    StatsMismatch,
+    accumulate,
+    frechet_distance,
+    module_checksum,
+)
 from tests.support.common import PYTHON, ROOT
 from tests.support.dist_workers import spawn
 
@@ -18,8 +27,14 @@ class SmallNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 7, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 5, stride=4),
-                                        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 7, stride=4),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 5, stride=4),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2),
+            torch.nn.Flatten(),
+        )
 
     def forward(self, x):
         return 10 * self.body(x / 128 - 1)
@@ -48,6 +63,7 @@ def test_clean_resize_is_cleanfids_bit_for_bit():
     from cleanfid.resize import build_resizer
 
     from ddpm_dist.eval.statistics import clean_resize
+
     rng = np.random.default_rng(3)
     theirs = build_resizer("clean")
     for shape in ((16, 16), (32, 32), (28, 40), (299, 299), (512, 300)):
@@ -59,7 +75,7 @@ def test_clean_resize_is_cleanfids_bit_for_bit():
     feats = torch.from_numpy(rng.normal(0.5, 1.0, (2500, 64)))
     stats = FeatureStats(64)
     for i in range(0, 2500, 48):  # crosses FeatureStats.FLUSH_ROWS twice, with a remainder
-        stats.add(feats[i:i + 48])
+        stats.add(feats[i : i + 48])
     mu, cov = stats.mean_cov()
     assert stats.n == 2500 and np.allclose(mu, feats.numpy().mean(0), atol=1e-12)
     assert np.allclose(cov, np.cov(feats.numpy(), rowvar=False), atol=1e-10)
@@ -67,8 +83,10 @@ def test_clean_resize_is_cleanfids_bit_for_bit():
 
 def cleanfid_stats(folder, net):
     from cleanfid import fid
-    feats = fid.get_folder_features(str(folder), model=net, num_workers=0, batch_size=16, device=torch.device("cpu"),
-                                    mode="clean", verbose=False)
+
+    feats = fid.get_folder_features(
+        str(folder), model=net, num_workers=0, batch_size=16, device=torch.device("cpu"), mode="clean", verbose=False
+    )
     return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
 
@@ -79,7 +97,7 @@ def read(folder, indices):
 def stats_worker(rank, world, folder, out):
     ext = small_extractor()
     mine = list(range(60))[rank::world]
-    stats = accumulate(ext, (read(folder, mine[i:i + 7]) for i in range(0, len(mine), 7)), FeatureStats(64))
+    stats = accumulate(ext, (read(folder, mine[i : i + 7]) for i in range(0, len(mine), 7)), FeatureStats(64))
     stats.all_reduce(torch.device("cpu"))
     if rank == 0:
         mu, cov = stats.mean_cov()
@@ -98,6 +116,7 @@ def test_distributed_statistics_equal_cleanfid(folders, tmp_path):
 
 def test_frechet_distance_equals_cleanfid(folders):
     from cleanfid.fid import frechet_distance as cf_fd
+
     ext = small_extractor()
     stats = {}
     for name in ("a", "b"):
@@ -127,12 +146,28 @@ def test_mismatched_reference_statistics_are_refused(folders, tmp_path):
 
 def test_fid_without_inception_file_says_where_to_put_it(tmp_path, folders):
     env = {**os.environ, "PYTHONPATH": ROOT, "DDPM_INCEPTION": str(tmp_path / "nowhere.pt"), "HOME": str(tmp_path)}
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.evaluate", "fid", "--samples", str(folders / "a"), "--data",
-                        os.path.join(ROOT, "shards/digits/manifest.json")], cwd=str(tmp_path), env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ddpm_dist.evaluate",
+            "fid",
+            "--samples",
+            str(folders / "a"),
+            "--data",
+            os.path.join(ROOT, "shards/digits/manifest.json"),
+        ],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: Inception weights 'inception-2015-12-05.pt' not found") and "--inception PATH" in line
+    assert (
+        line.startswith("error: Inception weights 'inception-2015-12-05.pt' not found") and "--inception PATH" in line
+    )
 
 
 def test_an_inception_file_other_than_the_pinned_one_is_refused(tmp_path, monkeypatch):
@@ -154,10 +189,25 @@ def test_an_inception_file_other_than_the_pinned_one_is_refused(tmp_path, monkey
     assert pin.read_text().strip() == file_checksum(str(first))
 
     env = {**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path), "DDPM_INCEPTION_PIN": str(pin)}
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.evaluate", "ref-stats", "--data",
-                        os.path.join(ROOT, "shards/digits/manifest.json"), "--out", str(tmp_path / "ref.npz"),
-                        "--inception", str(other)], cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ddpm_dist.evaluate",
+            "ref-stats",
+            "--data",
+            os.path.join(ROOT, "shards/digits/manifest.json"),
+            "--out",
+            str(tmp_path / "ref.npz"),
+            "--inception",
+            str(other),
+        ],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: Inception file '{other}' has sha256 ") and "--allow-unverified-inception" in line

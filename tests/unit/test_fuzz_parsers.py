@@ -1,18 +1,17 @@
-"""Fuzzed parsers (issue 17, item 4): hypothesis drives the manifest, the per-shard index, tar members, sample
-decoding and the config loader with malformed input. Every example ends in success with sane output, or in
-the documented error (ShardError / DataError / ConfigError) with one line of under 500 characters, or in a
-counted skipped sample; each in bounded time and bounded Python memory (tests/fuzz_helpers.bounded).
+"""Fuzzed parsers (issue 17, item 4): hypothesis drives the manifest, the per-shard index, tar members and sample
+decoding with malformed input (the config loader: tests/unit/test_fuzz_config.py). Every example ends in success with
+sane output, or in the documented error (ShardError / DataError) with one line of under 500 characters, or in a counted
+skipped sample; each in bounded time and bounded Python memory (tests/support/fuzz_helpers.bounded).
 
-Examples (derandomized, so CI runs the same ones every time): manifest structure 600 + manifest bytes 600,
-index 400, tar members 800 + tar bytes 600, sample decoding 900, config YAML 900 + overrides 300:
-5,100 in all, 20 s on two idle cores (under a minute on a loaded one). Crashes found on the way are regression tests in
-tests/unit/test_fuzz_regressions.py.
+Examples (derandomized, so CI runs the same ones every time): manifest structure 600 + manifest bytes 600, index 400,
+tar members 800 + tar bytes 600, sample decoding 900 (and 1,200 for the config): 5,100 in all, 20 s on two idle cores
+(under a minute on a loaded one). Crashes found on the way are regression tests in tests/unit/test_fuzz_regressions.py.
 """
+
 import copy
 import functools
 import io
 import json
-import os
 import tarfile
 
 import numpy as np
@@ -20,12 +19,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ddpm_dist.config import ConfigError, load_config
 from ddpm_dist.data import DataError, ShardError, load_manifest
 from ddpm_dist.data.manifest import MAX_SAMPLE_BYTES, parse_manifest
 from ddpm_dist.data.member_index import index_json
 from ddpm_dist.data.samples import decode_image, decode_label, iter_tar_samples, tar_index
-from tests.support.common import ROOT
 from tests.support.fuzz_helpers import (
     NUM_CLASSES,
     SHAPE,
@@ -41,10 +38,17 @@ from tests.support.fuzz_helpers import (
     write_json,
 )
 
-WEIRD = st.one_of(st.none(), st.booleans(), st.integers(-2, 10), st.integers(-10**30, 10**30),
-                  st.sampled_from([0, 1, 10**12, 2**63, -1, 1e308, float("nan"), float("inf")]), st.floats(),
-                  st.text(max_size=20), st.lists(st.integers(0, 100), max_size=4), st.dictionaries(st.text(max_size=5),
-                                                                                                     st.integers(), max_size=3))
+WEIRD = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 10),
+    st.integers(-(10**30), 10**30),
+    st.sampled_from([0, 1, 10**12, 2**63, -1, 1e308, float("nan"), float("inf")]),
+    st.floats(),
+    st.text(max_size=20),
+    st.lists(st.integers(0, 100), max_size=4),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +60,7 @@ def genuine(tmp_path_factory):
 
 
 # ---- manifest ----------------------------------------------------------------------------------------------
+
 
 def mutate(doc, path_choice, value, action):
     """Replace, delete or add one field of the manifest (top level or one shard entry)."""
@@ -75,8 +80,17 @@ def mutate(doc, path_choice, value, action):
     return doc
 
 
-@given(st.lists(st.tuples(st.tuples(st.sampled_from(["top", "shard"]), st.integers(0, 3), st.integers(0, 20)), WEIRD,
-                          st.sampled_from(["set", "set", "delete"])), min_size=1, max_size=3))
+@given(
+    st.lists(
+        st.tuples(
+            st.tuples(st.sampled_from(["top", "shard"]), st.integers(0, 3), st.integers(0, 20)),
+            WEIRD,
+            st.sampled_from(["set", "set", "delete"]),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 @fuzz(600)
 def test_manifest_structure(genuine, mutations):
     root, m = genuine
@@ -92,28 +106,41 @@ def test_manifest_structure(genuine, mutations):
             stream_or_error(got, batches=1)
 
 
-@given(st.one_of(st.binary(max_size=300),
-                 st.tuples(st.integers(0, 2000), st.integers(0, 2000), st.binary(max_size=8)),
-                 st.sampled_from([b"[" * 100_000, b"1" * 5000, b'{"shards": 1e999}', b"\xff\xfe", b"NaN"])))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.tuples(st.integers(0, 2000), st.integers(0, 2000), st.binary(max_size=8)),
+        st.sampled_from([b"[" * 100_000, b"1" * 5000, b'{"shards": 1e999}', b"\xff\xfe", b"NaN"]),
+    )
+)
 @fuzz(600)
 def test_manifest_bytes(genuine, raw):
     root, _ = genuine
     if isinstance(raw, tuple):  # the genuine manifest, spliced
         text = (root / "png" / "manifest.json").read_bytes()
         a, b, insert = raw
-        raw = text[:min(a, b)] + insert + text[max(a, b):]
+        raw = text[: min(a, b)] + insert + text[max(a, b) :]
     with bounded():
         expect(lambda: parse_manifest(raw, str(root / "png")), (ValueError,))
 
 
 # ---- per-shard index ---------------------------------------------------------------------------------------
 
-INDEX_VALUES = st.one_of(st.integers(-5, 5000), st.sampled_from([10**12, 2**63, MAX_SAMPLE_BYTES + 1, -10**9, True,
-                                                                   1.5, "7", None]))
+INDEX_VALUES = st.one_of(
+    st.integers(-5, 5000), st.sampled_from([10**12, 2**63, MAX_SAMPLE_BYTES + 1, -(10**9), True, 1.5, "7", None])
+)
 
 
-@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["offset", "size", "entry", "drop", "files", "key", "dup"]),
-                          INDEX_VALUES), min_size=1, max_size=4), st.booleans())
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 5), st.sampled_from(["offset", "size", "entry", "drop", "files", "key", "dup"]), INDEX_VALUES
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.booleans(),
+)
 @fuzz(400)
 def test_index(genuine, edits, as_lines):
     """Both layouts: one entry per line (what shards build writes; a visit parses only its lines) and one line."""
@@ -125,8 +152,9 @@ def test_index(genuine, edits, as_lines):
         if not index:
             break
         pos %= len(index)
-        if not (isinstance(index[pos], list) and len(index[pos]) == 2 and isinstance(index[pos][1], dict)
-                and index[pos][1]):
+        if not (
+            isinstance(index[pos], list) and len(index[pos]) == 2 and isinstance(index[pos][1], dict) and index[pos][1]
+        ):
             continue
         files = index[pos][1]
         ext = sorted(files)[0]
@@ -160,22 +188,57 @@ def test_index(genuine, edits, as_lines):
 
 # ---- tar members -------------------------------------------------------------------------------------------
 
-NAMES = st.one_of(st.sampled_from(["a.png", "a.cls", "../x.png", "/abs/b.png", "c" * 300 + ".png", "noext", "__meta__",
-                                   "d/", "k.PNG", "k.png.cls", ".png", "e.npy", "__key__.txt", "./f.png"]),
-                  st.text(min_size=1, max_size=40))
-TYPES = st.sampled_from([tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE,
-                         tarfile.FIFOTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.CONTTYPE, b"Z"])
+NAMES = st.one_of(
+    st.sampled_from(
+        [
+            "a.png",
+            "a.cls",
+            "../x.png",
+            "/abs/b.png",
+            "c" * 300 + ".png",
+            "noext",
+            "__meta__",
+            "d/",
+            "k.PNG",
+            "k.png.cls",
+            ".png",
+            "e.npy",
+            "__key__.txt",
+            "./f.png",
+        ]
+    ),
+    st.text(min_size=1, max_size=40),
+)
+TYPES = st.sampled_from(
+    [
+        tarfile.REGTYPE,
+        tarfile.AREGTYPE,
+        tarfile.SYMTYPE,
+        tarfile.LNKTYPE,
+        tarfile.DIRTYPE,
+        tarfile.FIFOTYPE,
+        tarfile.CHRTYPE,
+        tarfile.BLKTYPE,
+        tarfile.CONTTYPE,
+        b"Z",
+    ]
+)
 SIZES = st.one_of(st.integers(0, 3000), st.sampled_from([MAX_SAMPLE_BYTES + 1, 10**12, 8**11, 2**70]))
 
 
 def png_of(shape=SHAPE) -> bytes:
     from ddpm_dist.images import png_bytes
+
     return png_bytes(np.zeros(shape, np.uint8))
 
 
-@given(st.lists(st.tuples(NAMES, TYPES, st.binary(max_size=600), st.booleans()), min_size=1, max_size=5),
-       st.sampled_from([tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT]), st.integers(0, 4),
-       SIZES, st.one_of(st.none(), st.integers(0, 6000)))
+@given(
+    st.lists(st.tuples(NAMES, TYPES, st.binary(max_size=600), st.booleans()), min_size=1, max_size=5),
+    st.sampled_from([tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT]),
+    st.integers(0, 4),
+    SIZES,
+    st.one_of(st.none(), st.integers(0, 6000)),
+)
 @fuzz(800)
 def test_tar_members(specs, fmt, claim_at, claimed, cut):
     members = []
@@ -194,7 +257,7 @@ def test_tar_members(specs, fmt, claim_at, claimed, cut):
     except (ValueError, UnicodeError):
         return  # tarfile will not write that member (e.g. a USTAR name over 100 bytes)
     if claim_at < len(specs):  # one header claims another size (huge, or not what follows)
-        raw = raw[:512 * claim_at] + header("big.png", claimed) + raw[512 * claim_at:]
+        raw = raw[: 512 * claim_at] + header("big.png", claimed) + raw[512 * claim_at :]
     if cut is not None:
         raw = raw[:cut]
     check_tar(raw)
@@ -204,29 +267,39 @@ def check_tar(raw: bytes):
     with bounded():
         samples = expect(lambda: list(iter_tar_samples(raw, "memory://x.tar")), (ShardError,))
         if samples is not None:
-            assert all(isinstance(s["__key__"], str) and sum(len(v) for k, v in s.items() if k[:2] != "__") <= len(raw)
-                       for s in samples)
+            assert all(
+                isinstance(s["__key__"], str) and sum(len(v) for k, v in s.items() if k[:2] != "__") <= len(raw)
+                for s in samples
+            )
         index = expect(lambda: tar_index(raw), (ShardError,))
         if index is not None:
-            assert all(0 <= off and off + size <= max(len(raw), off + size) and size <= MAX_SAMPLE_BYTES
-                       for _, files in index for off, size in files.values())
+            assert all(
+                0 <= off and off + size <= max(len(raw), off + size) and size <= MAX_SAMPLE_BYTES
+                for _, files in index
+                for off, size in files.values()
+            )
 
 
-@given(st.one_of(st.binary(max_size=2000),
-                 st.tuples(st.integers(0, 3000), st.binary(min_size=1, max_size=16)),
-                 st.tuples(st.sampled_from(["sparse", "gzip", "pax-sparse", "longname"]), st.integers(1, 10**9))))
+@given(
+    st.one_of(
+        st.binary(max_size=2000),
+        st.tuples(st.integers(0, 3000), st.binary(min_size=1, max_size=16)),
+        st.tuples(st.sampled_from(["sparse", "gzip", "pax-sparse", "longname"]), st.integers(1, 10**9)),
+    )
+)
 @fuzz(600)
 def test_tar_bytes(raw):
     if isinstance(raw, tuple) and isinstance(raw[0], int):  # a genuine shard with bytes overwritten
         genuine_tar = tar_bytes([(info_of("s.png", len(png_of())), png_of()), (info_of("s.cls", 1), b"3")])
         at, patch = raw
-        raw = genuine_tar[:at] + patch + genuine_tar[at + len(patch):]
+        raw = genuine_tar[:at] + patch + genuine_tar[at + len(patch) :]
     elif isinstance(raw, tuple):
         kind, n = raw
         if kind == "sparse":
             raw = gnu_sparse("s.png", n, png_of())
         elif kind == "gzip":
             import gzip
+
             raw = gzip.compress(tar_bytes([(info_of("g.png", 10), b"0" * 10)]))
         elif kind == "pax-sparse":
             info = info_of("p.png", 10)
@@ -244,6 +317,7 @@ def info_of(name: str, size: int) -> tarfile.TarInfo:
 
 
 # ---- sample decoding ---------------------------------------------------------------------------------------
+
 
 def npy_of(shape=SHAPE, dtype=np.uint8) -> bytes:
     buf = io.BytesIO()
@@ -271,9 +345,17 @@ def seed_bytes(kind: str) -> tuple[str, bytes]:
     return kind, png_of() if kind == "png" else npy_of()
 
 
-@given(SEEDS, st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 255)), max_size=4), st.integers(0, 10**6),
-       st.one_of(st.binary(max_size=12), st.sampled_from([b"3", b"-1", b"5", b"1e3", b"99999999999999999999999",
-                                                          b" 4\n", b"\xff", b"\xd9\xa3", b"0x2", b"3_0"])))
+@given(
+    SEEDS,
+    st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 255)), max_size=4),
+    st.integers(0, 10**6),
+    st.one_of(
+        st.binary(max_size=12),
+        st.sampled_from(
+            [b"3", b"-1", b"5", b"1e3", b"99999999999999999999999", b" 4\n", b"\xff", b"\xd9\xa3", b"0x2", b"3_0"]
+        ),
+    ),
+)
 @fuzz(900)
 def test_sample_decoding(kind, flips, cut, label):
     ext, data = seed_bytes(kind)
@@ -288,44 +370,6 @@ def test_sample_decoding(kind, flips, cut, label):
             assert img.shape == SHAPE and img.dtype == np.uint8
         got = expect(lambda: decode_label(sample, NUM_CLASSES), (ShardError,))
         assert got is None or 0 <= got < NUM_CLASSES
-
-
-# ---- config loader -----------------------------------------------------------------------------------------
-
-GENUINE_YAML = open(os.path.join(ROOT, "configs", "digits.yaml")).read()
-YAML_SNIPPETS = st.sampled_from([
-    "a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
-    "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\ne: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n"
-    "f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\ng: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]\nname: *g\n",
-    "seed: .inf\n", "seed: .nan\n", "seed: 1e400\n", "name: 2001-13-45\n", "[" * 3000, "train: {lr: [[[[]]]]}\n",
-    "!!python/object:os.system x\n", "train:\n  betas: !!set {a, b}\n", "? [1]\n: 2\n", "name: !!binary AAAA\n",
-    "diffusion:\n  schedule: \"a\\nb\"\n", "model: null\n", "\xff\xfe", "data:\n  source: " + "x" * 100_000 + "\n",
-    "seed: 99999999999999999999999999999\n", "train:\n  lr: 1e999\n", "name: 0o777\n", "- 1\n- 2\n",
-])
-
-
-@given(st.one_of(st.text(max_size=200), YAML_SNIPPETS,
-                 st.tuples(st.integers(0, len(GENUINE_YAML)), st.integers(0, len(GENUINE_YAML)),
-                           st.text(max_size=12))))
-@fuzz(900)
-def test_config_yaml(tmp_path_factory, text):
-    if isinstance(text, tuple):  # the genuine digits config, spliced
-        a, b, insert = text
-        text = GENUINE_YAML[:min(a, b)] + insert + GENUINE_YAML[max(a, b):]
-    path = tmp_path_factory.getbasetemp() / "fuzzed.yaml"
-    path.write_bytes(text.encode("utf-8", "surrogatepass") if text != "\xff\xfe" else b"\xff\xfe")
-    with bounded():
-        cfg = expect(lambda: load_config(str(path)), (ConfigError,))
-        assert cfg is None or cfg.train.global_batch > 0
-
-
-@given(st.lists(st.one_of(st.text(max_size=40), st.sampled_from(
-    ["seed=.inf", "train.lr=[", "name=2001-13-45", "a.b.c=1", "train=3", "seed=" + "[" * 3000, "train.betas=[1]",
-     "diffusion.schedule=\u2028", "=", "data.shard_buffer_mb=0"])), max_size=3))
-@fuzz(300)
-def test_config_overrides(overrides):
-    with bounded():
-        expect(lambda: load_config(None, overrides), (ConfigError,))
 
 
 def test_messages_are_one_line():

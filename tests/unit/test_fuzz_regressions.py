@@ -1,6 +1,7 @@
 """One test per crash the fuzz tests (tests/unit/test_fuzz_parsers.py) found, through the public entry points; each
 failed on the code before its fix (a traceback of another type, a hang, or an allocation of what a header
 claimed)."""
+
 import gzip
 import io
 import json
@@ -38,6 +39,7 @@ def test_manifest_with_zero_byte_shards_is_no_division_by_zero(data):
     def empty(doc):
         for s in doc["shards"]:
             s["bytes"] = s["num_samples"] = 0
+
     with pytest.raises(DataError, match="cannot fill one batch"):
         read_stream(load_manifest(edit_manifest(data, empty)))
 
@@ -64,6 +66,7 @@ def test_manifest_not_utf8_or_nested_too_deeply_is_a_shard_error(data):
 def test_manifest_claiming_a_trillion_samples_is_refused_before_planning(data):
     def claim(doc):
         doc["shards"][0].update(num_samples=10**12, bytes=10**16)
+
     with within(10), pytest.raises(DataError, match="too few for the 1000000000000 samples"):
         read_stream(load_manifest(edit_manifest(data, claim)))
 
@@ -146,7 +149,7 @@ def test_a_remembered_npy_header_still_checks_each_sample():
 
 
 def test_png_over_the_decompression_bomb_limit_is_not_decoded():
-    side = int(Image.MAX_IMAGE_PIXELS ** 0.5) + 100  # over the limit, under twice it: PIL only warns
+    side = int(Image.MAX_IMAGE_PIXELS**0.5) + 100  # over the limit, under twice it: PIL only warns
     buf = io.BytesIO()
     Image.new("1", (side, side)).save(buf, format="PNG")
     with warnings.catch_warnings():
@@ -166,6 +169,7 @@ def test_png_of_another_size_is_refused_before_decoding():
 def test_bad_labels_are_skipped_and_counted(tmp_path, label):
     m = build_dataset(str(tmp_path / "d"), n=6, per_shard=6)  # labels 0..4, num_classes 5
     from ddpm_dist.data.shard_sets import tar_index
+
     path = tmp_path / "d" / m.shards[0].url
     samples = list(iter_tar_samples(path.read_bytes()))
     samples[0]["cls"] = label
@@ -181,6 +185,7 @@ def test_bad_labels_are_skipped_and_counted(tmp_path, label):
     import dataclasses
 
     from ddpm_dist.data.manifest import write_manifest
+
     m = m.with_shards([dataclasses.replace(m.shards[0], bytes=len(raw)), *m.shards[1:]])  # shards are read-only rows
     write_manifest(m, str(tmp_path / "d" / "manifest.json"))  # sidecar and JSON
     assert load_manifest(str(tmp_path / "d" / "manifest.json")).sizes[0] == len(raw) == m.shards[0].bytes

@@ -1,6 +1,7 @@
 """The manifest as columns and its sidecar (issue 24, item 6): JSON and sidecar load to the same manifest; a sidecar
 written for another version of the JSON is ignored with a warning; a sidecar that claims this JSON but is corrupt or
 has a field out of range is refused with one line; manifests without a sidecar load as before; fuzzed sidecar bytes."""
+
 import dataclasses
 import hashlib
 import io
@@ -26,21 +27,36 @@ def digest(text: str) -> str:
 
 
 def sample_manifest(base: str = "") -> Manifest:
-    train = [ShardInfo("a-000.tar", 3, 4096, digest("a"), "a-000.tar.idx.json"),
-             ShardInfo("dír/ü-001.tar", 0, 0, digest("b")),  # non-ASCII url, no index, an empty shard
-             ShardInfo("s3://bucket/x/c.tar", 5, 10_240, digest("c"), "c.idx")]
+    train = [
+        ShardInfo("a-000.tar", 3, 4096, digest("a"), "a-000.tar.idx.json"),
+        ShardInfo("dír/ü-001.tar", 0, 0, digest("b")),  # non-ASCII url, no index, an empty shard
+        ShardInfo("s3://bucket/x/c.tar", 5, 10_240, digest("c"), "c.idx"),
+    ]
     val = [ShardInfo("v-000.tar", 2, 2048, digest("v"), "v-000.tar.idx.json")]
     return Manifest(train, [16, 16], 1, 10, "png", base, {"label_histogram": {"0": 3, "1": 5}}, val)
 
 
 def old_to_json(m: Manifest) -> str:
     """What to_json wrote when the manifest held a list of dataclasses (the format is unchanged)."""
-    held = {"validation_samples": sum(s.num_samples for s in m.validation),
-            "validation": [vars(s) for s in m.validation]} if m.validation else {}
-    return json.dumps({"format": mf.FORMAT, "num_samples": sum(s.num_samples for s in m.shards),
-                       "image_size": m.image_size, "channels": m.channels, "num_classes": m.num_classes,
-                       "image_format": m.image_format, "shards": [vars(s) for s in m.shards], **held, **m.extra},
-                      indent=1)
+    held = (
+        {"validation_samples": sum(s.num_samples for s in m.validation), "validation": [vars(s) for s in m.validation]}
+        if m.validation
+        else {}
+    )
+    return json.dumps(
+        {
+            "format": mf.FORMAT,
+            "num_samples": sum(s.num_samples for s in m.shards),
+            "image_size": m.image_size,
+            "channels": m.channels,
+            "num_classes": m.num_classes,
+            "image_format": m.image_format,
+            "shards": [vars(s) for s in m.shards],
+            **held,
+            **m.extra,
+        },
+        indent=1,
+    )
 
 
 def same(a: Manifest, b: Manifest) -> None:
@@ -126,26 +142,51 @@ def rewrite(url: str, **changes) -> None:
     open(sidecar_url(url), "wb").write(npz_bytes(arrays))
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"counts": np.array([3, 0, 11], np.int64)}, r"counts\[2\]: expected an integer in \[0, sizes // 1024\], got 11"),
-    ({"sizes": np.array([4096, -1, 10_240], np.int64)}, r"sizes\[1\]: expected an integer in \[0, 4611686018427387904\]"),
-    ({"counts": np.array([3, 0, 5], np.int32)}, r"counts: expected a <i8 array of shape \('n',\), got <i4"),
-    ({"counts": np.array([3, 0, 5], ">i8")}, r"counts: expected a <i8 array"),
-    ({"sha256": np.zeros((3, 31), np.uint8)}, r"sha256: expected a \|u1 array of shape \(3, 32\)"),
-    ({"sizes": None}, r"sizes: expected a <i8 array of shape \(3,\), got nothing"),
-    ({"url_offsets": np.array([0, 9, 9, 43], np.int64)}, r"url_offsets\[1\]: expected an integer length >= 1"),
-    ({"url_offsets": np.array([0, 9, 24, 42], np.int64)}, r"url_offsets: expected 0 first and 43"),
-    ({"url_offsets": np.array([0, 9, 11, 43], np.int64)}, r"url_offsets\[2\]: expected an integer at the start of a UTF-8"),
-    ({"validation_counts": np.array([3], np.int64)}, r"validation_counts\[0\]: expected an integer in \[0, validation_sizes"),
-    ({"counts": np.zeros(0, np.int64)}, r"counts: expected at least 1 shard"),
-    ({"header": np.frombuffer(b'{"sidecar": "x"}', np.uint8)}, r"header: expected \{'sidecar'"),
-    ({"header": np.frombuffer(json.dumps({"sidecar": mf.SIDECAR_FORMAT, "manifest": {
-        "image_size": [16, 0], "channels": 1}}).encode(), np.uint8)}, r"image_size: expected an integer in \[1, 16384\]"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"counts": np.array([3, 0, 11], np.int64)},
+            r"counts\[2\]: expected an integer in \[0, sizes // 1024\], got 11",
+        ),
+        (
+            {"sizes": np.array([4096, -1, 10_240], np.int64)},
+            r"sizes\[1\]: expected an integer in \[0, 4611686018427387904\]",
+        ),
+        ({"counts": np.array([3, 0, 5], np.int32)}, r"counts: expected a <i8 array of shape \('n',\), got <i4"),
+        ({"counts": np.array([3, 0, 5], ">i8")}, r"counts: expected a <i8 array"),
+        ({"sha256": np.zeros((3, 31), np.uint8)}, r"sha256: expected a \|u1 array of shape \(3, 32\)"),
+        ({"sizes": None}, r"sizes: expected a <i8 array of shape \(3,\), got nothing"),
+        ({"url_offsets": np.array([0, 9, 9, 43], np.int64)}, r"url_offsets\[1\]: expected an integer length >= 1"),
+        ({"url_offsets": np.array([0, 9, 24, 42], np.int64)}, r"url_offsets: expected 0 first and 43"),
+        (
+            {"url_offsets": np.array([0, 9, 11, 43], np.int64)},
+            r"url_offsets\[2\]: expected an integer at the start of a UTF-8",
+        ),
+        (
+            {"validation_counts": np.array([3], np.int64)},
+            r"validation_counts\[0\]: expected an integer in \[0, validation_sizes",
+        ),
+        ({"counts": np.zeros(0, np.int64)}, r"counts: expected at least 1 shard"),
+        ({"header": np.frombuffer(b'{"sidecar": "x"}', np.uint8)}, r"header: expected \{'sidecar'"),
+        (
+            {
+                "header": np.frombuffer(
+                    json.dumps(
+                        {"sidecar": mf.SIDECAR_FORMAT, "manifest": {"image_size": [16, 0], "channels": 1}}
+                    ).encode(),
+                    np.uint8,
+                )
+            },
+            r"image_size: expected an integer in \[1, 16384\]",
+        ),
+    ],
+)
 def test_a_bad_sidecar_field_is_one_line(written, changes, message):
     rewrite(written, **changes)
-    with pytest.raises(ShardError, match=r"manifest sidecar '.*manifest.shards.npz' is not a ddpm_dist shard table \(" +
-                       message) as e:
+    with pytest.raises(
+        ShardError, match=r"manifest sidecar '.*manifest.shards.npz' is not a ddpm_dist shard table \(" + message
+    ) as e:
         load_manifest(written)
     assert "delete it to read the JSON" in one_line(e.value)
 
@@ -160,8 +201,13 @@ def test_unreadable_sidecars_are_refused_and_nothing_is_unpickled(written):
         z.writestr("counts.npy", good[:100])
     flipped = bytearray(good)
     flipped[good.index(np.array([4096, 0, 10_240], np.int64).tobytes()) + 9] ^= 1  # in `sizes`: its CRC fails
-    for data, why in ((b"not a zip", "File is not a zip file"), (good[:-40], "zip"), (pickled.getvalue(), "holds objects"),
-                      (deflated.getvalue(), "expected an uncompressed"), (bytes(flipped), "CRC")):
+    for data, why in (
+        (b"not a zip", "File is not a zip file"),
+        (good[:-40], "zip"),
+        (pickled.getvalue(), "holds objects"),
+        (deflated.getvalue(), "expected an uncompressed"),
+        (bytes(flipped), "CRC"),
+    ):
         open(side, "wb").write(data)
         with pytest.raises(ShardError, match="manifest sidecar .* (is unreadable|is not a ddpm_dist)") as e:
             load_manifest(written)
@@ -174,10 +220,12 @@ def test_unreadable_sidecars_are_refused_and_nothing_is_unpickled(written):
 
 def test_json_errors_name_the_entry(tmp_path):
     doc = json.loads(sample_manifest().to_json())
-    for where, key, value, message in ((1, "num_samples", 1, r"shards\[1\].num_samples: expected an integer in \[0, 0\]"),
-                                       (2, "sha256", "AB" * 32, r"shards\[2\].sha256: expected 64 lowercase hex"),
-                                       (0, "url", "", r"shards\[0\].url is empty"),
-                                       (0, "bytes", True, r"shards\[0\].bytes: expected int")):
+    for where, key, value, message in (
+        (1, "num_samples", 1, r"shards\[1\].num_samples: expected an integer in \[0, 0\]"),
+        (2, "sha256", "AB" * 32, r"shards\[2\].sha256: expected 64 lowercase hex"),
+        (0, "url", "", r"shards\[0\].url is empty"),
+        (0, "bytes", True, r"shards\[0\].bytes: expected int"),
+    ):
         bad = json.loads(json.dumps(doc))
         bad["shards"][where][key] = value
         with pytest.raises(ValueError, match=message):
@@ -197,7 +245,7 @@ def test_fuzzed_sidecar_bytes(tmp_path_factory, edits):
     data = bytearray(open(sidecar_url(url), "rb").read())
     for pos, insert in edits:
         pos %= len(data)
-        data[pos:pos + len(insert)] = insert
+        data[pos : pos + len(insert)] = insert
     open(sidecar_url(url), "wb").write(bytes(data))
     with bounded():
         got = expect(lambda: load_manifest(url), (ShardError,))

@@ -1,4 +1,5 @@
 """Forward process and parameterisations against closed forms."""
+
 import pytest
 import torch
 
@@ -37,7 +38,11 @@ def test_conversions_round_trip_float64(prediction):
 
 def test_v_target_closed_form():
     s = make_schedule("linear", 1000)
-    x0, eps, t = torch.tensor([[0.5]], dtype=torch.float64), torch.tensor([[-2.0]], dtype=torch.float64), torch.tensor([300])
+    x0, eps, t = (
+        torch.tensor([[0.5]], dtype=torch.float64),
+        torch.tensor([[-2.0]], dtype=torch.float64),
+        torch.tensor([300]),
+    )
     ab = s.alphas_cumprod[300].item()
     assert target("v", s, x0, eps, t).item() == pytest.approx(ab**0.5 * -2.0 - (1 - ab) ** 0.5 * 0.5, rel=1e-12)
 

@@ -2,6 +2,7 @@
 independent reference written here with PIL calls: guided-diffusion's center_crop_arr (BOX halvings while the image
 is at least twice the target, BICUBIC resize of the whole image, then a crop), on photo content of several sizes and
 aspect ratios, PNG and JPEG, L and RGB."""
+
 import io
 import struct
 import subprocess
@@ -26,7 +27,7 @@ TARGETS = [(16, 16), (12, 20), (33, 33)]
 
 def photo(h, w):
     """Photo content at h x w: a crop of the photo, resized (BICUBIC) when it is larger than the photo."""
-    crop = PHOTO[:min(h, 427), :min(w, 640)]
+    crop = PHOTO[: min(h, 427), : min(w, 640)]
     return np.asarray(Image.fromarray(crop).resize((w, h), Image.BICUBIC)) if crop.shape[:2] != (h, w) else crop
 
 
@@ -52,11 +53,13 @@ def reference(im, H, W, mode):
         scale = min(W / im.width, H / im.height)
         nw, nh = min(W, max(1, round(im.width * scale))), min(H, max(1, round(im.height * scale)))
         out = np.zeros((H, W) + np.asarray(im).shape[2:], np.uint8)
-        out[(H - nh) // 2:(H - nh) // 2 + nh, (W - nw) // 2:(W - nw) // 2 + nw] = np.asarray(im.resize((nw, nh), Image.BICUBIC))
+        out[(H - nh) // 2 : (H - nh) // 2 + nh, (W - nw) // 2 : (W - nw) // 2 + nw] = np.asarray(
+            im.resize((nw, nh), Image.BICUBIC)
+        )
         return out
     arr = resized_whole(im, H, W)
     y, x = (arr.shape[0] - H) // 2, (arr.shape[1] - W) // 2
-    return arr[y:y + H, x:x + W]
+    return arr[y : y + H, x : x + W]
 
 
 def encode(arr, fmt, **kw):
@@ -91,6 +94,7 @@ def test_exact_size_is_unchanged_and_npy_matches_png():
     for mode in RESIZE_MODES:
         assert np.array_equal(decode_for_training({"png": encode(img, "PNG")}, (37, 211, 3), mode, 7), img)
     from ddpm_dist.data.shard_sets import encode_image
+
     for mode in RESIZE_MODES[1:]:
         a = decode_for_training({"npy": encode_image(img, "npy")}, (16, 16, 3), mode, 3)
         b = decode_for_training({"png": encode(img, "PNG")}, (16, 16, 3), mode, 3)
@@ -100,6 +104,7 @@ def test_exact_size_is_unchanged_and_npy_matches_png():
 def test_jpeg_is_decoded_at_full_scale(monkeypatch):
     """No reduced-scale DCT decode (PIL draft): measured, it moved results by up to 13 grey levels."""
     from PIL import JpegImagePlugin
+
     calls, real = [], JpegImagePlugin.JpegImageFile.draft
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda self, *a: calls.append(a) or real(self, *a))
     big = np.asarray(Image.fromarray(PHOTO).resize((1280, 854), Image.BICUBIC))
@@ -119,7 +124,7 @@ def test_random_crop_is_seeded_and_in_bounds():
     offsets = set()
     for s, crop in crops.items():
         assert np.array_equal(crop, decode_for_training({"png": data}, (16, 16, 3), "random_crop", s))
-        errs = [np.abs(crop.astype(int) - whole[:, x:x + 16]).max() for x in range(whole.shape[1] - 15)]
+        errs = [np.abs(crop.astype(int) - whole[:, x : x + 16]).max() for x in range(whole.shape[1] - 15)]
         assert min(errs) <= 1  # a crop of the resized image at an in-bounds offset
         offsets.add(int(np.argmin(errs)))
     assert len(offsets) >= 6  # varies across seeds
@@ -141,10 +146,16 @@ def test_channels_and_sixteen_bit():
 
 def png_header(w, h):
     """A valid PNG signature + IHDR claiming w x h RGB, a tiny IDAT and IEND: a few hundred bytes."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Image.open warns; we refuse
@@ -162,7 +173,9 @@ def test_size_limits_refuse_before_decoding(monkeypatch, w, h, why):
         decode_for_training({"__key__": "bomb", "png": data}, (16, 16, 3), "none", 0)
     assert loads == []
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (100_000, 100_000, 3)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (100_000, 100_000, 3)}
+    )
     npy = header.getvalue()
     with pytest.raises(ShardError, match="data bytes"):  # never allocated: the header promises 3e10 bytes, 0 are there
         decode_for_training({"npy": npy}, (16, 16, 3), "center_crop", 0)
@@ -178,20 +191,34 @@ def jpeg_folder(root, sizes):
 def test_build_folder_of_mixed_sizes(tmp_path):
     sizes = [(90, 108), (62, 110), (200, 40), (10, 12), (427, 640)]
     files = jpeg_folder(tmp_path / "src", sizes)
-    build = [str(PYTHON), "-m", "ddpm_dist.shards", "build", "--source", "folder", "--input", str(tmp_path / "src"),
-             "--shuffle-seed", "-1"]
+    build = [
+        str(PYTHON),
+        "-m",
+        "ddpm_dist.shards",
+        "build",
+        "--source",
+        "folder",
+        "--input",
+        str(tmp_path / "src"),
+        "--shuffle-seed",
+        "-1",
+    ]
     r = subprocess.run(build + ["--out", str(tmp_path / "plain")], cwd=ROOT, capture_output=True, text=True)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), r.stderr
     assert "img00000001 has shape (62, 110, 3), expected (90, 108, 3)" in errors[0]
     assert "--size N --resize center_crop" in errors[0]
-    r = subprocess.run(build + ["--out", str(tmp_path / "o"), "--size", "16", "--resize", "center_crop"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        build + ["--out", str(tmp_path / "o"), "--size", "16", "--resize", "center_crop"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert verify(str(tmp_path / "o" / "manifest.json"), progress=False).ok
     images, _ = read_all(str(tmp_path / "o" / "manifest.json"))
     assert images.shape == (5, 16, 16, 3)
-    for img, data, (h, w) in zip(images, files, sizes):
+    for img, data, _ in zip(images, files, sizes):
         assert np.array_equal(img, decode_for_training({"jpg": data}, (16, 16, 3), "center_crop", 0))
         ref = reference(Image.open(io.BytesIO(data)).convert("RGB"), 16, 16, "center_crop")
         assert np.abs(img.astype(int) - ref).max() <= 1
@@ -200,9 +227,18 @@ def test_build_folder_of_mixed_sizes(tmp_path):
 def test_build_random_crop_and_other_sources(tmp_path):
     from ddpm_dist.data.shard_sets import build_shards
     from ddpm_dist.data.sources import SourceError, open_source, parse_size
+
     jpeg_folder(tmp_path / "src", [(40, 150), (150, 40), (40, 150)])
-    runs = [build_shards(open_source("folder", str(tmp_path / "src"), (16, 16), resize="random_crop", seed=s),
-                         str(tmp_path / f"r{s}{k}"), progress=False, shuffle_seed=None) for s in (1, 2) for k in "ab"]
+    runs = [
+        build_shards(
+            open_source("folder", str(tmp_path / "src"), (16, 16), resize="random_crop", seed=s),
+            str(tmp_path / f"r{s}{k}"),
+            progress=False,
+            shuffle_seed=None,
+        )
+        for s in (1, 2)
+        for k in "ab"
+    ]
     got = [read_all(str(tmp_path / f"r{s}{k}" / "manifest.json"))[0] for s in (1, 2) for k in "ab"]
     assert np.array_equal(got[0], got[1]) and not np.array_equal(got[0], got[2])
     assert runs[0].image_size == [16, 16]

@@ -1,4 +1,5 @@
 """One SamplerOptions for the config, the command lines and the library; every task honours every option."""
+
 import dataclasses
 
 import numpy as np
@@ -29,20 +30,42 @@ def test_defaults_are_the_samplers_own_until_set():
 
 def test_sampler_names_match_the_step_functions():
     from ddpm_dist.diffusion import SAMPLER_NAMES, STEPS
+
     assert set(SAMPLER_NAMES) == set(STEPS) == set(SAMPLER_DEFAULTS)
 
 
-@pytest.mark.parametrize("module,argv", [("ddpm_dist.sample", ["--export", "x", "--out", "y"]),
-                                         ("ddpm_dist.evaluate", ["fid", "--samples", "x"]),
-                                         ("ddpm_dist.evaluate", ["frechet", "--run", "x"])])
+@pytest.mark.parametrize(
+    "module,argv",
+    [
+        ("ddpm_dist.sample", ["--export", "x", "--out", "y"]),
+        ("ddpm_dist.evaluate", ["fid", "--samples", "x"]),
+        ("ddpm_dist.evaluate", ["frechet", "--run", "x"]),
+    ],
+)
 def test_every_option_is_a_flag_of_every_command_that_samples(module, argv):
     import importlib
+
     parser = importlib.import_module(module).build_parser()
-    flags = ["--sampler", "ddpm", "--steps", "7", "--eta", "0.5", "--spacing", "quadratic", "--var-type", "large",
-             "--guidance", "2.5", "--no-clip"]
+    flags = [
+        "--sampler",
+        "ddpm",
+        "--steps",
+        "7",
+        "--eta",
+        "0.5",
+        "--spacing",
+        "quadratic",
+        "--var-type",
+        "large",
+        "--guidance",
+        "2.5",
+        "--no-clip",
+    ]
     from ddpm_dist.command_line import sampler_overrides
+
     assert sampler_overrides(parser.parse_args(argv + flags)) == dict(
-        sampler="ddpm", steps=7, eta=0.5, spacing="quadratic", var_type="large", guidance=2.5, clip_x0=False)
+        sampler="ddpm", steps=7, eta=0.5, spacing="quadratic", var_type="large", guidance=2.5, clip_x0=False
+    )
     assert sampler_overrides(parser.parse_args(argv)) == {}  # unset: the run's own settings
 
 
@@ -57,14 +80,24 @@ def export(tmp_path, **model) -> str:
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path = str(tmp_path / "export.safetensors")
-    save_export(path, net.state_dict(), None, net.config,
-                {"diffusion": {"schedule": "cosine", "num_steps": 100}, "sample": {"sampler": "ddim", "steps": 6}})
+    save_export(
+        path,
+        net.state_dict(),
+        None,
+        net.config,
+        {"diffusion": {"schedule": "cosine", "num_steps": 100}, "sample": {"sampler": "ddim", "steps": 6}},
+    )
     return path
 
 
-CHANGES = {"steps": {"steps": 4}, "eta": {"eta": 0.7}, "spacing": {"spacing": "quadratic"},
-           "var_type": {"sampler": "ddpm", "steps": 6, "var_type": "large"}, "guidance": {"guidance": 3.0},
-           "clip": {"clip_x0": False}}
+CHANGES = {
+    "steps": {"steps": 4},
+    "eta": {"eta": 0.7},
+    "spacing": {"spacing": "quadratic"},
+    "var_type": {"sampler": "ddpm", "steps": 6, "var_type": "large"},
+    "guidance": {"guidance": 3.0},
+    "clip": {"clip_x0": False},
+}
 
 
 @pytest.mark.parametrize("task", ["generate", "inpaint", "sr"])
@@ -80,8 +113,9 @@ def test_every_task_honours_every_option(tmp_path, task):
     for name, change in {"base": {}, "ddpm_base": {"sampler": "ddpm", "steps": 6}, **CHANGES}.items():
         setup = prepare(trained, torch.device("cpu"), change)
         share = [([0, 1, 2], True)]
-        made[name] = next(make_share(setup, share, seed=1, classes=None, num_images=3,
-                                         task=build_task(spec, trained.config)))[1]
+        made[name] = next(
+            make_share(setup, share, seed=1, classes=None, num_images=3, task=build_task(spec, trained.config))
+        )[1]
     for name in CHANGES:
         base = made["ddpm_base" if name == "var_type" else "base"]
         if name == "guidance" and task == "sr":  # unconditional: the option resolves to 1
@@ -92,12 +126,22 @@ def test_every_task_honours_every_option(tmp_path, task):
 
 def test_grid_has_one_class_per_row(tmp_path):
     """With classes cycled 0,1,2 and three images per row, grid.png holds class 0, 1 and 2 in rows."""
-    from ddpm_dist.sampling import SampleJob, sample_to_folder
     from ddpm_dist.drawing import auto_scale, grid
+    from ddpm_dist.sampling import SampleJob, sample_to_folder
 
     out = tmp_path / "out"
-    sample_to_folder(SampleJob(export(tmp_path), str(out), num_images=9, batch_size=4, classes="0,1,2",
-                               sampler={"steps": 3}, extras="yes", grid_width=3))
+    sample_to_folder(
+        SampleJob(
+            export(tmp_path),
+            str(out),
+            num_images=9,
+            batch_size=4,
+            classes="0,1,2",
+            sampler={"steps": 3},
+            extras="yes",
+            grid_width=3,
+        )
+    )
     images = np.stack([np.asarray(Image.open(out / f"{i:06d}.png"))[..., None] for i in range(9)])
     by_class = images[[0, 3, 6, 1, 4, 7, 2, 5, 8]]
     expected = grid(by_class, 3, scale=auto_scale(16))[..., 0]

@@ -1,4 +1,5 @@
 """Schedules against the papers' closed forms, in float64."""
+
 import math
 
 import pytest

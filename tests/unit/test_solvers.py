@@ -1,5 +1,6 @@
 """DPM-Solver++ and Heun: step-by-step parity with diffusers in float64, exactness on Gaussian data, and the
 properties every sampler has here (guidance, trajectories, seed-addressed batches, every task)."""
+
 import math
 
 import pytest
@@ -48,8 +49,13 @@ def ours_step_by_step(name, model, schedule, timesteps, x_T):
 
 def diffusers_dpm(order, model, schedule, timesteps, x_T):
     from diffusers import DPMSolverMultistepScheduler
-    sched = DPMSolverMultistepScheduler(num_train_timesteps=schedule.num_steps, algorithm_type="dpmsolver++",
-                                        solver_order=order, prediction_type="epsilon")
+
+    sched = DPMSolverMultistepScheduler(
+        num_train_timesteps=schedule.num_steps,
+        algorithm_type="dpmsolver++",
+        solver_order=order,
+        prediction_type="epsilon",
+    )
     sched.alphas_cumprod = schedule.alphas_cumprod.clone()  # our float64 schedule: compare the algorithm only
     sched.set_timesteps(timesteps=timesteps[::-1])
     x, out = x_T, []
@@ -63,6 +69,7 @@ def diffusers_heun(model, schedule, timesteps, x_T):
     """diffusers works in x / sqrt(abar) and takes two scheduler steps per Heun step: converted back to x_t
     after each full step (and the last, Euler, one) to compare with ours."""
     from diffusers import HeunDiscreteScheduler
+
     sigmas = sigmas_of(schedule)
     sched = HeunDiscreteScheduler(num_train_timesteps=schedule.num_steps, prediction_type="epsilon")
     sched.alphas_cumprod = schedule.alphas_cumprod.clone()
@@ -81,8 +88,10 @@ def max_relative(ours, theirs) -> float:
 
 
 @pytest.mark.parametrize("name", SOLVERS)
-@pytest.mark.parametrize("kind,spacing,steps", [("linear", "uniform", 10), ("linear", "uniform", 20),
-                                                ("cosine", "quadratic", 12), ("linear", "karras", 18)])
+@pytest.mark.parametrize(
+    "kind,spacing,steps",
+    [("linear", "uniform", 10), ("linear", "uniform", 20), ("cosine", "quadratic", 12), ("linear", "karras", 18)],
+)
 def test_step_by_step_parity_with_diffusers(name, kind, spacing, steps):
     """The same timesteps given to both (karras: ours, rounded to training steps; see docs/EVALUATION.md)."""
     pytest.importorskip("diffusers")
@@ -91,14 +100,19 @@ def test_step_by_step_parity_with_diffusers(name, kind, spacing, steps):
     ts = make_timesteps(1000, steps, spacing, schedule)
     x_T = torch.randn(6, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ours = ours_step_by_step(name, model, schedule, ts, x_T)
-    theirs = diffusers_heun(model, schedule, ts, x_T) if name == "heun" else \
-        diffusers_dpm(3 if name == "dpm++3m" else 2, model, schedule, ts, x_T)
+    theirs = (
+        diffusers_heun(model, schedule, ts, x_T)
+        if name == "heun"
+        else diffusers_dpm(3 if name == "dpm++3m" else 2, model, schedule, ts, x_T)
+    )
     assert len(ours) == len(theirs) == steps
     assert max_relative(ours, theirs) < PARITY_RTOL
 
 
-@pytest.mark.parametrize("name,spacing,steps", [("dpm++2m", "karras", 50), ("dpm++3m", "karras", 20),
-                                                ("heun", "uniform", 25), ("heun", "karras", 40)])
+@pytest.mark.parametrize(
+    "name,spacing,steps",
+    [("dpm++2m", "karras", 50), ("dpm++3m", "karras", 20), ("heun", "uniform", 25), ("heun", "karras", 40)],
+)
 def test_solvers_reproduce_gaussian_data(name, spacing, steps):
     """With the exact denoiser of N(mu, s^2) data the probability-flow ODE maps x_T to a known point: each
     image lands near it, and the samples have the data's mean and std."""
@@ -158,10 +172,21 @@ def test_guidance_changes_solvers_as_in_the_combined_model(name):
 
     y = torch.tensor([1, 2])
     x_T = torch.randn(2, 1, 2, 2, dtype=torch.float64)
-    guided = run_steps(make_step(model, s, SamplerOptions(name, 8, guidance=3.0, clip_x0=False), y=y, null_class=5), x_T)
-    combined = run_steps(STEPS[name](lambda x, t, y=None: model(x, t, y=torch.full_like(y, 5)) + 3.0 * (
-        model(x, t, y=y) - model(x, t, y=torch.full_like(y, 5))), s, make_timesteps(100, 8), clip_x0=False,
-        model_kwargs={"y": y}), x_T)
+    guided = run_steps(
+        make_step(model, s, SamplerOptions(name, 8, guidance=3.0, clip_x0=False), y=y, null_class=5), x_T
+    )
+    combined = run_steps(
+        STEPS[name](
+            lambda x, t, y=None: (
+                model(x, t, y=torch.full_like(y, 5)) + 3.0 * (model(x, t, y=y) - model(x, t, y=torch.full_like(y, 5)))
+            ),
+            s,
+            make_timesteps(100, 8),
+            clip_x0=False,
+            model_kwargs={"y": y},
+        ),
+        x_T,
+    )
     unguided = run_steps(make_step(model, s, SamplerOptions(name, 8, clip_x0=False), y=y, null_class=5), x_T)
     assert torch.allclose(guided, combined, atol=1e-9) and not torch.allclose(guided, unguided, atol=1e-3)
 
@@ -170,8 +195,9 @@ def test_guidance_changes_solvers_as_in_the_combined_model(name):
 def test_trajectory_holds_x_t_and_x0_of_every_step(name):
     s = make_schedule("linear", 100)
     rec = TrajectoryRecorder()
-    x = denoise_from_seeds(gaussian_eps_model(s, 0.0, 0.5), s, [3, 4], (1, 2, 2), SamplerOptions(name, 6), device="cpu",
-                 callback=rec)
+    x = denoise_from_seeds(
+        gaussian_eps_model(s, 0.0, 0.5), s, [3, 4], (1, 2, 2), SamplerOptions(name, 6), device="cpu", callback=rec
+    )
     assert rec.steps == make_timesteps(100, 6)[::-1] and len(rec.x0) == 6
     assert torch.equal(rec.x0[-1], x)  # the last step lands on its x0 prediction
     assert torch.equal(rec.x_t[0], StackedRandomGenerator("cpu", [3, 4]).randn((2, 1, 2, 2)))  # x_T, then each x_t
@@ -189,7 +215,10 @@ def test_images_do_not_depend_on_batch_mates(name, churn):
 def test_churn_is_seeded_noise_within_its_sigma_range():
     s = make_schedule("linear", 100)
     model = gaussian_eps_model(s, 0.0, 0.5)
-    run = lambda seeds, **kw: denoise_from_seeds(model, s, seeds, (1, 2, 2), SamplerOptions("heun", 8, **kw), device="cpu")  # noqa: E731
+
+    def run(seeds, **kw):
+        return denoise_from_seeds(model, s, seeds, (1, 2, 2), SamplerOptions("heun", 8, **kw), device="cpu")
+
     assert torch.equal(run([1], churn=5.0), run([1], churn=5.0))
     assert not torch.equal(run([1], churn=5.0), run([1]))
     assert torch.equal(run([1], churn=5.0, churn_sigma_min=1e9), run([1]))  # no sigma in range: deterministic
@@ -212,6 +241,7 @@ def test_repaint_resampling_restarts_the_multistep_history():
     """RePaint redoes step i after going back up: that call must not use the x0 of the abandoned path, so it
     is a first-order step (= DDIM eta 0 from the same x); calls that continue the chain stay second order."""
     from ddpm_dist.sampling.inpaint import RePaintStep
+
     s = make_schedule("linear", 100)
     model = gaussian_eps_model(s, 0.0, 0.5)
     ts = make_timesteps(100, 6)
@@ -220,8 +250,11 @@ def test_repaint_resampling_restarts_the_multistep_history():
     known = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
     keep = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
     keep[..., :2, :] = 1
-    x = run_steps(RePaintStep(spy, known, keep, resample=3), torch.randn(2, 1, 4, 4, dtype=torch.float64),
-                  torch.Generator().manual_seed(0))
+    x = run_steps(
+        RePaintStep(spy, known, keep, resample=3),
+        torch.randn(2, 1, 4, 4, dtype=torch.float64),
+        torch.Generator().manual_seed(0),
+    )
     assert torch.equal(x[..., :2, :], known[..., :2, :])
     previous = None
     for i, x_in, x_out, history in spy.calls:
@@ -262,9 +295,30 @@ def test_nfe_command_prints_the_table_and_draws(tmp_path, capsys):
     from tests.unit.test_sampling_options import export
 
     out = tmp_path / "nfe.png"
-    assert main(["nfe", "--export", export(tmp_path), "--data", DIGITS, "--num-images", "3", "--batch-size", "3",
-                 "--nfe", "2", "--samplers", "dpm++2m@karras,heun:2/3", "--json", str(tmp_path / "nfe.json"),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "nfe",
+                "--export",
+                export(tmp_path),
+                "--data",
+                DIGITS,
+                "--num-images",
+                "3",
+                "--batch-size",
+                "3",
+                "--nfe",
+                "2",
+                "--samplers",
+                "dpm++2m@karras,heun:2/3",
+                "--json",
+                str(tmp_path / "nfe.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| model calls | dpm++2m@karras | heun |" in printed and "| 2 |" in printed
     assert "(NFE 1, " in printed and "| 3 |  | " in printed  # Heun at an even budget: the odd count below it

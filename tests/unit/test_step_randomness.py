@@ -1,5 +1,6 @@
 """The randomness of a training step is addressed by global slot: every world size and accumulation gives
 each slot the same (t, noise, label drop), and a rank draws only its own slots."""
+
 import torch
 
 from ddpm_dist.config import load_config
@@ -56,6 +57,17 @@ def test_a_training_step_asks_only_for_its_ranks_slots(monkeypatch):
     cfg = load_config(None, ["model.preset=tiny", "model.num_classes=4", "train.label_dropout=0.5"])
     engine = Engine(build_model(cfg.model), torch.device("cpu"), {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0})
     batch = {"image": torch.zeros(3, 3, 16, 16), "label": torch.zeros(3, dtype=torch.long)}
-    loop.run_step(engine, make_schedule("linear", 100), [batch, batch], step=5, rank=2, world_size=4, seed=cfg.seed,
-                  train=cfg.train, diffusion=cfg.diffusion, num_classes=4, lr=1e-3)
+    loop.run_step(
+        engine,
+        make_schedule("linear", 100),
+        [batch, batch],
+        step=5,
+        rank=2,
+        world_size=4,
+        seed=cfg.seed,
+        train=cfg.train,
+        diffusion=cfg.diffusion,
+        num_classes=4,
+        lr=1e-3,
+    )
     assert asked == [[6, 7, 8], [18, 19, 20]]

@@ -1,5 +1,6 @@
 """The loop's components: keep-every-N counted in images across a changed batch size, the LR schedule's
 state, and a train() that raises releasing the exporter, the discovery file and the signal handlers."""
+
 import logging
 import os
 import signal
@@ -53,11 +54,23 @@ def test_train_that_raises_releases_what_it_started(tmp_path, monkeypatch):
     monkeypatch.delenv("DDPM_SIGNAL_DIR", raising=False)
     port, sd = free_port(), tmp_path / "sd"
     previous = signal.getsignal(signal.SIGTERM)
-    cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"), [
-        f"run_dir={tmp_path / 'run'}", *FAST, "data.audit=false", f"data.source={DIGITS}", "train.total_images=64",
-        "train.log_every=1",
-        "eval.every_images=16", "eval.extractor=inception", f"eval.inception={tmp_path / 'none.pt'}",
-        "metrics.prometheus=true", f"metrics.prometheus_port={port}", f"metrics.sd_dir={sd}"])
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "digits.yaml"),
+        [
+            f"run_dir={tmp_path / 'run'}",
+            *FAST,
+            "data.audit=false",
+            f"data.source={DIGITS}",
+            "train.total_images=64",
+            "train.log_every=1",
+            "eval.every_images=16",
+            "eval.extractor=inception",
+            f"eval.inception={tmp_path / 'none.pt'}",
+            "metrics.prometheus=true",
+            f"metrics.prometheus_port={port}",
+            f"metrics.sd_dir={sd}",
+        ],
+    )
     monkeypatch.setenv("DDPM_INCEPTION", str(tmp_path / "none.pt"))
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="Inception weights"):
