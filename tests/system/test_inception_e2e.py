@@ -66,11 +66,25 @@ def low_rank_frechet(a, b):
 
 
 def evaluate(root, *args):
+    """Starts `python -m ddpm_dist.evaluate ARGS`; the function returned waits for it to succeed and gives its
+    stdout (clean-fid's side runs in this process meanwhile: one thread each, on the two cores)."""
     env = child_env(HOME=str(root), DDPM_INCEPTION_PIN=str(root / "pin.sha256"))  # nothing pinned in the user's home
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.evaluate", *map(str, args), "--inception", str(root / INCEPTION_FILE),
-                        "--allow-unverified-inception"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
+    out, err = (open(root / f"evaluate-{args[0]}.{name}", "w+") for name in ("out", "err"))
+    cmd = [PYTHON, "-m", "ddpm_dist.evaluate", *map(str, args), "--inception", str(root / INCEPTION_FILE),
+           "--allow-unverified-inception"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+
+    def wait() -> str:
+        try:
+            code = p.wait(timeout=300)
+        finally:
+            p.kill()  # a no-op once it has ended
+        with out, err:
+            out.seek(0)
+            err.seek(0)
+            assert code == 0, err.read()[-3000:]
+            return out.read()
+    return wait
 
 
 def cleanfid_features(folder, root):
@@ -97,13 +111,16 @@ def assert_stats_equal(mu, sigma, feats, rtol=1e-6):
 
 def test_ref_stats_and_fid_in_two_processes_equal_cleanfid(setup):
     root, real_labels = setup
-    out = evaluate(root, "ref-stats", "--data", root / "shards" / "manifest.json", "--out", root / "ref.npz",
-                   "--features", N, "--batch-size", 8)
+    ref_stats = evaluate(root, "ref-stats", "--data", root / "shards" / "manifest.json", "--out", root / "ref.npz",
+                         "--features", N, "--batch-size", 8)
+    real = cleanfid_features(root / "real_png", root)
+    out = ref_stats()
     assert f"reference statistics of {N} train images, features of {N}, 10 per-class statistics" in out
-    out = evaluate(root, "fid", "--samples", root / "samples", "--ref", root / "ref.npz", "--world-size", 2,
+    fid = evaluate(root, "fid", "--samples", root / "samples", "--ref", root / "ref.npz", "--world-size", 2,
                    "--batch-size", 8, "--save-stats", root / "gen.npz", "--out", root / "fid.json")
+    gen = cleanfid_features(root / "samples", root)
+    out = fid()
     assert out.startswith("FID: ") and "KID" in out
-    real, gen = cleanfid_features(root / "real_png", root), cleanfid_features(root / "samples", root)
     assert real.shape == gen.shape == (N, 2048) and real.std() > 0.01
 
     with np.load(root / "ref.npz", allow_pickle=False) as z, np.load(root / "gen.npz", allow_pickle=False) as g:
