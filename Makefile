@@ -1,11 +1,12 @@
-# `make demo`: install, then train on the embedded digits, sample, evaluate. `make test`: install, run the tests.
+# `make demo`: install, then train on the embedded digits, sample, evaluate. `make test`: install, lint, run the tests.
+# `make test-fast`: the unit tests only; `make lint` / `make format`: ruff.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 RUN ?= runs/digits
 
-.PHONY: install demo test lint format system-deps clean
+.PHONY: install demo test test-fast lint format system-deps clean
 
 # Idempotent: re-runs only when pyproject.toml changes. torch first, from the pinned versions,
 # so nothing later can pull another build; deepspeed compiles against it (no build isolation).
@@ -53,6 +54,10 @@ format: install
 
 test: install system-deps lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 tests
+
+# The contributor's inner loop: tests/unit only (one process, no servers, no namespaces, no SLURM); CI runs `test`.
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -m unit tests
 
 clean:
 	rm -rf $(VENV) runs
