@@ -52,7 +52,11 @@ class LaneDataset(IterableDataset):
         resize: str = "none",
     ):
         self.shard_bytes = shard_bytes  # each shard's real size: index entries are checked against it
-        self.manifest, self.counts, self.seed, self.layout, self.rank = manifest, counts, seed, layout, rank
+        self.manifest = manifest
+        self.counts = counts
+        self.seed = seed
+        self.layout = layout
+        self.rank = rank
         self.epoch, self.due, self.batches_done = epoch, due, batches_done
         self.random_flip, self.max_skip_fraction, self.expected_shape = random_flip, max_skip_fraction, expected_shape
         self.resize = resize

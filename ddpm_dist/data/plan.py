@@ -84,7 +84,12 @@ class _Remainder:
     block's permuted order, less the first `consumed` of them."""
 
     def __init__(self, parent: "DueSet", lo: int, hi: int, n: int, consumed: int, k: int):
-        self.parent, self.lo, self.hi, self.n, self.consumed, self.k = parent, lo, hi, n, consumed, k
+        self.parent = parent
+        self.lo = lo
+        self.hi = hi
+        self.n = n
+        self.consumed = consumed
+        self.k = k
         self._members: Optional[np.ndarray] = None
 
     def members(self) -> np.ndarray:

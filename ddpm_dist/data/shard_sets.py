@@ -126,7 +126,10 @@ class _ShardWriter:
     """Cuts one split's records into shards of at most `samples_per_shard` records / `max_shard_bytes` bytes."""
 
     def __init__(self, out: str, prefix: str, samples_per_shard: int, max_shard_bytes: int):
-        self.out, self.prefix, self.per_shard, self.max_bytes = out, prefix, samples_per_shard, max_shard_bytes
+        self.out = out
+        self.prefix = prefix
+        self.per_shard = samples_per_shard
+        self.max_bytes = max_shard_bytes
         self.infos: list[ShardInfo] = []
         self.labels: Counter = Counter()
         self.current: list[dict] = []

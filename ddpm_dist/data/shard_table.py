@@ -131,7 +131,10 @@ class ShardTable:
         index_offsets: np.ndarray,
     ):
         self.counts, self.sizes, self.sha256 = counts, sizes, sha256  # int64 (n,), int64 (n,), uint8 (n, 32)
-        self.urls, self.url_offsets, self.indexes, self.index_offsets = urls, url_offsets, indexes, index_offsets
+        self.urls = urls
+        self.url_offsets = url_offsets
+        self.indexes = indexes
+        self.index_offsets = index_offsets
         _frozen(counts, sizes, sha256, urls, url_offsets, indexes, index_offsets)  # uint8 blobs, int64 (n+1,) offsets
 
     def __len__(self) -> int:

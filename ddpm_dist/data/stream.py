@@ -75,7 +75,10 @@ class TrainStream:
         job's ranks (parallel.collectives.sum_across_ranks), so each rank checks only its slice of the shards at
         start-up; without it this process checks every shard itself."""
         layout = dataclasses.replace(layout, block=block_size(manifest, buffer_bytes))
-        self.manifest, self.rank, self.layout, self.seed = manifest, rank, layout, seed
+        self.manifest = manifest
+        self.rank = rank
+        self.layout = layout
+        self.seed = seed
         self.random_flip, self.max_skip_fraction = random_flip, max_skip_fraction
         height, width = image_size or manifest.image_size
         self.shape, self.resize = (int(height), int(width), manifest.channels), resize

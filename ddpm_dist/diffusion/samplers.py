@@ -158,7 +158,10 @@ class DDIMStep:
         model_kwargs=None,
         **_,
     ):
-        self.model, self.schedule, self.timesteps, self.eta = model, schedule, timesteps, eta
+        self.model = model
+        self.schedule = schedule
+        self.timesteps = timesteps
+        self.eta = eta
         self.prediction, self.clip_x0, self.model_kwargs = prediction, clip_x0, model_kwargs or {}
 
     def __call__(self, x, i: int, rng):

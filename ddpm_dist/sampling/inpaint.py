@@ -29,7 +29,10 @@ class RePaintStep:
 
     def __init__(self, step, known: torch.Tensor, keep: torch.Tensor, resample: int = 1):
         """known: images in [-1, 1] (N,C,H,W); keep: 1 where the pixel is known, 0 in the hole (N or 1,1,H,W)."""
-        self.step, self.known, self.keep, self.resample = step, known, keep.to(known.dtype), resample
+        self.step = step
+        self.known = known
+        self.keep = keep.to(known.dtype)
+        self.resample = resample
         self.schedule, self.timesteps = step.schedule, step.timesteps
 
     def _merge(self, x: torch.Tensor, i: int, rng) -> torch.Tensor:

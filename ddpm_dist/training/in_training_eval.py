@@ -25,7 +25,10 @@ REF_FEATURES = 10_000  # real features kept in the cached reference (Inception: 
 
 class InTrainingEval:
     def __init__(self, cfg: Config, device: torch.device, rank: int, world_size: int):
-        self.cfg, self.device, self.rank, self.world_size = cfg, device, rank, world_size
+        self.cfg = cfg
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
         self.extractor = make_extractor(
             cfg.eval.extractor, inception=cfg.eval.inception or None, data=cfg.data.source, device=device
         )
