@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 # The demo: train (tracking the post-hoc EMA profiles), pick the EMA length with the sweep (the project's Fréchet
 # distance at 4 lengths), sample a grid from the chosen EMA, evaluate it, write the run report.
 GUIDANCE ?= 1.0
-PROFILES := "ema.stds=[0.05,0.10]" ema.snapshot_every_images=15000
+PROFILES := "ema.stds=[0.05,0.15,0.25]" ema.snapshot_every_images=15000
 CLASSES := 0,1,2,3,4,5,6,7,8,9
 demo: install
 	$(BIN)/python -m ddpm_dist.train --config configs/digits.yaml run_dir=$(RUN) metrics.tensorboard=true $(PROFILES)
