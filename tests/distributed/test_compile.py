@@ -2,6 +2,7 @@
 and exports that move between compiled and eager runs. Compiling is slow on a 2-core CPU (over a minute for the
 tiny UNet's forward and backward with a cold inductor cache, seconds with a warm one), so every compiled test
 trains the same tiny model at batch 4 in this process: one compilation serves them all."""
+
 import dataclasses
 
 import pytest
@@ -73,8 +74,9 @@ def test_a_checkpoint_resumes_with_activation_checkpointing_changed(tmp_path):
         if fields.get("activation_checkpointing") is None:
             del model_config["activation_checkpointing"]  # as written before the field existed
         progress = Progress()
-        return CheckpointManager(str(tmp_path), {"progress": progress}, rank=0,
-                                 identity={"backend": "single", "model_config": model_config}), progress
+        return CheckpointManager(
+            str(tmp_path), {"progress": progress}, rank=0, identity={"backend": "single", "model_config": model_config}
+        ), progress
 
     m, p = manager()
     p.step, p.images = 2, 8
@@ -89,8 +91,9 @@ def assert_parity(ref, got, loss_rel: float, param_abs: float):
     (l0, p0, e0), (l1, p1, e1) = ref, got
     assert max(abs(a - b) / abs(a) for a, b in zip(l0, l1)) <= loss_rel, (l0, l1)
     assert p0.keys() == p1.keys() and e0.keys() == e1.keys()
-    worst = max(max((p0[k] - p1[k]).abs().max().item() for k in p0),
-                max((e0[k] - e1[k]).abs().max().item() for k in e0))
+    worst = max(
+        max((p0[k] - p1[k]).abs().max().item() for k in p0), max((e0[k] - e1[k]).abs().max().item() for k in e0)
+    )
     assert worst <= param_abs, worst
 
 
@@ -137,33 +140,58 @@ def test_checkpoint_moves_between_compiled_and_eager(eager, tmp_path, first, the
     from ddpm_dist.diffusion import make_schedule
     from ddpm_dist.models import UNet, resolve_model_config
     from ddpm_dist.parallel import parallelize, read_env
-    from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.parallel.seeding import seed_everything
+    from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.checkpoint import CheckpointManager
     from ddpm_dist.training.loop import run_step
     from ddpm_dist.training.state import Progress
     from tests.support.dist_workers import synthetic_batch
 
-    cfg = load_config(None, ["model.preset=tiny", "train.global_batch=4", "train.grad_clip=1.0",
-                             "train.label_dropout=0.1", "diffusion.num_steps=100"])
+    cfg = load_config(
+        None,
+        [
+            "model.preset=tiny",
+            "train.global_batch=4",
+            "train.grad_clip=1.0",
+            "train.label_dropout=0.1",
+            "diffusion.num_steps=100",
+        ],
+    )
     model_cfg = resolve_model_config(cfg.model)
     schedule = make_schedule("linear", 100)
     x, y = synthetic_batch(4)
 
     def build(seed, compile):
         seed_everything(seed)
-        engine = parallelize(UNet(model_cfg), ParallelConfig(backend="single"), read_env(),
-                             TrainConfig(lr=1e-3, grad_clip=1.0, compile=compile), micro_batch=4, accum_steps=1)
+        engine = parallelize(
+            UNet(model_cfg),
+            ParallelConfig(backend="single"),
+            read_env(),
+            TrainConfig(lr=1e-3, grad_clip=1.0, compile=compile),
+            micro_batch=4,
+            accum_steps=1,
+        )
         parts = {"engine": engine, "ema": ShardedEMA(engine), "progress": Progress()}
-        return parts, CheckpointManager(str(tmp_path), parts, rank=0, identity={
-            "backend": "single", "model_config": dataclasses.asdict(model_cfg)})
+        return parts, CheckpointManager(
+            str(tmp_path), parts, rank=0, identity={"backend": "single", "model_config": dataclasses.asdict(model_cfg)}
+        )
 
     def train(parts, steps):
         p = parts["progress"]
         for _ in range(steps):
-            loss, _ = run_step(parts["engine"], schedule, [{"image": x, "label": y}], step=p.step, rank=0,
-                               world_size=1, seed=cfg.seed, train=cfg.train, diffusion=cfg.diffusion, num_classes=0,
-                               lr=1e-3)
+            loss, _ = run_step(
+                parts["engine"],
+                schedule,
+                [{"image": x, "label": y}],
+                step=p.step,
+                rank=0,
+                world_size=1,
+                seed=cfg.seed,
+                train=cfg.train,
+                diffusion=cfg.diffusion,
+                num_classes=0,
+                lr=1e-3,
+            )
             parts["ema"].update(0.9)
             p.step, p.images = p.step + 1, p.images + 4
             losses.append(float(loss))
@@ -193,10 +221,19 @@ def test_engines_compile_in_two_ranks(eager, tmp_path, backend, kwargs):
 
     from tests.support.dist_workers import compiled_parity_worker, spawn
 
-    spawn(compiled_parity_worker, 2, str(tmp_path), backend, dict(steps=STEPS, global_batch=4, compile=True, **kwargs),
-          "aot_eager")
-    got = (json.load(open(tmp_path / "losses.json")), load_file(tmp_path / "params.safetensors"),
-           load_file(tmp_path / "ema.safetensors"))
+    spawn(
+        compiled_parity_worker,
+        2,
+        str(tmp_path),
+        backend,
+        dict(steps=STEPS, global_batch=4, compile=True, **kwargs),
+        "aot_eager",
+    )
+    got = (
+        json.load(open(tmp_path / "losses.json")),
+        load_file(tmp_path / "params.safetensors"),
+        load_file(tmp_path / "ema.safetensors"),
+    )
     assert_parity(eager, got, loss_rel=1e-5, param_abs=1e-4)
     dynamo = json.load(open(tmp_path / "dynamo.json"))
     assert dynamo["graphs"] >= 6, dynamo  # one graph per block shape: 4 levels, a middle res block, attention
@@ -215,10 +252,24 @@ def test_activation_checkpointing_and_channels_last_in_two_ranks(eager, tmp_path
 
     from tests.support.dist_workers import parity_worker, spawn
 
-    spawn(parity_worker, 2, str(tmp_path), backend, dict(steps=STEPS, global_batch=4, channels_last=True,
-                                                         overrides=["model.activation_checkpointing=level"], **kwargs))
-    got = (json.load(open(tmp_path / "losses.json")), load_file(tmp_path / "params.safetensors"),
-           load_file(tmp_path / "ema.safetensors"))
+    spawn(
+        parity_worker,
+        2,
+        str(tmp_path),
+        backend,
+        dict(
+            steps=STEPS,
+            global_batch=4,
+            channels_last=True,
+            overrides=["model.activation_checkpointing=level"],
+            **kwargs,
+        ),
+    )
+    got = (
+        json.load(open(tmp_path / "losses.json")),
+        load_file(tmp_path / "params.safetensors"),
+        load_file(tmp_path / "ema.safetensors"),
+    )
     assert_parity(eager, got, loss_rel=1e-5, param_abs=1e-4)
 
 

@@ -1,6 +1,7 @@
 """The real-size model: the DDPM paper's CIFAR-10 network (35.7M parameters, configs/cifar10.yaml) trains with
 FSDP2 in two processes with bf16, checkpoints, resumes bitwise from a checkpoint and samples. A few steps at
 a global batch of 4 on 32x32 RGB digits: what is tested is the path, at the size."""
+
 import json
 import os
 import shutil
@@ -14,10 +15,21 @@ from PIL import Image
 from tests.support.common import ROOT
 from tests.support.train_helpers import PYTHON, assert_bitwise_equal, checkpoint_tensors, child_env
 
-ARGS = ["data.num_workers=0", "parallel.backend=fsdp", "train.bf16=true", "train.global_batch=4",
-        "train.total_images=12", "train.warmup_images=0", "train.log_every=1", "train.sample_grid_images=8",
-        "checkpoint.every_images=8", "checkpoint.async_save=false", "checkpoint.keep_last=3",
-        "sample.sampler=ddim", "sample.steps=2"]
+ARGS = [
+    "data.num_workers=0",
+    "parallel.backend=fsdp",
+    "train.bf16=true",
+    "train.global_batch=4",
+    "train.total_images=12",
+    "train.warmup_images=0",
+    "train.log_every=1",
+    "train.sample_grid_images=8",
+    "checkpoint.every_images=8",
+    "checkpoint.async_save=false",
+    "checkpoint.keep_last=3",
+    "sample.sampler=ddim",
+    "sample.steps=2",
+]
 
 
 def torchrun(*args, timeout=900):
@@ -59,9 +71,29 @@ def test_cifar10_preset_trains_with_fsdp_bf16_resumes_bitwise_and_samples(tmp_pa
     # sampling reads only the straight run: it runs beside the resumed training (the start-ups overlap)
     out = tmp_path / "samples"
     with open(tmp_path / "sample.log", "w+") as sample_log:
-        sampling = subprocess.Popen([PYTHON, "-m", "ddpm_dist.sample", "--run", str(straight), "--out", str(out),
-                                     "--num-images", "4", "--steps", "2", "--batch-size", "2", "--world-size", "2"],
-                                    cwd=ROOT, env=child_env(), stdout=sample_log, stderr=subprocess.STDOUT)
+        sampling = subprocess.Popen(
+            [
+                PYTHON,
+                "-m",
+                "ddpm_dist.sample",
+                "--run",
+                str(straight),
+                "--out",
+                str(out),
+                "--num-images",
+                "4",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--world-size",
+                "2",
+            ],
+            cwd=ROOT,
+            env=child_env(),
+            stdout=sample_log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             r = torchrun(*train, f"run_dir={resumed}")
         finally:
@@ -84,11 +116,22 @@ def test_the_smoke_config_runs_on_the_cpu_as_documented(tmp_path):
     """configs/smoke.yaml's commands (train with a resume half-way, sample, evaluate), unchanged but the sizes."""
     run = tmp_path / "smoke"
     half = 1024  # the config's 4,096 images with a checkpoint and a sample grid every 2,048, at half the size
-    train = [PYTHON, "-m", "ddpm_dist.train", "--config", "configs/smoke.yaml", f"run_dir={run}",
-             f"checkpoint.every_images={half}", f"train.sample_every_images={half}"]
-    for cmd in (train + [f"train.total_images={half}"], train + [f"train.total_images={2 * half}"],
-                [PYTHON, "-m", "ddpm_dist.sample", "--run", str(run), "--out", str(run / "check"), "--num-images", "16"],
-                [PYTHON, "-m", "ddpm_dist.evaluate", "frechet", "--samples", str(run / "check")]):
+    train = [
+        PYTHON,
+        "-m",
+        "ddpm_dist.train",
+        "--config",
+        "configs/smoke.yaml",
+        f"run_dir={run}",
+        f"checkpoint.every_images={half}",
+        f"train.sample_every_images={half}",
+    ]
+    for cmd in (
+        train + [f"train.total_images={half}"],
+        train + [f"train.total_images={2 * half}"],
+        [PYTHON, "-m", "ddpm_dist.sample", "--run", str(run), "--out", str(run / "check"), "--num-images", "16"],
+        [PYTHON, "-m", "ddpm_dist.evaluate", "frechet", "--samples", str(run / "check")],
+    ):
         r = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
     assert sorted(os.listdir(run / "checkpoints"))[-2:] == ["step_000000032", "step_000000064"]

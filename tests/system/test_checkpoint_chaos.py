@@ -1,6 +1,7 @@
 """SIGKILL at random steps and inside saves, restart, repeat: the run ends equal to an uninterrupted one, and
 only committed checkpoints are ever loaded. Kill points come from evidence (a save in flight, the launch's own
 logged steps), so a slower or busier machine changes the timing, not what is tested."""
+
 import os
 import random
 import re
@@ -31,8 +32,11 @@ def committed_steps(run_dir):
     ck = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ck):
         return set()
-    return {int(d.split("_")[1]) for d in os.listdir(ck)
-            if d.startswith("step_") and os.path.exists(os.path.join(ck, d, "COMMITTED"))}
+    return {
+        int(d.split("_")[1])
+        for d in os.listdir(ck)
+        if d.startswith("step_") and os.path.exists(os.path.join(ck, d, "COMMITTED"))
+    }
 
 
 def audit_lines(run_dir) -> int:

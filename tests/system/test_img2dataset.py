@@ -2,6 +2,7 @@
 by the real `img2dataset` into its webdataset layout (tars + *_stats.json + parquet), indexed by 2 processes into
 another folder (the crawl left as it is, like a read-only bucket), then trained on by 2 ranks, interrupted and
 resumed exactly."""
+
 import csv
 import functools
 import http.server
@@ -74,18 +75,29 @@ def _no_other_hosts_env() -> dict:
     """img2dataset's environment: nothing but 127.0.0.1 is contacted. wandb is off (and disabled), albumentations'
     update check (a request to PyPI at import) is off, and any HTTP(S) request that would not go to 127.0.0.1 is sent
     to a proxy address nothing listens on."""
-    env = child_env(NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", WANDB_SILENT="true",
-                    WANDB_DISABLED="true", HF_HUB_OFFLINE="1", no_proxy="127.0.0.1", NO_PROXY="127.0.0.1",
-                    http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
-                    HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    env = child_env(
+        NO_ALBUMENTATIONS_UPDATE="1",
+        WANDB_MODE="disabled",
+        WANDB_SILENT="true",
+        WANDB_DISABLED="true",
+        HF_HUB_OFFLINE="1",
+        no_proxy="127.0.0.1",
+        NO_PROXY="127.0.0.1",
+        http_proxy="http://127.0.0.1:9",
+        https_proxy="http://127.0.0.1:9",
+        HTTP_PROXY="http://127.0.0.1:9",
+        HTTPS_PROXY="http://127.0.0.1:9",
+    )
     return env
 
 
 def side_by_side(tmp_path, *cmds) -> None:
     """Run independent commands at once (the start-ups overlap on the two cores); each must succeed."""
     logs = [open(tmp_path / f"side_by_side{i}.log", "w+") for i in range(len(cmds))]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
-             for cmd, log in zip(cmds, logs)]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+        for cmd, log in zip(cmds, logs)
+    ]
     try:
         for p, log in zip(procs, logs):
             code = p.wait(timeout=600)
@@ -98,8 +110,10 @@ def side_by_side(tmp_path, *cmds) -> None:
 
 
 def _listing(folder) -> dict:
-    return {p: (os.path.getsize(os.path.join(folder, p)), os.path.getmtime(os.path.join(folder, p)))
-            for p in sorted(os.listdir(folder))}
+    return {
+        p: (os.path.getsize(os.path.join(folder, p)), os.path.getmtime(os.path.join(folder, p)))
+        for p in sorted(os.listdir(folder))
+    }
 
 
 def test_img2dataset_crawl_is_indexed_and_trains_two_ranks_resuming_exactly(server, tmp_path):
@@ -111,13 +125,48 @@ def test_img2dataset_crawl_is_indexed_and_trains_two_ranks_resuming_exactly(serv
         for i in range(IMAGES):
             w.writerow([f"{base}/digits/{i:04d}.png", f"digit {i}"])
     crawl = tmp_path / "crawl"
-    r = subprocess.run([img2dataset_cmd(), "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
-                        "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", str(crawl),
-                        "--image_size", str(SIZE), "--resize_mode", "border", "--encode_format", "jpg",
-                        "--processes_count", "1", "--thread_count", "4", "--number_sample_per_shard", str(PER_SHARD),
-                        "--enable_wandb", "False", "--timeout", "5", "--retries", "0",
-                        "--distributor", "multiprocessing"],
-                       cwd=tmp_path, env=_no_other_hosts_env(), capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [
+            img2dataset_cmd(),
+            "--url_list",
+            str(urls),
+            "--input_format",
+            "csv",
+            "--url_col",
+            "url",
+            "--caption_col",
+            "caption",
+            "--output_format",
+            "webdataset",
+            "--output_folder",
+            str(crawl),
+            "--image_size",
+            str(SIZE),
+            "--resize_mode",
+            "border",
+            "--encode_format",
+            "jpg",
+            "--processes_count",
+            "1",
+            "--thread_count",
+            "4",
+            "--number_sample_per_shard",
+            str(PER_SHARD),
+            "--enable_wandb",
+            "False",
+            "--timeout",
+            "5",
+            "--retries",
+            "0",
+            "--distributor",
+            "multiprocessing",
+        ],
+        cwd=tmp_path,
+        env=_no_other_hosts_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     shards = IMAGES // PER_SHARD
     names = sorted(os.listdir(crawl))
@@ -126,8 +175,14 @@ def test_img2dataset_crawl_is_indexed_and_trains_two_ranks_resuming_exactly(serv
     before = _listing(crawl)
 
     out = tmp_path / "index"
-    r = subprocess.run([PYTHON, "-m", "ddpm_dist.shards", "index", str(crawl), "--out", str(out), "--world-size", "2"],
-                       cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [PYTHON, "-m", "ddpm_dist.shards", "index", str(crawl), "--out", str(out), "--world-size", "2"],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"indexed {shards} shards ({shards} with samples), {IMAGES} samples of {SIZE}x{SIZE}x1 jpg" in r.stdout
     assert _listing(crawl) == before  # the crawl's folder is read, never written (a read-only bucket works)
@@ -136,10 +191,21 @@ def test_img2dataset_crawl_is_indexed_and_trains_two_ranks_resuming_exactly(serv
     from ddpm_dist.data.shard_sets import load_manifest, parse_json, verify
 
     m = load_manifest(str(out / "manifest.json"))
-    assert (m.num_samples, len(m.shards), m.image_size, m.channels, m.image_format, m.num_classes) == \
-        (IMAGES, shards, [SIZE, SIZE], 1, "jpg", 0)
-    assert m.extra["img2dataset"] == {"shards": shards, "successes": IMAGES, "count": IMAGES, "failed_to_download": 0,
-                                      "failed_to_resize": 0}
+    assert (m.num_samples, len(m.shards), m.image_size, m.channels, m.image_format, m.num_classes) == (
+        IMAGES,
+        shards,
+        [SIZE, SIZE],
+        1,
+        "jpg",
+        0,
+    )
+    assert m.extra["img2dataset"] == {
+        "shards": shards,
+        "successes": IMAGES,
+        "count": IMAGES,
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+    }
     written = set(os.listdir(out))  # the manifest (and whatever sidecar its writer adds) and the indexes, no parts left
     assert {"manifest.json", *(f"{k:05d}.tar.idx.json" for k in range(shards))} <= written
     assert all(n.startswith("manifest.") or n.endswith(".tar.idx.json") for n in written), written
@@ -175,5 +241,7 @@ def test_img2dataset_crawl_is_indexed_and_trains_two_ranks_resuming_exactly(serv
         assert len(steps) == 2 * N and all(len(v) == 8 for v in steps.values()), steps
         assert steps == audit(resumed, rank)
         drawn += [i for v in steps.values() for i in v]
-    assert len(set(drawn)) == len(drawn) == 2 * N * 16 and 0 <= min(drawn) and max(drawn) < IMAGES  # one epoch, no repeats
+    assert (
+        len(set(drawn)) == len(drawn) == 2 * N * 16 and 0 <= min(drawn) and max(drawn) < IMAGES
+    )  # one epoch, no repeats
     assert_bitwise_equal(checkpoint_tensors(final_checkpoint(straight)), checkpoint_tensors(final_checkpoint(resumed)))

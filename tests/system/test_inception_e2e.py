@@ -14,6 +14,7 @@ features come out bit-identical (statistics equal to 1e-14, KID to 3e-13); 1e-6 
 here, oneDNN's float32 convolutions round differently: features 4e-7, covariances 9e-7, KID 7e-7 relative were
 measured then, too close to 1e-6 to test, hence one thread. The FID is within 1e-4 of the exact value (measured
 1.5e-5): clean-fid's sqrtm of the singular product of two rank-31 covariances is that accurate."""
+
 import json
 import subprocess
 import warnings
@@ -47,8 +48,13 @@ def setup(tmp_path_factory):
     (root / "real_png").mkdir()
     for i in range(N):
         Image.fromarray(images[i][..., 0]).save(root / "real_png" / f"{i:06d}.png")
-    build_shards(((f"d{i:04d}", images[i], int(labels[i])) for i in range(N)), str(root / "shards"),
-                 samples_per_shard=16, shuffle_seed=None, progress=False)
+    build_shards(
+        ((f"d{i:04d}", images[i], int(labels[i])) for i in range(N)),
+        str(root / "shards"),
+        samples_per_shard=16,
+        shuffle_seed=None,
+        progress=False,
+    )
     for i in range(N):
         folder.write_image(str(root / "samples"), i, images[N + i])
     folder.write_provenance(str(root / "samples"), {"labels": [0] * N, "seed": 0})
@@ -70,8 +76,15 @@ def evaluate(root, *args):
     stdout (clean-fid's side runs in this process meanwhile: one thread each, on the two cores)."""
     env = child_env(HOME=str(root), DDPM_INCEPTION_PIN=str(root / "pin.sha256"))  # nothing pinned in the user's home
     out, err = (open(root / f"evaluate-{args[0]}.{name}", "w+") for name in ("out", "err"))
-    cmd = [PYTHON, "-m", "ddpm_dist.evaluate", *map(str, args), "--inception", str(root / INCEPTION_FILE),
-           "--allow-unverified-inception"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "ddpm_dist.evaluate",
+        *map(str, args),
+        "--inception",
+        str(root / INCEPTION_FILE),
+        "--allow-unverified-inception",
+    ]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
 
     def wait() -> str:
@@ -84,6 +97,7 @@ def evaluate(root, *args):
             err.seek(0)
             assert code == 0, err.read()[-3000:]
             return out.read()
+
     return wait
 
 
@@ -95,8 +109,9 @@ def cleanfid_features(folder, root):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the evaluate subprocesses (OMP_NUM_THREADS=1): the same convolution arithmetic
     try:
-        return get_folder_features(str(folder), net, num_workers=0, batch_size=8, device=torch.device("cpu"),
-                                   mode="clean", verbose=False).astype(np.float64)
+        return get_folder_features(
+            str(folder), net, num_workers=0, batch_size=8, device=torch.device("cpu"), mode="clean", verbose=False
+        ).astype(np.float64)
     finally:
         torch.set_num_threads(threads)
 
@@ -111,13 +126,37 @@ def assert_stats_equal(mu, sigma, feats, rtol=1e-6):
 
 def test_ref_stats_and_fid_in_two_processes_equal_cleanfid(setup):
     root, real_labels = setup
-    ref_stats = evaluate(root, "ref-stats", "--data", root / "shards" / "manifest.json", "--out", root / "ref.npz",
-                         "--features", N, "--batch-size", 8)
+    ref_stats = evaluate(
+        root,
+        "ref-stats",
+        "--data",
+        root / "shards" / "manifest.json",
+        "--out",
+        root / "ref.npz",
+        "--features",
+        N,
+        "--batch-size",
+        8,
+    )
     real = cleanfid_features(root / "real_png", root)
     out = ref_stats()
     assert f"reference statistics of {N} train images, features of {N}, 10 per-class statistics" in out
-    fid = evaluate(root, "fid", "--samples", root / "samples", "--ref", root / "ref.npz", "--world-size", 2,
-                   "--batch-size", 8, "--save-stats", root / "gen.npz", "--out", root / "fid.json")
+    fid = evaluate(
+        root,
+        "fid",
+        "--samples",
+        root / "samples",
+        "--ref",
+        root / "ref.npz",
+        "--world-size",
+        2,
+        "--batch-size",
+        8,
+        "--save-stats",
+        root / "gen.npz",
+        "--out",
+        root / "fid.json",
+    )
     gen = cleanfid_features(root / "samples", root)
     out = fid()
     assert out.startswith("FID: ") and "KID" in out
@@ -135,6 +174,7 @@ def test_ref_stats_and_fid_in_two_processes_equal_cleanfid(setup):
     result = json.loads((root / "fid.json").read_text())
     assert result["n"] == N and result["ref_n"] == N and result["metric"] == "FID"
     from cleanfid.fid import kernel_distance
+
     assert result["value"] == pytest.approx(low_rank_frechet(real, gen), rel=1e-4)
     np.random.seed(result["kid_seed"])
     expected_kid = kernel_distance(real, gen)  # clean-fid: kernel_distance(reference, generated)
