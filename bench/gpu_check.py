@@ -81,8 +81,10 @@ def child(name: str, mode: str, work: str) -> int:
 def run_check(name: str, mode: str, work: str, limit: float, inject: str = "") -> dict:
     """One check in a child process (a new session: on timeout its whole process group is killed)."""
     path, log = os.path.join(work, f"{name}.json"), os.path.join(work, f"{name}.log")
-    if os.path.exists(path):
-        os.remove(path)
+    partial = os.path.join(work, f"{name}.partial.json")
+    for stale in (path, partial):
+        if os.path.exists(stale):
+            os.remove(stale)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env["GPU_CHECK_INJECT_FAILURE"] = inject
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -111,6 +113,10 @@ def run_check(name: str, mode: str, work: str, limit: float, inject: str = "") -
     for key in ("figures", "settings"):
         if key in result:
             out[key] = result[key]
+    if "figures" not in out and os.path.exists(partial):  # measured before the failure or the timeout
+        out["figures"] = json.load(open(partial))
+    with open(path, "w") as f:  # the record, which a later check (mfu) reads
+        json.dump(out, f, indent=1)
     return out
 
 
@@ -178,10 +184,10 @@ def markdown(report: dict) -> str:
     ]
     for name, c in report["checks"].items():
         head = f"| {name} ({c['status']}, {c['seconds']:.0f} s of {c['limit_s']:g})"
-        if c["status"] == "failed":
-            lines.append(f"{head} | error | {c['error'].replace('|', '/')} | |")
-        if c["status"] == "skipped":
-            lines.append(f"{head} | | {c['reason']} | |")
+        if c["status"] != "ok":
+            what = ("error", c["error"]) if c["status"] == "failed" else ("", c["reason"])
+            lines.append(f"{head} | {what[0]} | {what[1].replace('|', '/')} | |")
+            head = "| "
         for key, value in c.get("figures", {}).items():
             anchor = ANCHORS[ANCHOR_OF[key]] if key in ANCHOR_OF else ""
             lines.append(f"{head} | {key} | {fmt(value)} | {anchor} |")

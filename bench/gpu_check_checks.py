@@ -63,6 +63,14 @@ class CheckError(RuntimeError):
     """A check's failure, in one line."""
 
 
+def partial(work: str, name: str, figures: dict) -> None:
+    """The figures measured so far: gpu_check.py reports them if the check then fails or runs out of time."""
+    path = os.path.join(work, f"{name}.partial.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(figures, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def _last_line(path: str) -> str:
     lines = [seg.strip() for line in open(path, errors="replace") for seg in line.split("\r") if seg.strip()]
     return lines[-1][:300] if lines else "(no output)"
@@ -109,6 +117,7 @@ def smoke(mode: str, work: str) -> dict:
     overrides = [f"run_dir={run}", *sizes["smoke"]]
     figures = {"train_s": command(work, "smoke_train", "ddpm_dist.train", "--config", "configs/smoke.yaml", *overrides)}
     figures.update(train_figures(run))
+    partial(work, "smoke", figures)
     figures["sample_s"] = command(
         work, "smoke_sample", "ddpm_dist.sample", "--run", run, "--out", samples, *sizes["smoke_sample"]
     )
@@ -151,36 +160,39 @@ def backend(name: str, mode: str, work: str) -> dict:
 
 def train_throughput(mode: str, work: str) -> dict:
     """(c) training images/s of the Engine through the loop's run_step (bench/compile_bench.py's Trainer: forward,
-    loss, backward, clipping, AdamW), fp32 and bf16 autocast, eager and torch.compile, side by side in rotating
-    rounds (median round); compile seconds = first step less the median step."""
+    loss, backward, clipping, AdamW) at the preset's batch: first fp32 and bf16 autocast eager, side by side in
+    rotating rounds (median round), then each dtype compiled beside its eager run again (compile seconds = the first
+    compiled step less the median one). The figures so far are saved after each stage, so a compile that runs out
+    of the check's time leaves the eager ones."""
     from compile_bench import Trainer, initial_state, side_by_side
 
     p = SIZES[mode]["throughput"]
     state = initial_state(p["preset"])
-    configs = [(dtype, comp) for dtype in ("fp32", "bf16") for comp in ("eager", "compiled")]
-    timed = [c for c in configs if c[1] == "eager" or p["compile"]]
-    makers = [
-        lambda d=d, c=c: Trainer(p["preset"], p["batch"], state, bf16=d == "bf16", compile=c == "compiled")
-        for d, c in timed
-    ]
-    medians, firsts = side_by_side(makers, p["steps"], p["rounds"])
-    figures = {}
-    for dtype, comp in configs:
-        key = f"{dtype}_{comp}"
-        if (dtype, comp) not in timed:
-            figures[f"{key}_images_per_s"] = figures[f"{key}_steps_per_s"] = NO_CPU_COMPILE
-            continue
-        i = timed.index((dtype, comp))
-        figures[f"{key}_images_per_s"] = p["batch"] / medians[i]
-        figures[f"{key}_steps_per_s"] = 1 / medians[i]
-        if comp == "compiled":
-            figures[f"{key}_compile_s"] = firsts[i] - medians[i]
+    figures: dict = {}
+
+    def trainer(dtype: str, compiled: bool):
+        return lambda: Trainer(p["preset"], p["batch"], state, bf16=dtype == "bf16", compile=compiled)
+
+    def record(key: str, median: float) -> None:
+        figures[f"{key}_images_per_s"] = p["batch"] / median
+        figures[f"{key}_steps_per_s"] = 1 / median
+
+    (fp32, bf16), _ = side_by_side([trainer("fp32", False), trainer("bf16", False)], p["steps"], p["rounds"])
+    record("fp32_eager", fp32)
+    record("bf16_eager", bf16)
+    figures["bf16_speedup_eager"] = fp32 / bf16
+    partial(work, "train_throughput", figures)
     for dtype in ("fp32", "bf16"):
-        if isinstance(figures[f"{dtype}_compiled_steps_per_s"], float):
-            figures[f"{dtype}_compiled_over_eager"] = (
-                medians[timed.index((dtype, "eager"))] / medians[timed.index((dtype, "compiled"))]
-            )
-    figures["bf16_over_fp32_eager"] = figures["bf16_eager_images_per_s"] / figures["fp32_eager_images_per_s"]
+        if not p["compile"]:
+            figures[f"{dtype}_compiled_images_per_s"] = figures[f"{dtype}_compiled_steps_per_s"] = NO_CPU_COMPILE
+            continue
+        (compiled, eager), (first, _) = side_by_side(
+            [trainer(dtype, True), trainer(dtype, False)], p["steps"], p["rounds"]
+        )
+        record(f"{dtype}_compiled", compiled)
+        figures[f"{dtype}_compile_s"] = first - compiled
+        figures[f"{dtype}_compile_speedup"] = eager / compiled
+        partial(work, "train_throughput", figures)
     return {"figures": figures, "settings": {**p, "device": str(project_device())}}
 
 
@@ -262,8 +274,7 @@ def mfu(mode: str, work: str) -> dict:
 
     def read(check: str) -> dict:
         path = os.path.join(work, f"{check}.json")
-        result = json.load(open(path)) if os.path.exists(path) else {}
-        return result.get("figures", {}) if not result.get("error") else {}
+        return json.load(open(path)).get("figures", {}) if os.path.exists(path) else {}  # gpu_check.py's record
 
     throughput, samples = read("train_throughput"), read("sampling")
     for key in ("fp32", "bf16"):
