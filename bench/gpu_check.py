@@ -69,7 +69,7 @@ def child(name: str, mode: str, work: str) -> int:
         result = CHECKS[name](mode, work)
     except Exception as e:  # noqa: BLE001 - every failure is recorded, in one line
         traceback.print_exc()
-        result, rc = {"error": f"{type(e).__name__}: {one_line(str(e)) if str(e).strip() else ''}".rstrip(": ")}, 1
+        result, rc = {"error": type(e).__name__ + (f": {one_line(str(e))}" if str(e).strip() else "")}, 1
     else:
         rc = 0
     with open(path + ".tmp", "w") as f:
@@ -96,9 +96,13 @@ def run_check(name: str, mode: str, work: str, limit: float, inject: str = "") -
         try:
             rc = p.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            rc = p.wait()
+            rc = None
             error = f"timed out after its limit of {limit:g} s (log: {log})"
+        try:  # the check's session: whatever it started and left behind goes too, so the next check has the device
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        rc = p.wait() if rc is None else rc
     seconds = time.perf_counter() - t0
     result = json.load(open(path)) if os.path.exists(path) and error is None else {}
     if error is None and rc and not result.get("error"):

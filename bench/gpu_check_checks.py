@@ -121,7 +121,7 @@ def smoke(mode: str, work: str) -> dict:
     figures["sample_s"] = command(
         work, "smoke_sample", "ddpm_dist.sample", "--run", run, "--out", samples, *sizes["smoke_sample"]
     )
-    figures["samples_written"] = sum(f.endswith(".png") for f in os.listdir(samples))
+    figures["samples_written"] = sum(f.endswith(".png") and f[:-4].isdigit() for f in os.listdir(samples))
     figures["evaluate_s"] = command(
         work, "smoke_evaluate", "ddpm_dist.evaluate", "frechet", "--samples", samples, "--out", result
     )
