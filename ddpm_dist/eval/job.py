@@ -183,16 +183,8 @@ def _score(job: FrechetJob, env) -> None:
     )
     mu, sigma = stats.mean_cov()
     if job.save_stats:
-        RefStats(
-            mu,
-            sigma,
-            stats.n,
-            extractor.name,
-            extractor.checksum,
-            extractor.resize_mode,
-            f"generated: {provenance.get('source') or storage.redact(job.samples)}",
-            features=gen.astype(np.float32),
-        ).save(job.save_stats)
+        source = provenance.get("source") or storage.redact(job.samples)
+        RefStats.of(stats, extractor, f"generated: {source}", gen.astype(np.float32)).save(job.save_stats)
     extra = (
         feature_metrics(
             gen,

@@ -201,6 +201,14 @@ class RefStats:
     class_sigma: Optional[np.ndarray] = None  # (K, d, d)
     class_n: Optional[np.ndarray] = None  # (K,)
 
+    @classmethod
+    def of(cls, stats: "FeatureStats", extractor: Extractor, data_checksum: str, features=None) -> "RefStats":
+        """The statistics accumulated in `stats`, labelled with the extractor that made them and the data's checksum."""
+        mu, sigma = stats.mean_cov()
+        return cls(
+            mu, sigma, stats.n, extractor.name, extractor.checksum, extractor.resize_mode, data_checksum, features
+        )
+
     def save(self, path: str) -> str:
         buf = io.BytesIO()
         extra = {k: getattr(self, k) for k in OPTIONAL_ARRAYS if getattr(self, k) is not None}
@@ -295,17 +303,8 @@ def compute_ref_stats(
         tqdm(batches, total=-(-n // batch_size), desc="reference features", unit="batch"),
         on_features=on_features,
     )
-    mu, sigma = stats.mean_cov()
-    ref = RefStats(
-        mu,
-        sigma,
-        stats.n,
-        extractor.name,
-        extractor.checksum,
-        extractor.resize_mode,
-        m.checksum(),
-        features=np.concatenate(kept) if max_features else None,
-    )
+    ref = RefStats.of(stats, extractor, m.checksum(), np.concatenate(kept) if max_features else None)
+    mu = ref.mu
     if per_class:
         d, k = len(mu), m.num_classes
         ref.class_mu, ref.class_sigma = np.zeros((k, d)), np.zeros((k, d, d))
