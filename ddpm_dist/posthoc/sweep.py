@@ -37,7 +37,7 @@ BEST_EXPORT = "best.safetensors"
 STD_DECIMALS = 4  # the precision of the export names: a std is rounded to it, so a name means one std
 # The largest profile fit error a length may have to be chosen as best: measured against profiles tracked explicitly
 # (docs/EMA.md, "How exact must the fit be").
-DEFAULT_MAX_FIT_ERROR = 0.02
+DEFAULT_MAX_FIT_ERROR = 0.01
 
 
 @dataclass
