@@ -4,7 +4,6 @@ against one process, the CLI at world sizes 1 and 4, exact resume of the profile
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -13,14 +12,12 @@ from safetensors.torch import load_file
 
 from ddpm_dist.config import ConfigError, load_config
 from ddpm_dist.posthoc.phema import exp_to_std, fit_error, power_beta, profile_inner, solve_coefficients, std_to_exp
-from tests.support.common import ROOT
 from tests.support.phema_workers import GLOBAL_BATCH, profiles_run, snapshot_weights
 from tests.support.train_helpers import (
-    PYTHON,
     assert_bitwise_equal,
     checkpoint_tensors,
-    child_env,
     final_checkpoint,
+    run_module,
     run_train,
 )
 
@@ -158,26 +155,9 @@ def test_sharded_snapshots_match_one_process_and_reconstruct_at_any_world_size(t
     exports = {}
     for world in (1, 4):
         out = tmp_path / f"exports-{world}"
-        r = subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "ddpm_dist.ema",
-                "reconstruct",
-                "--run",
-                str(runs["fsdp"]),
-                "--std",
-                f"0.03,{TRUTH_STD}",
-                "--world-size",
-                str(world),
-                "--out",
-                str(out),
-            ],
-            cwd=ROOT,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
+        std = f"0.03,{TRUTH_STD}"
+        r = run_module(
+            "ddpm_dist.ema", "reconstruct", "--run", runs["fsdp"], "--std", std, "--world-size", world, "--out", out
         )
         assert r.returncode == 0, r.stderr[-3000:]
         exports[world] = sorted(out.iterdir())

@@ -8,17 +8,7 @@ import time
 
 import pytest
 
-from tests.support.common import ROOT
-from tests.support.train_helpers import (
-    assert_bitwise_equal,
-    audit,
-    checkpoint_tensors,
-    child_env,
-    final_checkpoint,
-    run_train,
-    snapshot_tensors,
-    train_cmd,
-)
+from tests.support.train_helpers import assert_runs_equal, audit, run_train, start_command, train_cmd
 
 STEPS = 120
 OPTS = ["parallel.backend=fsdp", "ema.stds=[0.05,0.1]", "ema.snapshot_every_images=256"]  # post-hoc EMA profiles too
@@ -66,10 +56,8 @@ def uninterrupted(tmp_path_factory):
 
 def preempt_and_resume(tmp_path, uninterrupted, send, launcher):
     run = tmp_path / "run"
-    p = subprocess.Popen(
+    p = start_command(
         train_cmd(run, STEPS, *OPTS, nproc=2, launcher=launcher),
-        cwd=ROOT,
-        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -93,12 +81,8 @@ def preempt_and_resume(tmp_path, uninterrupted, send, launcher):
     assert max(audit(run, 0)) == max(audit(run, 1)) == stop_step - 1
     resumed = run_train(run, STEPS, *OPTS, nproc=2, launcher=launcher)
     assert f"resumed from {run}/checkpoints/step_{stop_step:09d}" in resumed.stderr + resumed.stdout
-    final = checkpoint_tensors(final_checkpoint(run))
+    final = assert_runs_equal(uninterrupted, run, ranks=(0, 1), snapshots=True)  # the profiles' snapshots too
     assert any(k.startswith("power_ema") for k in final), sorted(final)[:20]
-    assert_bitwise_equal(checkpoint_tensors(final_checkpoint(uninterrupted)), final)
-    assert_bitwise_equal(snapshot_tensors(uninterrupted), snapshot_tensors(run))  # the profiles' snapshots too
-    for rank in (0, 1):
-        assert audit(uninterrupted, rank) == audit(run, rank)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])

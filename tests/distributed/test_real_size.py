@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.support.common import ROOT
-from tests.support.train_helpers import PYTHON, assert_bitwise_equal, checkpoint_tensors, child_env
+from tests.support.train_helpers import PYTHON, assert_bitwise_equal, checkpoint_tensors, run_command, start_command
 
 ARGS = [
     "data.num_workers=0",
@@ -34,7 +33,7 @@ ARGS = [
 
 def torchrun(*args, timeout=900):
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    r = run_command(cmd, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 
@@ -70,29 +69,10 @@ def test_cifar10_preset_trains_with_fsdp_bf16_resumes_bitwise_and_samples(tmp_pa
     shutil.copytree(straight / "checkpoints" / "step_000000002", resumed / "checkpoints" / "step_000000002")
     # sampling reads only the straight run: it runs beside the resumed training (the start-ups overlap)
     out = tmp_path / "samples"
+    sample = ["--run", straight, "--out", out, *"--num-images 4 --steps 2 --batch-size 2 --world-size 2".split()]
     with open(tmp_path / "sample.log", "w+") as sample_log:
-        sampling = subprocess.Popen(
-            [
-                PYTHON,
-                "-m",
-                "ddpm_dist.sample",
-                "--run",
-                str(straight),
-                "--out",
-                str(out),
-                "--num-images",
-                "4",
-                "--steps",
-                "2",
-                "--batch-size",
-                "2",
-                "--world-size",
-                "2",
-            ],
-            cwd=ROOT,
-            env=child_env(),
-            stdout=sample_log,
-            stderr=subprocess.STDOUT,
+        sampling = start_command(
+            [PYTHON, "-m", "ddpm_dist.sample", *map(str, sample)], stdout=sample_log, stderr=subprocess.STDOUT
         )
         try:
             r = torchrun(*train, f"run_dir={resumed}")
@@ -132,7 +112,7 @@ def test_the_smoke_config_runs_on_the_cpu_as_documented(tmp_path):
         [PYTHON, "-m", "ddpm_dist.sample", "--run", str(run), "--out", str(run / "check"), "--num-images", "16"],
         [PYTHON, "-m", "ddpm_dist.evaluate", "frechet", "--samples", str(run / "check")],
     ):
-        r = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+        r = run_command(cmd, timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
     assert sorted(os.listdir(run / "checkpoints"))[-2:] == ["step_000000032", "step_000000064"]
     assert (run / "export.safetensors").exists() and (run / "samples" / "final_grid.png").exists()

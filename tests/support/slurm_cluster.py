@@ -55,33 +55,11 @@ def _pid(path):
 
 def submit(tmp_path, verb, entry_args, *launcher_args, tasks=("--tasks-per-node", "2")):
     """`python -m launchers.slurm VERB ...`: the job id, after checking what the launcher prints."""
-    from tests.support.common import PYTHON, ROOT
-    from tests.support.train_helpers import child_env
+    from tests.support.train_helpers import run_module
 
-    env = child_env()
-    r = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "launchers.slurm",
-            verb,
-            *tasks,
-            "--cpus-per-task",
-            "1",
-            "--time",
-            "30",
-            "--log-folder",
-            str(tmp_path / "logs" / "%j"),
-            *launcher_args,
-            "--",
-            *entry_args,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    log_folder = str(tmp_path / "logs" / "%j")
+    options = [*tasks, "--cpus-per-task", "1", "--time", "30", "--log-folder", log_folder, *launcher_args]
+    r = run_module("launchers.slurm", verb, *options, "--", *entry_args, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     job = re.search(r"submitted job (\d+)", r.stdout).group(1)
     assert "follow: tail -f" in r.stdout and "logs:" in r.stdout

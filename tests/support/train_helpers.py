@@ -1,4 +1,5 @@
-"""Run training as users do (subprocesses, torchrun) and read checkpoints back for bitwise comparisons."""
+"""Run the project's commands and training as users do (subprocesses, torchrun) and read checkpoints back for
+bitwise comparisons."""
 
 import json
 import os
@@ -36,9 +37,30 @@ def child_env(**extra):
     return env
 
 
+def run_command(cmd, *, timeout=300, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
+    """`cmd` run to its end in `cwd` (the repository root), output captured as text, in child_env() unless `env`."""
+    env = child_env() if env is None else env
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_module(module, *args, timeout=300, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
+    """`python -m module args` (each argument as a string) by run_command."""
+    return run_command([PYTHON, "-m", module, *map(str, args)], timeout=timeout, env=env, cwd=cwd)
+
+
+def start_command(cmd, **popen) -> subprocess.Popen:
+    """`cmd` started in the repository root in child_env(); `popen` says where its output goes."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), **popen)
+
+
+def digits_args(run_dir, *extra) -> list[str]:
+    """ddpm_dist.train's arguments for the digits config as it stands (full size), then `extra`."""
+    return ["--config", "configs/digits.yaml", f"run_dir={run_dir}", *extra]
+
+
 def train_args(run_dir, steps, *extra) -> list[str]:
     """ddpm_dist.train's arguments: the digits config made fast, `steps` steps of 16 images, then `extra`."""
-    return ["--config", "configs/digits.yaml", f"run_dir={run_dir}", *FAST, f"train.total_images={16 * steps}", *extra]
+    return digits_args(run_dir, *FAST, f"train.total_images={16 * steps}", *extra)
 
 
 def train_cmd(run_dir, steps, *extra, nproc=1, launcher="python"):
@@ -50,14 +72,7 @@ def train_cmd(run_dir, steps, *extra, nproc=1, launcher="python"):
 
 
 def run_train(run_dir, steps, *extra, nproc=1, launcher="python", timeout=600, check=True):
-    r = subprocess.run(
-        train_cmd(run_dir, steps, *extra, nproc=nproc, launcher=launcher),
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    r = run_command(train_cmd(run_dir, steps, *extra, nproc=nproc, launcher=launcher), timeout=timeout)
     if check:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -108,6 +123,18 @@ def assert_bitwise_equal(a: dict, b: dict):
             assert torch.equal(a[k], b[k]), k
         else:
             assert a[k] == b[k], k
+
+
+def assert_runs_equal(a, b, ranks=(0,), snapshots=False) -> dict:
+    """Run `b` ended as run `a` did: the last checkpoints bitwise equal, the post-hoc EMA snapshots too when
+    `snapshots`, and each rank's data audit the same; returns b's last checkpoint, as checkpoint_tensors."""
+    last = checkpoint_tensors(final_checkpoint(b))
+    assert_bitwise_equal(checkpoint_tensors(final_checkpoint(a)), last)
+    if snapshots:
+        assert_bitwise_equal(snapshot_tensors(a), snapshot_tensors(b))
+    for rank in ranks:
+        assert audit(a, rank) == audit(b, rank)
+    return last
 
 
 def audit(run_dir, rank=0) -> dict:

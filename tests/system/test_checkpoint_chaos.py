@@ -6,20 +6,9 @@ import os
 import random
 import re
 import signal
-import subprocess
 import time
 
-from tests.support.common import ROOT
-from tests.support.train_helpers import (
-    assert_bitwise_equal,
-    audit,
-    checkpoint_tensors,
-    child_env,
-    final_checkpoint,
-    run_train,
-    snapshot_tensors,
-    train_cmd,
-)
+from tests.support.train_helpers import assert_runs_equal, run_train, start_command, train_cmd
 
 # 12 launches each commit at most ~9 steps beyond the one they resumed from (a kill within 8 logged steps or inside
 # the next save), so no launch can reach the end before the 12th kill
@@ -49,7 +38,7 @@ def test_sigkill_chaos_ends_equal_to_uninterrupted(tmp_path, request):
     ref, run = tmp_path / "ref", tmp_path / "chaos"
     # the uninterrupted run goes on beside the kills (its own directory, one thread of the two cores)
     with open(tmp_path / "ref.log", "w") as log:
-        ref_p = subprocess.Popen(train_cmd(ref, STEPS, *EVERY), cwd=ROOT, env=child_env(), stdout=log, stderr=log)
+        ref_p = start_command(train_cmd(ref, STEPS, *EVERY), stdout=log, stderr=log)
     request.addfinalizer(ref_p.kill)  # a failure below leaves no training behind (a no-op once it has ended)
     rng = random.Random(1234)
     kills, mid_save_kills, launches = 0, 0, []
@@ -58,7 +47,7 @@ def test_sigkill_chaos_ends_equal_to_uninterrupted(tmp_path, request):
         log_path = tmp_path / f"launch{len(launches)}.log"
         launches.append((log_path, committed_steps(run)))
         with open(log_path, "w") as log:
-            p = subprocess.Popen(train_cmd(run, STEPS, *EVERY), cwd=ROOT, env=child_env(), stdout=log, stderr=log)
+            p = start_command(train_cmd(run, STEPS, *EVERY), stdout=log, stderr=log)
         ck = run / "checkpoints"
         if kills % 2 == 0:  # once this launch has stepped (start-up cleaned stale .tmp-), kill inside a save
             start, t_end = audit_lines(run), time.time() + 120
@@ -96,7 +85,5 @@ def test_sigkill_chaos_ends_equal_to_uninterrupted(tmp_path, request):
         resumed += 1
     assert resumed >= 5
     assert ref_p.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-4000:]
-    assert_bitwise_equal(checkpoint_tensors(final_checkpoint(ref)), checkpoint_tensors(final_checkpoint(run)))
-    assert_bitwise_equal(snapshot_tensors(ref), snapshot_tensors(run))
-    assert audit(ref) == audit(run)
+    assert_runs_equal(ref, run, snapshots=True)
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".tmp-")]

@@ -2,15 +2,14 @@
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.support.common import DIGITS, PYTHON, ROOT
-from tests.support.train_helpers import child_env, run_train
+from tests.support.common import DIGITS, ROOT
+from tests.support.train_helpers import run_module, run_train
 
 DIGITS_MODEL = os.path.join(ROOT, "docs", "models", "digits-ema.safetensors")  # trained on the training split only
 SR_MODEL = os.path.join(
@@ -24,10 +23,8 @@ def check_png(path, min_size=32):
     assert min(arr.shape) >= min_size and arr.std() > 5, (path, arr.shape, arr.std())
 
 
-def cli(*args, timeout=600):
-    r = subprocess.run(
-        [PYTHON, "-m", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout
-    )
+def cli(module, *args, timeout=600):
+    r = run_module(module, *args, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -145,45 +142,13 @@ def test_super_resolution_beats_bicubic_on_validation_digits():
 
 def test_super_resolution_trains_and_samples_the_right_shape(tmp_path):
     run = tmp_path / "sr"
-    r = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "ddpm_dist.train",
-            "--config",
-            "configs/digits_sr.yaml",
-            f"run_dir={run}",
-            "train.total_images=256",
-            "train.sample_every_images=0",
-            "sample.steps=3",
-            "model.base_channels=16",
-            "model.norm_groups=8",
-        ],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ["--config", "configs/digits_sr.yaml", f"run_dir={run}"]
+    small = "train.total_images=256 train.sample_every_images=0 sample.steps=3 model.base_channels=16".split()
+    r = run_module("ddpm_dist.train", *args, *small, "model.norm_groups=8")
     assert r.returncode == 0, r.stderr[-3000:]
     check_png(run / "samples" / "final_grid.png")
-    out = cli(
-        "ddpm_dist.sample",
-        "--task",
-        "sr",
-        "--run",
-        str(run),
-        "--image",
-        DIGITS,
-        "--image-index",
-        "2",
-        "--num-images",
-        "3",
-        "--steps",
-        "3",
-        "--out",
-        str(tmp_path / "out"),
-    )
+    options = "--image-index 2 --num-images 3 --steps 3".split()
+    out = cli("ddpm_dist.sample", "--task", "sr", "--run", run, "--image", DIGITS, *options, "--out", tmp_path / "out")
     assert "super-resolution x2" in out
     img = Image.open(tmp_path / "out" / "superres.png")
     assert img.size[0] > img.size[1] * 4  # low-res | bicubic | 3 samples | original in one row
@@ -208,22 +173,8 @@ def test_recon_psnr_falls_with_t_on_validation_digits(tmp_path):
     from ddpm_dist.images import to_model_range
 
     ts = [10, 50, 100, 250, 500, 750]
-    out = cli(
-        "ddpm_dist.evaluate",
-        "recon",
-        "--export",
-        DIGITS_MODEL,
-        "--data",
-        DIGITS,
-        "--num-images",
-        "64",
-        "--t",
-        ",".join(map(str, ts)),
-        "--ddim-steps",
-        "10",
-        "--out",
-        str(tmp_path),
-    )
+    options = ["--num-images", 64, "--t", ",".join(map(str, ts)), "--ddim-steps", 10]
+    out = cli("ddpm_dist.evaluate", "recon", "--export", DIGITS_MODEL, "--data", DIGITS, *options, "--out", tmp_path)
     result = json.load(open(tmp_path / "recon.json"))
     assert result["split"] == "validation" and result["n"] == 64 and "64 validation images" in out
     rows = result["rows"]
@@ -249,49 +200,15 @@ def test_every_plot_command_writes_a_picture(small_run, tmp_path):
     cli("ddpm_dist.viz", "schedules", "--out", str(tmp_path / "s.png"))
     cli("ddpm_dist.viz", "curves", "--run", str(small_run), "--out", str(tmp_path / "c.png"))
     cli("ddpm_dist.viz", "diversity", "--run", str(small_run), "--out", str(tmp_path / "d.png"))
-    cli(
-        "ddpm_dist.viz",
-        "compare",
-        "--run",
-        str(small_run),
-        "--samplers",
-        "ddpm:20,ddim:5",
-        "--num-images",
-        "3",
-        "--out",
-        str(tmp_path / "cmp.png"),
-    )
-    cli(
-        "ddpm_dist.viz",
-        "forward-reverse",
-        "--run",
-        str(small_run),
-        "--num-images",
-        "2",
-        "--steps",
-        "4",
-        "--out",
-        str(tmp_path / "fr.png"),
-    )
+    compare = ["--samplers", "ddpm:20,ddim:5", "--num-images", 3]
+    cli("ddpm_dist.viz", "compare", "--run", small_run, *compare, "--out", tmp_path / "cmp.png")
+    reverse = "--num-images 2 --steps 4".split()
+    cli("ddpm_dist.viz", "forward-reverse", "--run", small_run, *reverse, "--out", tmp_path / "fr.png")
     for name in ("s", "c", "d", "cmp", "fr"):
         check_png(tmp_path / f"{name}.png", min_size=100)
-    cli(
-        "ddpm_dist.sample",
-        "--task",
-        "inpaint",
-        "--run",
-        str(small_run),
-        "--image",
-        DIGITS,
-        "--mask",
-        "random",
-        "--num-images",
-        "2",
-        "--steps",
-        "5",
-        "--out",
-        str(tmp_path / "inp"),
-    )
+    options = "--mask random --num-images 2 --steps 5".split()
+    inp = tmp_path / "inp"
+    cli("ddpm_dist.sample", "--task", "inpaint", "--run", small_run, "--image", DIGITS, *options, "--out", inp)
     check_png(tmp_path / "inp" / "inpaint.png", min_size=16)
 
 

@@ -3,7 +3,6 @@ stays, through pruning and a resume, and `sample --checkpoint best` uses it."""
 
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -11,8 +10,7 @@ import torch
 
 from ddpm_dist.artifacts import committed_checkpoints, read_meta
 from ddpm_dist.training.checkpoint import CheckpointManager
-from tests.support.common import PYTHON, ROOT
-from tests.support.train_helpers import child_env, run_train
+from tests.support.train_helpers import digits_args, run_module, run_train
 
 
 class Weights:
@@ -87,30 +85,8 @@ def test_training_keeps_the_best_evaluated_checkpoint_through_a_resume(tmp_path)
         assert int(z["n"]) == 179  # the reference is the held-out split (eval.reference=validation)
 
     out = tmp_path / "best"
-    r = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "ddpm_dist.sample",
-            "--run",
-            str(run),
-            "--checkpoint",
-            "best",
-            "--out",
-            str(out),
-            "--num-images",
-            "4",
-            "--steps",
-            "2",
-            "--extras",
-            "no",
-        ],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ["--run", run, "--checkpoint", "best", "--out", out, *"--num-images 4 --steps 2 --extras no".split()]
+    r = run_module("ddpm_dist.sample", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "sampling.json") as f:
         source = json.load(f)["source"]
@@ -120,25 +96,8 @@ def test_training_keeps_the_best_evaluated_checkpoint_through_a_resume(tmp_path)
 def test_best_without_evaluations_is_one_line(tmp_path):
     run = tmp_path / "run"
     run_train(run, 2)
-    r = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "ddpm_dist.sample",
-            "--run",
-            str(run),
-            "--checkpoint",
-            "best",
-            "--out",
-            str(tmp_path / "out"),
-            "--num-images",
-            "2",
-        ],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    r = run_module(
+        "ddpm_dist.sample", "--run", run, "--checkpoint", "best", "--out", tmp_path / "out", "--num-images", 2
     )
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: no checkpoint under"), r.stderr
@@ -146,22 +105,7 @@ def test_best_without_evaluations_is_one_line(tmp_path):
 
 
 def test_keep_best_needs_evaluation(tmp_path):
-    r = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "ddpm_dist.train",
-            "--config",
-            "configs/digits.yaml",
-            f"run_dir={tmp_path}/run",
-            "checkpoint.keep_best=true",
-        ],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_module("ddpm_dist.train", *digits_args(tmp_path / "run", "checkpoint.keep_best=true"))
     assert r.returncode == 2 and r.stderr.strip() == (
         "error: checkpoint.keep_best needs eval.every_images > 0 (the Fréchet distance it keeps the best of)"
     )
