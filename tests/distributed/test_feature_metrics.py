@@ -3,7 +3,6 @@ across 2 gloo ranks, and `evaluate ref-stats` + `frechet` end to end in 1 and 2 
 
 import json
 import math
-import subprocess
 
 import numpy as np
 import pytest
@@ -11,9 +10,9 @@ import torch
 
 from ddpm_dist.eval.feature_metrics import FeatureBank, class_frechet_distances, kernel_distance, precision_recall
 from ddpm_dist.eval.statistics import accumulate
-from tests.support.common import DIGITS, PYTHON, ROOT
+from tests.support.common import DIGITS
 from tests.support.dist_workers import spawn
-from tests.support.train_helpers import child_env
+from tests.support.train_helpers import run_module
 from tests.unit.test_fid import small_extractor
 
 
@@ -125,14 +124,7 @@ def labelled_samples(tmp_path_factory):
 
 
 def evaluate(*args):
-    r = subprocess.run(
-        [PYTHON, "-m", "ddpm_dist.evaluate", *map(str, args)],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = run_module("ddpm_dist.evaluate", *args, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from tests.support.common import PYTHON, ROOT
+from tests.support.train_helpers import run_module
 
 pytestmark = pytest.mark.distributed
 
@@ -39,14 +40,7 @@ def export(tmp_path_factory):
 
 def sample(export, out, *args, timeout=300):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [PYTHON, "-m", "ddpm_dist.sample", "--export", export, "--out", str(out), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    r = run_module("ddpm_dist.sample", "--export", export, "--out", out, *args, env=env, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

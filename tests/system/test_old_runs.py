@@ -7,25 +7,22 @@ tests/fixtures/config_v1.yaml is configs/digits.yaml of that shape."""
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import yaml
 
 from ddpm_dist.config import RENAMED, load_config, to_dict
-from tests.support.common import PYTHON, ROOT
-from tests.support.train_helpers import child_env
+from tests.support.common import ROOT
+from tests.support.train_helpers import run_module
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 EXPECTED = json.load(open(os.path.join(FIXTURES, "run_v1_expected.json")))
 NOTICES = [f"config: {old} is now {new}" for old, new in RENAMED.items()]  # every old key is in an old config.yaml
 
 
-def run(*args, timeout=300):
-    r = subprocess.run(
-        [PYTHON, "-m", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout
-    )
+def run(module, *args, timeout=300):
+    r = run_module(module, *args, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

@@ -14,8 +14,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tests.support.common import PYTHON, ROOT, wait_for
-from tests.support.train_helpers import child_env, run_train, train_cmd
+from tests.support.common import ROOT, wait_for
+from tests.support.train_helpers import child_env, run_module, run_train, train_cmd
 
 SECTION_IDS = ("summary", "config", "hardware", "curves", "samples", "evaluation", "checkpoints", "performance")
 # Without these Chromium reaches for the network (component updates, sync, field trials) and for a GPU.
@@ -44,14 +44,7 @@ window.addEventListener("load", function () {
 
 
 def report_cli(*args):
-    return subprocess.run(
-        [PYTHON, "-m", "ddpm_dist.report", *map(str, args)],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module("ddpm_dist.report", *args, timeout=120)
 
 
 class Sections(HTMLParser):
@@ -108,19 +101,12 @@ def finished_run(tmp_path_factory):
             "recon",
             "--run",
             run,
-            "--num-images",
-            "16",
-            "--t",
-            "10,100",
-            "--ddim-steps",
-            "4",
+            *"--num-images 16 --t 10,100 --ddim-steps 4".split(),
             "--out",
             run / "recon",
         ],
     ):
-        r = subprocess.run(
-            [PYTHON, "-m", *map(str, cmd)], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300
-        )
+        r = run_module(*cmd)
         assert r.returncode == 0, r.stderr[-3000:]
     return run
 

@@ -5,7 +5,6 @@ a bare pattern of many shards is refused with one line."""
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 
@@ -13,23 +12,16 @@ from ddpm_dist.data import index
 from ddpm_dist.data.manifest import ShardError, load_manifest
 from ddpm_dist.data.samples import tar_index
 from ddpm_dist.data.shard_sets import MAX_PATTERN_SHARDS, manifest_from_pattern, parse_json, verify
-from tests.support.common import DIGITS, PYTHON, ROOT
+from tests.support.common import DIGITS
 from tests.support.slurm_cluster import slurm  # noqa: F401 - fixture
-from tests.support.train_helpers import child_env
+from tests.support.train_helpers import digits_args, run_module
 
 SHARDS = os.path.dirname(DIGITS)
 PATTERN = os.path.join(SHARDS, "digits-{000000..000006}.tar")  # the committed training split: 7 shards
 
 
 def cli(*args, timeout=120):
-    return subprocess.run(
-        [PYTHON, "-m", "ddpm_dist.shards", "index", *map(str, args)],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("ddpm_dist.shards", "index", *args, timeout=timeout)
 
 
 def test_two_processes_index_the_digits_into_out_like_build_did(tmp_path):
@@ -144,22 +136,7 @@ def test_training_from_a_bare_pattern_of_many_shards_is_refused_in_one_line(tmp_
     ):
         manifest_from_pattern(many)
     assert manifest_from_pattern(os.path.join(SHARDS, "digits-{000000..000001}.tar")).num_samples == 512  # small: ok
-    r = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "ddpm_dist.train",
-            "--config",
-            "configs/digits.yaml",
-            f"run_dir={tmp_path}/run",
-            f"data.source={many}",
-        ],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_module("ddpm_dist.train", *digits_args(tmp_path / "run", f"data.source={many}"), timeout=120)
     assert r.returncode != 0 and "index it first" in r.stderr
     assert len([line for line in r.stderr.splitlines() if "error" in line.lower()]) == 1, r.stderr[-2000:]
 

@@ -2,7 +2,6 @@
 
 import os
 import struct
-import subprocess
 
 import numpy as np
 import pytest
@@ -10,8 +9,9 @@ from PIL import Image
 
 from ddpm_dist.data import ShardError, build_shards, read_all, verify
 from ddpm_dist.data.sources import digits_images, iter_digits, iter_folder, iter_numpy, iter_torchvision
-from tests.support.common import DIGITS, PYTHON, ROOT
+from tests.support.common import DIGITS, ROOT
 from tests.support.s3_server import s3_endpoint  # noqa: F401 - fixture
+from tests.support.train_helpers import digits_args, run_module
 
 
 def roundtrip(source, out, **kw):
@@ -147,19 +147,13 @@ def test_verify_reports_checksum_and_decode_faults(tmp_path):
     assert not report.ok
     assert any("digits-000002.tar: sha256 mismatch" in f for f in report.faults)
     assert any("does not decode" in f for f in report.faults)
-    r = subprocess.run(
-        [PYTHON, "-m", "ddpm_dist.shards", "verify", str(d / "manifest.json")], cwd=ROOT, capture_output=True, text=True
-    )
+    r = run_module("ddpm_dist.shards", "verify", d / "manifest.json", timeout=None, env=os.environ)
     assert r.returncode == 1 and "FAULT" in r.stdout
 
 
 def test_inspect_cli(tmp_path):
-    r = subprocess.run(
-        [PYTHON, "-m", "ddpm_dist.shards", "inspect", DIGITS, "--preview", str(tmp_path / "p.png")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    preview = tmp_path / "p.png"
+    r = run_module("ddpm_dist.shards", "inspect", DIGITS, "--preview", preview, timeout=None, env=os.environ)
     assert r.returncode == 0 and "samples    1618" in r.stdout and "0:160" in r.stdout
     assert "validation 179 in 1 shards (held out)" in r.stdout
     assert Image.open(tmp_path / "p.png").size[0] > 100
@@ -187,34 +181,11 @@ def test_s3_build_verify_and_stream(tmp_path, s3_endpoint):  # noqa: F811
         assert x["key"] == y["key"] and (x["image"] == y["image"]).all()
     # the CLI too, and training reads s3:// directly
     env = {**os.environ, "PYTHONPATH": ROOT, "AWS_SECRET_ACCESS_KEY": "ddpm-secret-value-42"}
-    r = subprocess.run(
-        [PYTHON, "-m", "ddpm_dist.shards", "verify", f"{url}/manifest.json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    r = run_module("ddpm_dist.shards", "verify", f"{url}/manifest.json", timeout=None, env=env)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "ddpm_dist.train",
-            "--config",
-            "configs/digits.yaml",
-            f"run_dir={tmp_path}/run",
-            f"data.source={url}/manifest.json",
-            "train.total_images=320",
-            "train.sample_every_images=0",
-            "sample.steps=2",
-            "data.num_workers=2",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    source = f"data.source={url}/manifest.json"
+    small = "train.total_images=320 train.sample_every_images=0 sample.steps=2 data.num_workers=2".split()
+    r = run_module("ddpm_dist.train", *digits_args(tmp_path / "run", source, *small), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ddpm-secret-value-42" not in r.stderr + r.stdout  # no credential in logs
 

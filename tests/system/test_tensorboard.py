@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from ddpm_dist.obs.tensorboard import CONFIG_TAG, SAMPLES_TAG, TAGS
-from tests.support.common import ROOT, wait_for
-from tests.support.train_helpers import child_env, run_train, train_args
+from tests.support.common import wait_for
+from tests.support.train_helpers import run_command, run_train, train_args
 
 pytestmark = pytest.mark.system
 SINK = [
@@ -132,14 +132,7 @@ def test_missing_package_is_one_line(tmp_path):
         "from ddpm_dist.train import main\n"
         "run_cli(main)\n"
     )
-    r = subprocess.run(
-        [sys.executable, "-c", hide, *train_args(tmp_path / "run", 2, "metrics.tensorboard=true")],
-        cwd=ROOT,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_command([sys.executable, "-c", hide, *train_args(tmp_path / "run", 2, "metrics.tensorboard=true")])
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.strip()]
     assert errors == ["error: metrics.tensorboard=true needs the tensorboard package: pip install tensorboard"], errors

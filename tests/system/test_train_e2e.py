@@ -2,32 +2,20 @@
 
 import json
 import os
-import subprocess
 
 import pytest
 
-from tests.support.common import PYTHON, ROOT
+from tests.support.common import ROOT
+from tests.support.train_helpers import digits_args, run_module
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "digits"
     env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [
-        PYTHON,
-        "-m",
-        "ddpm_dist.train",
-        "--config",
-        "configs/digits.yaml",
-        f"run_dir={run}",
-        "train.total_images=3200",
-        "train.warmup_images=320",
-        "train.log_every=5",
-        "train.sample_every_images=0",
-        "checkpoint.every_images=1600",
-        "sample.steps=10",
-    ]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    schedule = "train.total_images=3200 train.warmup_images=320 train.log_every=5 train.sample_every_images=0".split()
+    args = digits_args(run, *schedule, "checkpoint.every_images=1600", "sample.steps=10")
+    r = run_module("ddpm_dist.train", *args, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return run, r
 
@@ -55,32 +43,8 @@ def test_sample_cli_from_export_and_run(short_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     for src in (["--export", str(run / "export.safetensors")], ["--run", str(run)]):
         out = tmp_path / src[0][2:]
-        r = subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "ddpm_dist.sample",
-                *src,
-                "--out",
-                str(out),
-                "--num-images",
-                "6",
-                "--batch-size",
-                "4",
-                "--steps",
-                "5",
-                "--classes",
-                "3",
-                "--guidance",
-                "2.0",
-                "--npz",
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        options = "--num-images 6 --batch-size 4 --steps 5 --classes 3 --guidance 2.0 --npz".split()
+        r = run_module("ddpm_dist.sample", *src, "--out", out, *options, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         names = sorted(os.listdir(out))
         assert [n for n in names if n[0].isdigit()] == [f"{i:06d}.png" for i in range(6)]

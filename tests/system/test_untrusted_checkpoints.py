@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import torch
 
-from tests.support.common import PYTHON, ROOT
-from tests.support.train_helpers import child_env, final_checkpoint, run_train
+from tests.support.common import PYTHON
+from tests.support.train_helpers import final_checkpoint, run_module, run_train
 
 ZERO = ["parallel.backend=zero"]  # ZeRO-2 in one process
 
@@ -46,12 +46,6 @@ def copy_run(run, tmp_path):
     return dst, final_checkpoint(dst)
 
 
-def cli(module, *args):
-    return subprocess.run(
-        [PYTHON, "-m", module, *map(str, args)], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300
-    )
-
-
 def assert_refused(r, file, marker, why="refusing to load"):
     assert r.returncode != 0, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -74,14 +68,14 @@ def write_metadata(ckpt, md):
 
 COMMANDS = {
     "resume": lambda run, out: run_train(run, 4, check=False),
-    "sample": lambda run, out: cli("ddpm_dist.sample", "--run", run, "--out", out, "--num-images", 2),
-    "evaluate-frechet": lambda run, out: cli(
+    "sample": lambda run, out: run_module("ddpm_dist.sample", "--run", run, "--out", out, "--num-images", 2),
+    "evaluate-frechet": lambda run, out: run_module(
         "ddpm_dist.evaluate", "frechet", "--run", run, "--num-images", 2, "--out", out / "f.json"
     ),
-    "viz-compare": lambda run, out: cli(
+    "viz-compare": lambda run, out: run_module(
         "ddpm_dist.viz", "compare", "--run", run, "--samplers", "ddim:2", "--num-images", 1, "--out", out / "c.png"
     ),
-    "viz-forward-reverse": lambda run, out: cli(
+    "viz-forward-reverse": lambda run, out: run_module(
         "ddpm_dist.viz", "forward-reverse", "--run", run, "--num-images", 1, "--steps", 2, "--out", out / "f.png"
     ),
 }

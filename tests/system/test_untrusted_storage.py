@@ -3,14 +3,13 @@
 an S3 API server (moto) in its own process on loopback."""
 
 import os
-import subprocess
 
 import fsspec
 import pytest
 
-from tests.support.common import DIGITS, ROOT, free_port
+from tests.support.common import DIGITS, free_port
 from tests.support.s3_server import s3_server_process
-from tests.support.train_helpers import PYTHON, child_env, train_args
+from tests.support.train_helpers import child_env, digits_args, run_module, train_args
 
 
 def aws_env(endpoint: str, credentials: bool = True, **extra) -> dict:
@@ -49,22 +48,7 @@ def test_a_storage_failure_is_one_line_naming_the_redacted_url(tmp_path, case):
         endpoint = f"http://127.0.0.1:{free_port()}" if case == "endpoint unreachable" else url
         env = aws_env(endpoint, credentials=case != "no credentials")
         source = "s3://ddpm-data/shards/manifest.json?X-Amz-Signature=sig0123456789"
-        r = subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "ddpm_dist.train",
-                "--config",
-                "configs/digits.yaml",
-                f"run_dir={tmp_path / 'run'}",
-                f"data.source={source}",
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        r = run_module("ddpm_dist.train", *digits_args(tmp_path / "run", f"data.source={source}"), env=env)
     assert r.returncode == 2, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -100,48 +84,22 @@ def test_no_secret_is_written_or_logged(tmp_path):
             f"{SECRETS['presigned signature']}&X-Amz-Credential={SECRETS['presigned credential']}"
         )
         run, out = tmp_path / "run", tmp_path / "samples"
+        metrics = [
+            "metrics.prometheus=true",
+            f"metrics.prometheus_port={free_port()}",
+            "metrics.prometheus_addr=127.0.0.1",
+            f"metrics.sd_dir={tmp_path / 'sd'}",
+        ]
+        missing = "data.source=s3://ddpm/nothing/manifest.json?token=" + SECRETS["presigned signature"]
         commands = [
-            [
-                PYTHON,
-                "-m",
-                "ddpm_dist.train",
-                *train_args(
-                    run,
-                    4,
-                    f"data.source={source}",
-                    "checkpoint.every_images=32",
-                    "metrics.prometheus=true",
-                    f"metrics.prometheus_port={free_port()}",
-                    "metrics.prometheus_addr=127.0.0.1",
-                    f"metrics.sd_dir={tmp_path / 'sd'}",
-                ),
-            ],
-            [
-                PYTHON,
-                "-m",
-                "ddpm_dist.sample",
-                "--run",
-                str(run),
-                "--out",
-                str(out),
-                "--num-images",
-                "8",
-                "--steps",
-                "2",
-            ],
-            [PYTHON, "-m", "ddpm_dist.evaluate", "frechet", "--samples", str(out), "--data", source],
-            [
-                PYTHON,
-                "-m",
-                "ddpm_dist.train",
-                *train_args(
-                    run, 4, "data.source=s3://ddpm/nothing/manifest.json?token=" + SECRETS["presigned signature"]
-                ),
-            ],  # fails: its error line
+            ["ddpm_dist.train", *train_args(run, 4, f"data.source={source}", "checkpoint.every_images=32", *metrics)],
+            ["ddpm_dist.sample", "--run", run, "--out", out, "--num-images", 8, "--steps", 2],
+            ["ddpm_dist.evaluate", "frechet", "--samples", out, "--data", source],
+            ["ddpm_dist.train", *train_args(run, 4, missing)],  # fails: its error line
         ]
         said = ""
         for i, cmd in enumerate(commands):
-            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            r = run_module(*cmd, env=env, timeout=600)
             assert (r.returncode == 0) == (i < 3), r.stderr[-3000:]
             said += r.stdout + r.stderr
     assert "error: manifest 's3://ddpm/nothing/manifest.json' does not exist" in said
