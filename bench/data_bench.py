@@ -119,20 +119,14 @@ def s3_row(args, images, labels, tmp, ours, imagefolder, transform):
     from moto.server import ThreadedMotoServer
 
     from ddpm_dist.parallel.env import free_port
+    from tests.support.s3_server import s3_env
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_EC2_METADATA_DISABLED="true",
-            AWS_ENDPOINT_URL=url,
-            FSSPEC_S3_ENDPOINT_URL=url,
-        )
+        os.environ.update(s3_env(url, key="bench"))
         import boto3
         import s3fs
 

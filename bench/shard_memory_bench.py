@@ -232,37 +232,11 @@ def report(rows) -> None:
 
 def s3(args, tmp) -> None:
     """The server runs in its own process (the driver's child, not the measuring process's)."""
-    import socket
+    from tests.support.s3_server import s3_env, s3_server_process
 
-    from ddpm_dist.parallel.env import free_port
-
-    port = free_port()
     log_path = os.path.join(tmp, "moto.log")
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the S3 API server did not start") from None
-                time.sleep(0.2)
-        url = f"http://127.0.0.1:{port}"
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_EC2_METADATA_DISABLED="true",
-            AWS_ENDPOINT_URL=url,
-            FSSPEC_S3_ENDPOINT_URL=url,
-        )
+    with open(log_path, "w") as log, s3_server_process(log=log) as url:
+        os.environ.update(s3_env(url, key="bench"))
         import boto3
         import fsspec
 
@@ -308,9 +282,6 @@ def s3(args, tmp) -> None:
         )
         report(rows)
         print(f"ours / webdataset, s3: {rows[0][1] / rows[2][1]:.2f}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":
