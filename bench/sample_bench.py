@@ -27,8 +27,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ddpm_dist.diffusion import SamplerOptions, denoise_from_seeds, image_seed, make_schedule  # noqa: E402
-from ddpm_dist.eval.statistics import Extractor, FeatureStats, accumulate, module_checksum  # noqa: E402
+from ddpm_dist.eval.statistics import FeatureStats, accumulate  # noqa: E402
 from ddpm_dist.models import build_model  # noqa: E402
+from tests.support.feature_nets import stand_in_extractor  # noqa: E402
 
 
 def sampler_overhead(args):
@@ -70,25 +71,6 @@ def sampler_overhead(args):
         print(f"  {sampler}: {ratio:.3f}")
 
 
-class BenchNet(torch.nn.Module):
-    """A stand-in for Inception with the same input contract (299x299, 0..255) and 2048 features."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 7, stride=4),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(32, 128, 5, stride=4),
-            torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(4),
-            torch.nn.Flatten(),
-        )
-
-    def forward(self, x):
-        return self.body(x / 128 - 1)
-
-
 def feature_throughput(args):
     from cleanfid import fid
 
@@ -96,8 +78,8 @@ def feature_throughput(args):
     rng = np.random.default_rng(0)
     for i in range(args.images):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i:06d}.png"))
-    net = BenchNet().eval()
-    ext = Extractor("bench-net", net, module_checksum(net), "clean")
+    # a stand-in for Inception with the same input contract (299x299, 0..255) and 2048 features
+    ext = stand_in_extractor("bench-net", channels=(32, 128), pool=4)
     torch.set_num_threads(args.workers)
 
     def ours():
@@ -116,7 +98,7 @@ def feature_throughput(args):
     def theirs():
         feats = fid.get_folder_features(
             folder,
-            model=net,
+            model=ext.net,
             num_workers=args.workers,
             batch_size=32,
             device=torch.device("cpu"),

@@ -1,7 +1,6 @@
 """Feature statistics and Fréchet distances against clean-fid's own pipeline, with a small extractor built here."""
 
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -17,31 +16,14 @@ from ddpm_dist.eval.statistics import (
     frechet_distance,
     module_checksum,
 )
-from tests.support.common import PYTHON, ROOT
-
-
-class SmallNet(torch.nn.Module):
-    """A random conv net over 299x299 inputs in 0..255 (the contract of clean-fid's feature models)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 7, stride=4),
-            torch.nn.ReLU(),
-            torch.nn.Conv2d(8, 16, 5, stride=4),
-            torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(2),
-            torch.nn.Flatten(),
-        )
-
-    def forward(self, x):
-        return 10 * self.body(x / 128 - 1)
+from tests.support.common import DIGITS, ROOT
+from tests.support.feature_nets import stand_in_extractor
+from tests.support.train_helpers import run_module
 
 
 def small_extractor():
-    net = SmallNet().eval()
-    return Extractor("small-test-net", net, module_checksum(net), "clean")
+    """A random conv net of 64 features (16 channels pooled to 2x2), scaled by 10."""
+    return stand_in_extractor("small-test-net", channels=(8, 16), pool=2, scale=10)
 
 
 @pytest.fixture(scope="module")
@@ -125,22 +107,8 @@ def test_mismatched_reference_statistics_are_refused(folders, tmp_path):
 
 def test_fid_without_inception_file_says_where_to_put_it(tmp_path, folders):
     env = {**os.environ, "PYTHONPATH": ROOT, "DDPM_INCEPTION": str(tmp_path / "nowhere.pt"), "HOME": str(tmp_path)}
-    r = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "ddpm_dist.evaluate",
-            "fid",
-            "--samples",
-            str(folders / "a"),
-            "--data",
-            os.path.join(ROOT, "shards/digits/manifest.json"),
-        ],
-        cwd=str(tmp_path),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    r = run_module(
+        "ddpm_dist.evaluate", "fid", "--samples", folders / "a", "--data", DIGITS, env=env, cwd=tmp_path, timeout=120
     )
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
@@ -168,25 +136,8 @@ def test_an_inception_file_other_than_the_pinned_one_is_refused(tmp_path, monkey
     assert pin.read_text().strip() == file_checksum(str(first))
 
     env = {**os.environ, "PYTHONPATH": ROOT, "HOME": str(tmp_path), "DDPM_INCEPTION_PIN": str(pin)}
-    r = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "ddpm_dist.evaluate",
-            "ref-stats",
-            "--data",
-            os.path.join(ROOT, "shards/digits/manifest.json"),
-            "--out",
-            str(tmp_path / "ref.npz"),
-            "--inception",
-            str(other),
-        ],
-        cwd=str(tmp_path),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ["--data", DIGITS, "--out", tmp_path / "ref.npz", "--inception", other]
+    r = run_module("ddpm_dist.evaluate", "ref-stats", *args, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: Inception file '{other}' has sha256 ") and "--allow-unverified-inception" in line
