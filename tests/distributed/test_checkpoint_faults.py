@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from tests.support.dist_workers import reshard_worker, spawn
+from tests.support.dist_workers import make_engine, reshard_worker, spawn
 from tests.support.train_helpers import checkpoint_tensors, final_checkpoint, run_train
 
 
@@ -88,20 +88,12 @@ def test_checkpoint_of_another_backend_is_a_clear_error(tmp_path):
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from ddpm_dist.artifacts import CheckpointError
     from ddpm_dist.config import ParallelConfig, TrainConfig
-    from ddpm_dist.models import UNet, resolve_model_config
-    from ddpm_dist.parallel import parallelize, read_env
+    from ddpm_dist.models import resolve_model_config
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.checkpoint import CheckpointManager
 
     cfg = resolve_model_config("tiny")
-    engine = parallelize(
-        UNet(cfg),
-        ParallelConfig(backend="single"),
-        read_env(),
-        TrainConfig(lr=1e-3, grad_clip=1.0),
-        micro_batch=1,
-        accum_steps=1,
-    )
+    engine = make_engine(cfg, ParallelConfig(backend="single"), TrainConfig(lr=1e-3, grad_clip=1.0))
     ema = ShardedEMA(engine)
     manager = CheckpointManager(str(tmp_path / "ck"), {"engine": engine, "ema": ema}, rank=0, keep_last=2)
     manager.save(1, 8)

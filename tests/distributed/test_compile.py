@@ -138,14 +138,13 @@ def test_checkpoint_moves_between_compiled_and_eager(eager, tmp_path, first, the
     """2 steps (compiled or not), a checkpoint, fresh components of the other kind (another initial seed)
     restored by the manager, 1 more step: the 3-step eager run within the compiled-run tolerance."""
     from ddpm_dist.diffusion import make_schedule
-    from ddpm_dist.models import UNet, resolve_model_config
-    from ddpm_dist.parallel import parallelize, read_env
+    from ddpm_dist.models import resolve_model_config
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.checkpoint import CheckpointManager
     from ddpm_dist.training.loop import run_step
     from ddpm_dist.training.state import Progress
-    from tests.support.dist_workers import synthetic_batch
+    from tests.support.dist_workers import make_engine, synthetic_batch
 
     cfg = load_config(
         None,
@@ -163,13 +162,8 @@ def test_checkpoint_moves_between_compiled_and_eager(eager, tmp_path, first, the
 
     def build(seed, compile):
         seed_everything(seed)
-        engine = parallelize(
-            UNet(model_cfg),
-            ParallelConfig(backend="single"),
-            read_env(),
-            TrainConfig(lr=1e-3, grad_clip=1.0, compile=compile),
-            micro_batch=4,
-            accum_steps=1,
+        engine = make_engine(
+            model_cfg, ParallelConfig(backend="single"), TrainConfig(lr=1e-3, grad_clip=1.0, compile=compile), 4
         )
         parts = {"engine": engine, "ema": ShardedEMA(engine), "progress": Progress()}
         return parts, CheckpointManager(

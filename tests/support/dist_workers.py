@@ -40,6 +40,14 @@ def _entry(rank, fn, world_size, port, args):
             torch.distributed.destroy_process_group()
 
 
+def make_engine(model_cfg, parallel, train, micro_batch=1, accum_steps=1):
+    """A UNet(model_cfg) made an engine by ddpm_dist.parallel.parallelize on this process's ranks (read_env())."""
+    from ddpm_dist.models import UNet
+    from ddpm_dist.parallel import parallelize, read_env
+
+    return parallelize(UNet(model_cfg), parallel, read_env(), train, micro_batch=micro_batch, accum_steps=accum_steps)
+
+
 def synthetic_batch(global_batch: int, channels=3, size=16, num_classes=0, seed=1234):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(global_batch, channels, size, size, generator=g) * 2 - 1
@@ -68,8 +76,7 @@ def train_steps(
     """Run `steps` optimizer steps on a fixed global batch; returns (losses, full params, full EMA) on every rank."""
     from ddpm_dist.config import ParallelConfig, TrainConfig, load_config
     from ddpm_dist.diffusion import make_schedule
-    from ddpm_dist.models import UNet, resolve_model_config
-    from ddpm_dist.parallel import parallelize, read_env
+    from ddpm_dist.models import resolve_model_config
     from ddpm_dist.parallel.collectives import all_reduce_mean
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
@@ -89,13 +96,12 @@ def train_steps(
     model_cfg = resolve_model_config(cfg.model)
     seed_everything(0)
     micro = global_batch // (world_size * accum)
-    engine = parallelize(
-        UNet(model_cfg),
+    engine = make_engine(
+        model_cfg,
         ParallelConfig(backend=backend, zero_stage=zero_stage, hybrid_shard=hybrid),
-        read_env(),
         TrainConfig(lr=lr, bf16=bf16, grad_clip=1.0, compile=compile, channels_last=channels_last),
-        micro_batch=micro,
-        accum_steps=accum,
+        micro,
+        accum,
     )
     ema = ShardedEMA(engine)
     schedule = make_schedule("linear", 100)
@@ -178,21 +184,13 @@ def reshard_worker(rank, world_size, ckpt_path, out_file):
 
     from ddpm_dist.artifacts import read_meta
     from ddpm_dist.config import ParallelConfig, TrainConfig
-    from ddpm_dist.models import UNet, resolve_model_config
-    from ddpm_dist.parallel import parallelize, read_env
+    from ddpm_dist.models import resolve_model_config
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.checkpoint import CheckpointManager
 
     meta = read_meta(ckpt_path)
     model_cfg = resolve_model_config(meta["model_config"])
-    engine = parallelize(
-        UNet(model_cfg),
-        ParallelConfig(backend="fsdp"),
-        read_env(),
-        TrainConfig(lr=1e-3, grad_clip=1.0),
-        micro_batch=1,
-        accum_steps=1,
-    )
+    engine = make_engine(model_cfg, ParallelConfig(backend="fsdp"), TrainConfig(lr=1e-3, grad_clip=1.0))
     ema = ShardedEMA(engine)
     manager = CheckpointManager(
         os.path.dirname(ckpt_path),
@@ -216,8 +214,7 @@ def resume_worker(rank, world_size, out_dir, backend, zero_stage):
 
     from ddpm_dist.config import ParallelConfig, TrainConfig, load_config
     from ddpm_dist.data import Layout, TrainStream, load_manifest
-    from ddpm_dist.models import UNet, resolve_model_config
-    from ddpm_dist.parallel import parallelize, read_env
+    from ddpm_dist.models import resolve_model_config
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.checkpoint import CheckpointManager
@@ -242,14 +239,8 @@ def resume_worker(rank, world_size, out_dir, backend, zero_stage):
 
     def build(seed):
         seed_everything(seed)
-        engine = parallelize(
-            UNet(model_cfg),
-            ParallelConfig(backend=backend, zero_stage=zero_stage),
-            read_env(),
-            TrainConfig(lr=1e-3, grad_clip=1.0),
-            micro_batch=micro,
-            accum_steps=1,
-        )
+        parallel = ParallelConfig(backend=backend, zero_stage=zero_stage)
+        engine = make_engine(model_cfg, parallel, TrainConfig(lr=1e-3, grad_clip=1.0), micro)
         parts = {
             "engine": engine,
             "ema": ShardedEMA(engine),

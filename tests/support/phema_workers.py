@@ -18,24 +18,18 @@ def profiles_run(rank, world_size, run_dir, backend, stds, truth_stds, steps, sn
 
     from ddpm_dist.config import ParallelConfig, TrainConfig, load_config
     from ddpm_dist.models import UNet, resolve_model_config
-    from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.posthoc.power import PowerEMA
     from ddpm_dist.posthoc.snapshots import SnapshotWriter
     from ddpm_dist.training.loop import run_step
-    from tests.support.dist_workers import synthetic_batch
+    from tests.support.dist_workers import make_engine, synthetic_batch
 
     cfg = load_config(None, ["model.preset=tiny", f"train.global_batch={GLOBAL_BATCH}", "diffusion.num_steps=100"])
     model_cfg = resolve_model_config(cfg.model)
     seed_everything(0)
     micro = GLOBAL_BATCH // world_size
-    engine = parallelize(
-        UNet(model_cfg),
-        ParallelConfig(backend=backend, zero_stage=zero_stage),
-        read_env(),
-        TrainConfig(lr=2e-3, grad_clip=1.0),
-        micro_batch=micro,
-        accum_steps=1,
+    engine = make_engine(
+        model_cfg, ParallelConfig(backend=backend, zero_stage=zero_stage), TrainConfig(lr=2e-3, grad_clip=1.0), micro
     )
     power, truth = PowerEMA(engine, stds), PowerEMA(engine, truth_stds)
     writer = SnapshotWriter(run_dir, rank, dataclasses.asdict(model_cfg))
