@@ -6,6 +6,7 @@ Streaming: snapshots are read one at a time, each rank reading with DCP only the
 tensors dealt to ranks by size: `deal`), into a float64 accumulator per requested std. Memory per rank: about
 (1 + 2 x stds) / world of the fp32 model. Rank 0 gathers the slices and writes the exports. The result does not depend
 on the world size: each tensor is accumulated in the same snapshot order whichever rank owns it."""
+
 from __future__ import annotations
 
 import logging
@@ -44,14 +45,17 @@ def check_stds(stds: list[float]) -> list[float]:
     return sorted(set(stds))
 
 
-def make_plan(run_dir: str, stds: list[float], images: int | None = None,
-              snapshots: list[Snapshot] | None = None) -> Plan:
+def make_plan(
+    run_dir: str, stds: list[float], images: int | None = None, snapshots: list[Snapshot] | None = None
+) -> Plan:
     """Coefficients for `stds` at `images` seen (default: the newest snapshots), from the snapshots up to then."""
     stds = check_stds(stds)
     found = committed_snapshots(os.path.join(run_dir, SNAPSHOT_DIR)) if snapshots is None else snapshots
     if not found:
-        raise FileNotFoundError(f"no committed EMA snapshot under '{os.path.join(run_dir, SNAPSHOT_DIR)}' (train with "
-                                f"ema.stds and ema.snapshot_every_images)")
+        raise FileNotFoundError(
+            f"no committed EMA snapshot under '{os.path.join(run_dir, SNAPSHOT_DIR)}' (train with "
+            f"ema.stds and ema.snapshot_every_images)"
+        )
     times = sorted({s.images for s in found})
     images = times[-1] if images is None else images
     if images not in times:
@@ -109,8 +113,13 @@ def reconstruct(run_dir: str, stds: list[float], out_dir: str, images: int | Non
         owner = deal([shapes[k].numel() for k in names], env.world_size)
         mine = [k for k, r in zip(names, owner) if r == env.rank]
         if env.is_main:
-            log.info("reconstructing std %s at %d images from %d snapshots on %d rank(s)", plan.stds, plan.images,
-                     len(plan.snapshots), env.world_size)
+            log.info(
+                "reconstructing std %s at %d images from %d snapshots on %d rank(s)",
+                plan.stds,
+                plan.images,
+                len(plan.snapshots),
+                env.world_size,
+            )
         acc = accumulate(plan, mine)
         counts = [sum(shapes[k].numel() for k, r in zip(names, owner) if r == rank) for rank in range(env.world_size)]
         paths = []
@@ -130,7 +139,7 @@ def _unflatten(parts, names, owner, shapes) -> dict[str, torch.Tensor]:
     offsets, out = [0] * len(parts), {}
     for k, r in zip(names, owner):
         n = shapes[k].numel()
-        out[k] = parts[r][offsets[r]:offsets[r] + n].reshape(shapes[k]).clone()
+        out[k] = parts[r][offsets[r] : offsets[r] + n].reshape(shapes[k]).clone()
         offsets[r] += n
     return out
 
@@ -142,10 +151,19 @@ def _write(plan: Plan, j: int, std: float, weights: dict, run_dir: str, out_dir:
     except FileNotFoundError:
         run_cfg = {}
     column = plan.coefficients[:, j]
-    info = {"images": plan.images, "diffusion": run_cfg.get("diffusion"), "sample": run_cfg.get("sample"),
-            "posthoc_ema": {"std": std, "gamma": float(std_to_exp(std)), "snapshots": len(plan.snapshots),
-                            "profile_fit_error": fit_error([s.images for s in plan.snapshots],
-                                                           [s.std for s in plan.snapshots], plan.images, std, column)}}
+    info = {
+        "images": plan.images,
+        "diffusion": run_cfg.get("diffusion"),
+        "sample": run_cfg.get("sample"),
+        "posthoc_ema": {
+            "std": std,
+            "gamma": float(std_to_exp(std)),
+            "snapshots": len(plan.snapshots),
+            "profile_fit_error": fit_error(
+                [s.images for s in plan.snapshots], [s.std for s in plan.snapshots], plan.images, std, column
+            ),
+        },
+    }
     path = export_path(out_dir, plan.images, std)
     save_export(path, weights, None, plan.model_config, info)
     log.info("post-hoc EMA std %.4f: %s (profile fit error %.2e)", std, path, info["posthoc_ema"]["profile_fit_error"])
