@@ -142,8 +142,9 @@ def launched_externally() -> bool:
     return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
 
 
-def _spawn_entry(local_rank: int, fn, args, world_size: int, port: int) -> None:
-    os.environ.update(
+def local_rank_env(local_rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The variables torchrun would give one of `world_size` processes on this host (the rendezvous on 127.0.0.1)."""
+    return dict(
         RANK=str(local_rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(local_rank),
@@ -151,6 +152,10 @@ def _spawn_entry(local_rank: int, fn, args, world_size: int, port: int) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _spawn_entry(local_rank: int, fn, args, world_size: int, port: int) -> None:
+    os.environ.update(local_rank_env(local_rank, world_size, port))
     fn(*args)
 
 

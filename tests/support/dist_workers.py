@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ddpm_dist.parallel.env import free_port
+from ddpm_dist.parallel.env import free_port, local_rank_env
 
 
 def spawn(fn, world_size: int, *args) -> None:
@@ -18,15 +18,7 @@ def spawn(fn, world_size: int, *args) -> None:
 
 
 def _entry(rank, fn, world_size, port, args):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
+    os.environ.update(local_rank_env(rank, world_size, port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from ddpm_dist.parallel.env import init_distributed, read_env
 
@@ -80,7 +72,7 @@ def train_steps(
     from ddpm_dist.parallel.collectives import all_reduce_mean
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
-    from ddpm_dist.training.loop import run_step
+    from ddpm_dist.training.loop import StepRecipe, run_step
 
     cfg = load_config(
         None,
@@ -119,10 +111,7 @@ def train_steps(
             step=step,
             rank=rank,
             world_size=world_size,
-            seed=cfg.seed,
-            train=cfg.train,
-            diffusion=cfg.diffusion,
-            num_classes=model_cfg.num_classes,
+            recipe=StepRecipe.of(cfg, model_cfg.num_classes),
             lr=lr,
         )
         ema.update(ema_beta)
@@ -218,7 +207,7 @@ def resume_worker(rank, world_size, out_dir, backend, zero_stage):
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.checkpoint import CheckpointManager
-    from ddpm_dist.training.loop import run_step
+    from ddpm_dist.training.loop import StepRecipe, run_step
     from ddpm_dist.training.state import LRSchedule, Progress
     from tests.support.common import DIGITS
 
@@ -266,10 +255,7 @@ def resume_worker(rank, world_size, out_dir, backend, zero_stage):
                 step=p.step,
                 rank=rank,
                 world_size=world_size,
-                seed=cfg.seed,
-                train=cfg.train,
-                diffusion=cfg.diffusion,
-                num_classes=model_cfg.num_classes,
+                recipe=StepRecipe.of(cfg, model_cfg.num_classes),
                 lr=lr,
             )
             parts["ema"].update(0.9)
