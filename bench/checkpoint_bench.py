@@ -25,7 +25,7 @@ from ddpm_dist.models import UNet, resolve_model_config  # noqa: E402
 from ddpm_dist.parallel import parallelize, read_env  # noqa: E402
 from ddpm_dist.parallel.sharded_ema import ShardedEMA  # noqa: E402
 from ddpm_dist.training.checkpoint import CheckpointManager  # noqa: E402
-from ddpm_dist.training.loop import run_step  # noqa: E402
+from ddpm_dist.training.loop import StepRecipe, run_step  # noqa: E402
 
 
 def main():
@@ -66,10 +66,7 @@ def main():
                 step=step,
                 rank=0,
                 world_size=1,
-                seed=cfg.seed,
-                train=cfg.train,
-                diffusion=cfg.diffusion,
-                num_classes=model_cfg.num_classes,
+                recipe=StepRecipe.of(cfg, model_cfg.num_classes),
                 lr=1e-4,
             )
             ema.update(0.999)

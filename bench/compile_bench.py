@@ -75,7 +75,7 @@ class Trainer:
 
     def run(self, steps: int) -> float:
         """Seconds per step over `steps` steps."""
-        from ddpm_dist.training.loop import run_step
+        from ddpm_dist.training.loop import StepRecipe, run_step
 
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -86,10 +86,7 @@ class Trainer:
                 step=self.step,
                 rank=0,
                 world_size=1,
-                seed=self.cfg.seed,
-                train=self.cfg.train,
-                diffusion=self.cfg.diffusion,
-                num_classes=self.model_cfg.num_classes,
+                recipe=StepRecipe.of(self.cfg, self.model_cfg.num_classes),
                 lr=1e-4,
             )
             self.step += 1

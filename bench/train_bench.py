@@ -99,7 +99,7 @@ class OurLoop:
 
     def run(self, data, steps):
         from ddpm_dist.parallel.sharded_ema import ema_beta
-        from ddpm_dist.training.loop import run_step
+        from ddpm_dist.training.loop import StepRecipe, run_step
         from ddpm_dist.training.state import LRSchedule
 
         cfg = self.cfg
@@ -115,10 +115,7 @@ class OurLoop:
                 step=self.step,
                 rank=0,
                 world_size=1,
-                seed=cfg.seed,
-                train=cfg.train,
-                diffusion=cfg.diffusion,
-                num_classes=self.model_cfg.num_classes,
+                recipe=StepRecipe.of(cfg, self.model_cfg.num_classes),
                 lr=lr,
             )
             te = time.perf_counter()
@@ -211,7 +208,7 @@ def scaling(args):
 def _scaling_worker(rank, world, backend, preset, batch, steps, path):
     from ddpm_dist.parallel import parallelize, read_env
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
-    from ddpm_dist.training.loop import run_step
+    from ddpm_dist.training.loop import StepRecipe, run_step
 
     if world == 1:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -241,10 +238,7 @@ def _scaling_worker(rank, world, backend, preset, batch, steps, path):
             step=step,
             rank=rank,
             world_size=world,
-            seed=cfg.seed,
-            train=cfg.train,
-            diffusion=cfg.diffusion,
-            num_classes=model_cfg.num_classes,
+            recipe=StepRecipe.of(cfg, model_cfg.num_classes),
             lr=1e-4,
         )
         ema.update(0.999)

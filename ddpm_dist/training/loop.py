@@ -7,6 +7,7 @@ label dropout, noise) is a function of (seed, step, global slot): each rank draw
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -36,21 +37,32 @@ from .state import Progress
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepRecipe:
+    """What every step of a run reads from its config: fixed for the whole run."""
+
+    seed: int
+    train: TrainConfig
+    diffusion: DiffusionConfig
+    num_classes: int = 0
+
+    @classmethod
+    def of(cls, cfg: Config, num_classes: int = 0) -> StepRecipe:
+        return cls(cfg.seed, cfg.train, cfg.diffusion, num_classes)
+
+
 def run_step(
     engine,
     schedule,
     micro_batches: list[dict],
     *,
+    recipe: StepRecipe,
     step: int,
     rank: int,
     world_size: int,
-    seed: int,
-    train: TrainConfig,
-    diffusion: DiffusionConfig,
-    num_classes: int,
     lr: float,
 ) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches, from the run's seed and its train and diffusion sections;
+    """One optimizer step over this rank's micro-batches, as the run's recipe says;
     returns (mean loss on this rank, grad norm) as tensors on the device: nothing here waits for the GPU (the
     metrics read them every log_every steps)."""
     device = engine.device
@@ -63,22 +75,22 @@ def run_step(
         if x0.dtype == torch.uint8:  # the stream ships uint8 (a quarter of the bytes); callers may pass [-1, 1] floats
             x0 = model_range(x0)
         t, drop, noise = slot_randomness(
-            seed,
+            recipe.seed,
             step,
             rank_slots(i, rank, world_size, micro),
             schedule.num_steps,
             x0.shape[1:],
-            train.label_dropout,
+            recipe.train.label_dropout,
             device,
         )
         kwargs = {}
-        if num_classes:
+        if recipe.num_classes:
             y = batch["label"].to(device)
-            kwargs["y"] = torch.where(drop, torch.full_like(y, num_classes), y)
-        if train.sr_factor:  # super-resolution: the condition is made from the batch itself
-            kwargs["cond"] = lowres_condition(x0, train.sr_factor)
+            kwargs["y"] = torch.where(drop, torch.full_like(y, recipe.num_classes), y)
+        if recipe.train.sr_factor:  # super-resolution: the condition is made from the batch itself
+            kwargs["cond"] = lowres_condition(x0, recipe.train.sr_factor)
         if dropout:  # dropout masks from the global RNG: reseed per (step, micro-step, rank) for exact resume
-            seed_device_rng(device, mix_seed(seed, step, i, rank))
+            seed_device_rng(device, mix_seed(recipe.seed, step, i, rank))
         last = i == accum - 1
         with engine.sync_gradients(last):
             loss = diffusion_loss(
@@ -87,14 +99,14 @@ def run_step(
                 x0,
                 t,
                 noise,
-                prediction=diffusion.prediction,
-                weighting=diffusion.loss_weighting,
-                min_snr_gamma=diffusion.min_snr_gamma,
+                prediction=recipe.diffusion.prediction,
+                weighting=recipe.diffusion.loss_weighting,
+                min_snr_gamma=recipe.diffusion.min_snr_gamma,
                 model_kwargs=kwargs,
             )
             engine.backward(loss, accum, last)
         total += loss.detach().float()
-    grad_norm = engine.step(lr, train.grad_clip)
+    grad_norm = engine.step(lr, recipe.train.grad_clip)
     return total / accum, grad_norm
 
 
@@ -176,6 +188,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
     exit_code = 0
     last_saved_step = progress.step if run.resumed else -1
     first_step = progress.step
+    recipe = StepRecipe.of(cfg, run.model_cfg.num_classes)
     while progress.images < cfg.train.total_images:  # counted in images: the batch may change across a resume
         # Section: one optimizer step, then the EMAs.
         t_step = time.perf_counter()
@@ -191,10 +204,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
             step=progress.step,
             rank=env.rank,
             world_size=env.world_size,
-            seed=cfg.seed,
-            train=cfg.train,
-            diffusion=cfg.diffusion,
-            num_classes=run.model_cfg.num_classes,
+            recipe=recipe,
             lr=lr,
         )
         t_ema = time.perf_counter()

@@ -142,7 +142,7 @@ def test_checkpoint_moves_between_compiled_and_eager(eager, tmp_path, first, the
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.parallel.sharded_ema import ShardedEMA
     from ddpm_dist.training.checkpoint import CheckpointManager
-    from ddpm_dist.training.loop import run_step
+    from ddpm_dist.training.loop import StepRecipe, run_step
     from ddpm_dist.training.state import Progress
     from tests.support.dist_workers import make_engine, synthetic_batch
 
@@ -180,10 +180,7 @@ def test_checkpoint_moves_between_compiled_and_eager(eager, tmp_path, first, the
                 step=p.step,
                 rank=0,
                 world_size=1,
-                seed=cfg.seed,
-                train=cfg.train,
-                diffusion=cfg.diffusion,
-                num_classes=0,
+                recipe=StepRecipe.of(cfg, 0),
                 lr=1e-3,
             )
             parts["ema"].update(0.9)

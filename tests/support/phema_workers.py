@@ -21,7 +21,7 @@ def profiles_run(rank, world_size, run_dir, backend, stds, truth_stds, steps, sn
     from ddpm_dist.parallel.seeding import seed_everything
     from ddpm_dist.posthoc.power import PowerEMA
     from ddpm_dist.posthoc.snapshots import SnapshotWriter
-    from ddpm_dist.training.loop import run_step
+    from ddpm_dist.training.loop import StepRecipe, run_step
     from tests.support.dist_workers import make_engine, synthetic_batch
 
     cfg = load_config(None, ["model.preset=tiny", f"train.global_batch={GLOBAL_BATCH}", "diffusion.num_steps=100"])
@@ -44,10 +44,7 @@ def profiles_run(rank, world_size, run_dir, backend, stds, truth_stds, steps, sn
             step=step,
             rank=rank,
             world_size=world_size,
-            seed=cfg.seed,
-            train=cfg.train,
-            diffusion=cfg.diffusion,
-            num_classes=0,
+            recipe=StepRecipe.of(cfg, 0),
             lr=2e-3,
         )
         images = (step + 1) * GLOBAL_BATCH

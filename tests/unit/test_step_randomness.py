@@ -64,10 +64,7 @@ def test_a_training_step_asks_only_for_its_ranks_slots(monkeypatch):
         step=5,
         rank=2,
         world_size=4,
-        seed=cfg.seed,
-        train=cfg.train,
-        diffusion=cfg.diffusion,
-        num_classes=4,
+        recipe=loop.StepRecipe.of(cfg, 4),
         lr=1e-3,
     )
     assert asked == [[6, 7, 8], [18, 19, 20]]
