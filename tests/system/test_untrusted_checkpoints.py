@@ -90,7 +90,9 @@ def test_dcp_metadata_that_runs_code_is_refused(single_run, tmp_path, command):
     file = write_metadata(ckpt, md)
     r = COMMANDS[command](run, tmp_path / "out")
     assert_refused(r, file, marker, "it references builtins.exec")
-    if command == "resume":  # the attack is real: plain unpickling runs it
+    if command == "resume":
+        # The control: the file this test crafted (in tmp_path) is a real attack, since plain unpickling runs it.
+        # Deliberate and the only pickle.load in the project, in a child process so the code runs outside pytest.
         subprocess.run([PYTHON, "-c", f"import pickle; pickle.load(open({file!r}, 'rb'))"], check=True)
         assert os.path.exists(marker)
 
