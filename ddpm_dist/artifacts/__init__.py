@@ -8,7 +8,9 @@ keeps its own format (DeepSpeed). An export is one safetensors file: EMA and raw
 and the run's diffusion and sampler settings in its metadata.
 
 Checkpoints come from shared filesystems and buckets, so nothing read here is unpickled beyond DCP's own
-metadata classes: every DCP read goes through `load_dcp` (safe_dcp.py)."""
+metadata classes: every DCP read goes through `load_dcp` (safe_dcp.py). What is read proves itself first: the marker
+lists every file with its size and digest, an export carries its tensors' digests (digests.py); a corrupt one is a
+one-line CheckpointError naming the file, one written before digests loads unverified."""
 
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ import yaml
 from ..config import DiffusionConfig
 from ..diffusion.options import SamplerOptions
 from ..models import UNet, UNetConfig, resolve_model_config
+from .digests import EXPORT_DIGESTS, MARKER, check_export, export_digests, require_intact
 from .errors import CheckpointError
 from .safe_dcp import load_dcp
 
-MARKER = "COMMITTED"
 META = "meta.json"
 CHECKPOINT_FORMAT = 2
 EXPORT_FORMAT = "ddpm_dist.export/1"
@@ -117,6 +119,8 @@ def load_checkpoint_weights(
     """EMA ('ema') or raw ('model') weights of a checkpoint (`choice`: latest or best), in one process without
     a process group: DCP reshards whatever world size wrote them."""
     path = newest_checkpoint(run_or_ckpt, choice)
+    if require_intact(path).unverified:
+        log.info("checkpoint '%s' has no digests (written before ddpm_dist recorded them): read unverified", path)
     meta = read_meta(path)
     keys = DCP_WEIGHTS[which]
     if meta["formats"].get(keys[0]) not in PORTABLE_FORMATS:
@@ -132,7 +136,7 @@ def load_checkpoint_weights(
         state = {key: state}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to load in a single process"
-        load_dcp(state, path, no_dist=True)
+        load_dcp(state, path, no_dist=True, verify=False)  # verified above
     return template, meta
 
 
@@ -147,6 +151,7 @@ def save_export(
         tensors.update({f"model.{k}": v.contiguous() for k, v in raw.items()})
     cfg = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else dict(model_config)
     meta = {"format": EXPORT_FORMAT, "model_config": json.dumps(cfg), "info": json.dumps(info)}
+    meta[EXPORT_DIGESTS] = export_digests(tensors, meta)  # of the bytes safetensors writes: it writes them as they are
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
     mask = os.umask(0)
@@ -157,17 +162,26 @@ def save_export(
 
 
 def load_export(path: str, which: str = "ema") -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(weights, model_config dict, info) from an export; which = 'ema' or 'model'."""
+    """(weights, model_config dict, info) from an export; which = 'ema' or 'model' (None: both, keys prefixed), each
+    tensor checked against the digest written with it."""
     from safetensors import safe_open
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"export '{path}' does not exist")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"'{path}' is not a ddpm_dist export (format {meta.get('format')!r})")
-        prefix = which + "."
-        weights = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, keys = f.metadata() or {}, list(f.keys())
+            if meta.get("format") != EXPORT_FORMAT:
+                raise ValueError(f"'{path}' is not a ddpm_dist export (format {meta.get('format')!r})")
+            prefix = "" if which is None else which + "."
+            read = {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own error: a truncated or garbled header or buffer
+        raise CheckpointError(f"corrupt export '{path}': {type(e).__name__}: {e}") from None
+    if problem := check_export(path, meta, keys, read):
+        raise CheckpointError(f"corrupt export: {problem}")
+    weights = {k[len(prefix) :]: v for k, v in read.items()}
     if not weights:
         raise ValueError(f"export '{path}' has no '{which}' weights")
     return weights, json.loads(meta["model_config"]), json.loads(meta.get("info", "{}"))

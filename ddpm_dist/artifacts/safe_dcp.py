@@ -1,6 +1,7 @@
 """torch.distributed.checkpoint's load without unpickling anything but its metadata classes: checkpoints come from
 shared filesystems and buckets. `load_dcp` is dcp.load with a reader whose `.metadata` unpickler admits only
-METADATA_GLOBALS and a planner that loads DCP's byte entries with torch.load(weights_only=True)."""
+METADATA_GLOBALS and a planner that loads DCP's byte entries with torch.load(weights_only=True); a directory with a
+COMMITTED marker is verified against the digests in it first (digests.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import re
 
 import torch
 
+from .digests import MARKER, require_intact
 from .errors import CheckpointError
 
 # Every global a DCP `.metadata` pickle references: found by unpickling, with a recording Unpickler, the checkpoints
@@ -143,11 +145,15 @@ def _safe_dcp() -> tuple[type, type]:
     return SafeReader, SafePlanner
 
 
-def load_dcp(state: dict, path: str, **kwargs) -> None:
+def load_dcp(state: dict, path: str, *, verify: bool = True, **kwargs) -> None:
     """torch.distributed.checkpoint.load(state, ...) from checkpoint directory `path`, in place, unpickling nothing
-    but DCP's metadata classes and plain data; an untrusted file is a one-line CheckpointError naming it."""
+    but DCP's metadata classes and plain data; an untrusted file is a one-line CheckpointError naming it, and so is
+    a file that differs from its digest in the directory's marker (unless the caller verified it: verify=False)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
+
+    if verify and os.path.exists(os.path.join(path, MARKER)):
+        require_intact(path)
 
     reader_cls, planner_cls = _safe_dcp()
     reader = reader_cls(path)

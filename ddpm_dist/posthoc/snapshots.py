@@ -1,6 +1,7 @@
 """Snapshots of the power-function EMA profiles: RUN/ema_snapshots/<images>-<std>/, one DCP checkpoint per profile
 (sharded writes under FSDP2, resharding loads), committed like checkpoints: every rank writes into .tmp-<name>, then
-rank 0 adds snapshot.json, renames the directory and writes the COMMITTED marker last. Rank 0 keeps index.json (images
+rank 0 adds snapshot.json, renames the directory and writes the COMMITTED marker last, with every file's size and
+digest (artifacts.digests: a snapshot is verified by load_dcp before it is read). Rank 0 keeps index.json (images
 seen, std, gamma, path of every committed snapshot) rebuilt from the directories, which are the truth.
 
 Snapshots are kept: disk cost = profiles x fp32 model size per snapshot. A resumed run first removes the snapshots
@@ -18,7 +19,8 @@ import warnings
 from dataclasses import dataclass
 
 from ..artifacts import MARKER, CheckpointError
-from ..parallel.collectives import barrier
+from ..artifacts.digests import digesting_writer, file_record, marker_text
+from ..parallel.collectives import barrier, get_world_size
 from .phema import exp_to_std
 
 log = logging.getLogger(__name__)
@@ -115,10 +117,11 @@ class SnapshotWriter:
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(tmp)
             barrier()
+            writer = digesting_writer(tmp, self.rank, get_world_size())
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # one process: no process group, by design
-                    dcp.save({"ema": profile.state_dict()}, checkpoint_id=tmp)
+                    dcp.save({"ema": profile.state_dict()}, storage_writer=writer)
             except Exception as e:  # noqa: BLE001 - a one-line error; earlier snapshots stay committed
                 if self.rank == 0:
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -135,6 +138,7 @@ class SnapshotWriter:
                         "gamma": gamma,
                         "model_config": self.model_config,
                     },
+                    writer.files,
                 )
         if self.rank == 0:
             self._write_index()
@@ -144,14 +148,16 @@ class SnapshotWriter:
         barrier()
         self.last_images = images
 
-    def _commit(self, tmp: str, final: str, meta: dict) -> None:
-        _write_durably(os.path.join(tmp, SNAPSHOT_META), json.dumps(meta, indent=1))
+    def _commit(self, tmp: str, final: str, meta: dict, files: dict) -> None:
+        text = json.dumps(meta, indent=1)
+        _write_durably(os.path.join(tmp, SNAPSHOT_META), text)
+        files = {**files, SNAPSHOT_META: file_record(os.path.join(tmp, SNAPSHOT_META))}
         old = None
         if os.path.exists(final):  # the same images again (a replay after a crash): the new one replaces it
             old = os.path.join(self.directory, ".old-" + os.path.basename(final))
             os.rename(final, old)
         os.rename(tmp, final)
-        _write_durably(os.path.join(final, MARKER), json.dumps({"images": meta["images"], "time": time.time()}))
+        _write_durably(os.path.join(final, MARKER), marker_text({"images": meta["images"], "time": time.time()}, files))
         if old:
             shutil.rmtree(old, ignore_errors=True)
         fd = os.open(self.directory, os.O_RDONLY)

@@ -9,7 +9,9 @@ A component is anything with state_dict() / load_state_dict(state); the manager 
   with save_native(dir) and reads them back with load_native(dir).
 
 Commit (rank 0, after every rank finished writing): meta.json into the temp dir, rename the temp dir
-to step_XXXXXXXXX, then write the COMMITTED marker last. A directory without the marker is ignored."""
+to step_XXXXXXXXX, then write the COMMITTED marker last, with the size and digest of every file (artifacts.digests:
+DCP's as they were written, on each rank). A directory without the marker is ignored; one whose files differ from
+their digests is moved aside to corrupt-step_XXXXXXXXX at resume, which falls back to the previous one."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -34,16 +37,19 @@ from ..artifacts import (
     CheckpointError,
     best_checkpoint,
     committed_checkpoints,
+    digests,
     load_dcp,
     read_meta,
     step_name,
 )
+from ..artifacts.digests import Verdict
 from ..models import RUNTIME_FIELDS
-from ..parallel.collectives import barrier, side_group
+from ..parallel.collectives import barrier, get_world_size, side_group, sum_across_ranks
 from ..redact import to_json
 
 log = logging.getLogger(__name__)
 SAVE_ERRORS = (Exception, CheckpointException)  # DCP's CheckpointException is a BaseException
+QUARANTINE = "corrupt-"  # a corrupt checkpoint found at resume is renamed to corrupt-step_XXXXXXXXX, and kept
 
 
 def _fsync_dir(path: str) -> None:
@@ -80,6 +86,7 @@ def _quiet_dcp(fn, *args, **kwargs):
 @dataclass
 class _Pending:
     future: object
+    writer: object
     tmp: str
     final: str
     meta: dict
@@ -107,6 +114,7 @@ class CheckpointManager:
         self.keep_last, self.keep_every_images, self.async_save = keep_last, keep_every_images, async_save
         self.keep_best = keep_best
         self.pending: Optional[_Pending] = None
+        self._verdicts: dict[str, Verdict] = {}  # checkpoints verified (or written) by this manager
         self.last_duration = self.last_success_time = self.last_stall = 0.0
         self.last_images = 0  # images seen by the newest committed checkpoint
         self._group = side_group() if async_save else None  # the background write's collectives
@@ -118,8 +126,73 @@ class CheckpointManager:
         barrier()
 
     def latest(self) -> Optional[str]:
+        """The newest committed checkpoint whose files match their digests (collective: every rank calls it). Each
+        newer, corrupt one is moved aside to corrupt-step_XXXXXXXXX (kept as evidence, out of the way of pruning and
+        of later resumes) with one line naming the file. Every one corrupt: a CheckpointError, and nothing moved."""
         found = committed_checkpoints(self.directory)
-        return found[-1] if found else None
+        corrupt = []
+        for path in reversed(found):
+            verdict = self._verify(path)
+            if verdict.ok:
+                break
+            corrupt.append(verdict)
+        else:
+            if corrupt:
+                raise CheckpointError(
+                    f"every committed checkpoint under '{self.directory}' is corrupt ({len(corrupt)}; the newest: "
+                    f"{corrupt[0].problem}): nothing loaded, nothing removed"
+                )
+            return None
+        if corrupt:
+            for bad in corrupt:
+                if self.rank == 0:
+                    log.warning(
+                        "checkpoint %s is corrupt: %s; moved to %s (kept as evidence), falling back to %s",
+                        bad.path,
+                        bad.problem,
+                        self._quarantine(bad.path),
+                        os.path.basename(path),
+                    )
+                self._verdicts.pop(bad.path, None)
+            barrier()
+        return path
+
+    def _verify(self, path: str) -> Verdict:
+        """Every file of `path` against its marker's record, each rank checking a share (collective)."""
+        if path in self._verdicts:
+            return self._verdicts[path]
+        try:
+            files = digests.read_marker(path).get("files")
+        except CheckpointError as e:
+            verdict = Verdict(path, str(e))
+        else:
+            if files is None:
+                verdict = Verdict(path, unverified=True)
+                if self.rank == 0:
+                    log.info("checkpoint %s has no digests (written before ddpm_dist recorded them): unverified", path)
+            else:
+                names, world = sorted(files), get_world_size()
+                codes = np.zeros(len(names), dtype=np.int64)
+                mine = names[self.rank :: world]
+                codes[self.rank :: world] = [code for code, _ in digests.check_files(path, files, mine)]
+                bad = np.flatnonzero(sum_across_ranks(codes))
+                verdict = Verdict(path)
+                if bad.size:
+                    name = names[bad[0]]
+                    code, what = digests.check_file(path, name, files[name])
+                    verdict = Verdict(
+                        path, what if code != digests.OK else f"'{os.path.join(path, name)}' did not verify"
+                    )
+        self._verdicts[path] = verdict
+        return verdict
+
+    def _quarantine(self, path: str) -> str:
+        target, n = os.path.join(self.directory, QUARANTINE + os.path.basename(path)), 2
+        while os.path.exists(target):
+            target, n = os.path.join(self.directory, f"{QUARANTINE}{os.path.basename(path)}-{n}"), n + 1
+        os.rename(path, target)
+        _fsync_dir(self.directory)
+        return target
 
     def _native(self) -> dict:
         return {n: c for n, c in self.components.items() if getattr(c, "native_format", None)}
@@ -148,6 +221,7 @@ class CheckpointManager:
         if evaluation:
             meta["eval"] = evaluation
         tensors = {}
+        writer = digests.digesting_writer(tmp, self.rank, get_world_size(), tuple(native))
         try:
             for name, component in native.items():
                 component.save_native(os.path.join(tmp, name))
@@ -161,11 +235,11 @@ class CheckpointManager:
                     meta["state"][name], meta["formats"][name] = state, "json"
             json.dumps(meta)  # a non-JSON value fails here, before anything is committed
             if self.async_save and not force_sync:
-                future = dcp.async_save(tensors, checkpoint_id=tmp, process_group=self._group)
-                self.pending = _Pending(future, tmp, final, meta, t0)
+                future = dcp.async_save(tensors, storage_writer=writer, process_group=self._group)
+                self.pending = _Pending(future, writer, tmp, final, meta, t0)
                 self.last_stall = time.perf_counter() - t0
                 return
-            _quiet_dcp(dcp.save, tensors, checkpoint_id=tmp)
+            _quiet_dcp(dcp.save, tensors, storage_writer=writer)
             barrier()
         except SAVE_ERRORS as e:
             if self.rank == 0:
@@ -174,18 +248,23 @@ class CheckpointManager:
                 f"checkpoint at step {step} failed, previous one kept: {type(e).__name__}: {e}"
             ) from e
         if self.rank == 0:
-            self._commit(tmp, final, meta)
+            self._commit(tmp, final, meta, writer.files)
         barrier()
         self.last_stall = self.last_duration = time.perf_counter() - t0
         self.last_success_time, self.last_images = time.time(), images
 
-    def _commit(self, tmp: str, final: str, meta: dict) -> None:
-        _write_file(os.path.join(tmp, META), to_json(meta, indent=1))
+    def _commit(self, tmp: str, final: str, meta: dict, files: dict) -> None:
+        text = to_json(meta, indent=1)
+        _write_file(os.path.join(tmp, META), text)
+        files = {**files, META: digests.file_record(os.path.join(tmp, META))}
         if os.path.exists(final):  # an uncommitted leftover with the same step
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_file(os.path.join(final, MARKER), json.dumps({"step": meta["step"], "time": time.time()}))
+        _write_file(
+            os.path.join(final, MARKER), digests.marker_text({"step": meta["step"], "time": time.time()}, files)
+        )
         _fsync_dir(self.directory)
+        self._verdicts[final] = Verdict(final)
         log.info("checkpoint committed: %s", final)
         self._prune()
 
@@ -207,7 +286,11 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         found = committed_checkpoints(self.directory)
-        keep = self.kept(found)
+        try:
+            keep = self.kept(found)
+        except (CheckpointError, OSError, ValueError) as e:  # an unreadable meta.json: remove nothing (evidence)
+            log.warning("not pruning checkpoints this time: %s", e)
+            return
         for path in found:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
@@ -227,7 +310,7 @@ class CheckpointManager:
                 shutil.rmtree(p.tmp, ignore_errors=True)
             return True
         if self.rank == 0:
-            self._commit(p.tmp, p.final, p.meta)
+            self._commit(p.tmp, p.final, p.meta, p.writer.files)
         self.last_duration = time.perf_counter() - p.started
         self.last_success_time, self.last_images = time.time(), p.meta["images"]
         return True
@@ -239,14 +322,18 @@ class CheckpointManager:
 
     # -- load ----------------------------------------------------------------------------------------
     def restore_latest(self) -> Optional[dict]:
-        """Restore every component from the newest committed checkpoint; its meta (with its 'path'), or None
-        when there is none."""
+        """Restore every component from the newest committed checkpoint that verifies (latest()); its meta (with its
+        'path'), or None when there is none."""
         path = self.latest()
         if path is None:
             return None
         return self.load(path)
 
     def load(self, path: str) -> dict:
+        """Restore every component from checkpoint `path` (collective), verified first: a corrupt one is an error."""
+        verdict = self._verify(path)
+        if not verdict.ok:
+            raise CheckpointError(f"corrupt checkpoint '{path}': {verdict.problem}")
         meta = read_meta(path)
         self._check_compatible(meta, path)
         native = self._native()
@@ -256,7 +343,7 @@ class CheckpointManager:
             portable = {n: c for n, c in self.components.items() if n not in native}
             tensors = {n: c.state_dict() for n, c in portable.items() if meta["formats"][n] == "dcp"}
             if tensors:
-                _quiet_dcp(load_dcp, tensors, path)  # unpickles nothing but DCP's metadata classes
+                _quiet_dcp(load_dcp, tensors, path, verify=False)  # verified; unpickles only DCP's metadata classes
             for name, component in portable.items():
                 component.load_state_dict(tensors[name] if name in tensors else meta["state"][name])
         except CheckpointError:
