@@ -1,8 +1,13 @@
 """Checkpoint cost, side by side in one run: the training stall of a synchronous save and of an async
 save (dcp.async_save: the loop waits only for staging), each over the time of one training step, and the
 total overhead of checkpointing every N steps in percent of training time. Goal: async stall < 10% of sync.
+Each mode runs with the file digests the marker records (artifacts/digests.py) and "before" them (a plain DCP
+writer, no digests), and the restore of the newest checkpoint is timed with and without verifying it first (fresh
+manager each time, interleaved, page cache warm for both). Goals: restore with / without <= 1.15; the async stall
+with digests <= 0.10 of a sync save's.
 
     .venv/bin/python bench/checkpoint_bench.py [--preset ddpm-cifar10] [--batch 4] [--every 5] [--steps 20]
+        [--repeats 5]     # --steps 0: the stalls and restores only
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import tempfile
 import time
 
 import torch
+from torch.distributed.checkpoint import FileSystemWriter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ddpm_dist.artifacts import digests  # noqa: E402
 from ddpm_dist.config import ParallelConfig, TrainConfig, load_config  # noqa: E402
 from ddpm_dist.diffusion import make_schedule  # noqa: E402
 from ddpm_dist.models import UNet, resolve_model_config  # noqa: E402
@@ -28,12 +35,33 @@ from ddpm_dist.training.checkpoint import CheckpointManager  # noqa: E402
 from ddpm_dist.training.loop import StepRecipe, run_step  # noqa: E402
 
 
+def plain_writer(path, rank=0, world=1, others=()):
+    """The DCP writer before digests: a marker without files."""
+    writer = FileSystemWriter(path)
+    writer.files = {}
+    return writer
+
+
+def time_restores(directory, parts, repeats=5) -> tuple[float, float]:
+    """Median seconds of restore_latest() with its verification, and of the same load without (fresh managers)."""
+    timed = {True: [], False: []}
+    for _ in range(repeats):
+        for verify in (True, False):
+            manager = CheckpointManager(directory, parts, rank=0, keep_last=2)
+            path = None if verify else manager.latest()  # verified here, untimed: the load alone is timed below
+            t0 = time.perf_counter()
+            manager.restore_latest() if verify else manager.load(path)
+            timed[verify].append(time.perf_counter() - t0)
+    return statistics.median(timed[True]), statistics.median(timed[False])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="ddpm-cifar10")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--every", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="saves per mode and restores each way (medians)")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     args = p.parse_args()
     cfg = load_config(None, [f"model.preset={args.preset}", f"train.global_batch={args.batch}"])
@@ -78,37 +106,44 @@ def main():
     train(2)  # warm-up, and optimizer state exists
     step_time = statistics.median(train(5))
     size = sum(t.numel() * t.element_size() for t in engine.module.parameters()) * 4  # params, 2 Adam moments, EMA
-    results = {}
-    for mode in ("sync", "async"):
-        directory = os.path.join(root, mode)
-        manager = CheckpointManager(
-            directory, {"engine": engine, "ema": ema}, rank=0, keep_last=2, async_save=mode == "async"
-        )
-        stalls = []
-        for _ in range(3):
+    parts, real_writer = {"engine": engine, "ema": ema}, digests.digesting_writer
+    modes = ("sync", "sync-before", "async", "async-before")
+    managers = {
+        m: CheckpointManager(os.path.join(root, m), parts, rank=0, keep_last=2, async_save=m.startswith("async"))
+        for m in modes
+    }
+    stalls = {m: [] for m in modes}
+    for _ in range(args.repeats):  # the modes interleaved: a load that drifts during the run touches all alike
+        for mode in modes:
+            digests.digesting_writer = plain_writer if mode.endswith("before") else real_writer
             t0 = time.perf_counter()
-            manager.save(step, step * args.batch)
-            stalls.append(time.perf_counter() - t0)
-            train(1)
-            manager.wait()
-        t0 = time.perf_counter()  # steady state: checkpoint every `every` steps while training
+            managers[mode].save(step, step * args.batch)
+            stalls[mode].append(time.perf_counter() - t0)
+            managers[mode].wait()
+            digests.digesting_writer = real_writer
+    stall = {m: statistics.median(v) for m, v in stalls.items()}
+    verified, plain = time_restores(os.path.join(root, "sync"), parts, args.repeats)
+    overhead = {}
+    for mode in ("sync", "async") if args.steps else ():  # steady state: a checkpoint every `every` steps
+        manager = managers[mode]
+        t0 = time.perf_counter()
         for i in range(args.steps):
             train(1)
             manager.poll()
             if (i + 1) % args.every == 0:
                 manager.save(step, step * args.batch)
         manager.wait()
-        total = time.perf_counter() - t0
-        results[mode] = (statistics.median(stalls), total)
-        shutil.rmtree(directory, ignore_errors=True)
-    train_only = step_time * args.steps
+        overhead[mode] = (time.perf_counter() - t0 - step_time * args.steps) / (step_time * args.steps)
     print(f"model {args.preset}: {size / 1e6:.0f} MB of state; batch {args.batch}; one step {step_time * 1e3:.0f} ms")
-    print(f"{'mode':6s} {'stall':>9s} {'stall/step':>11s} {'overhead every ' + str(args.every) + ' steps':>26s}")
-    for mode, (stall, total) in results.items():
-        print(
-            f"{mode:6s} {stall * 1e3:7.0f}ms {stall / step_time:11.2f} {100 * (total - train_only) / train_only:25.1f}%"
-        )
-    print(f"async stall / sync stall = {results['async'][0] / results['sync'][0]:.3f}")
+    print(f"{'mode':12s} {'stall':>9s} {'stall/step':>11s} {'overhead every ' + str(args.every) + ' steps':>26s}")
+    for mode in modes:
+        cell = f"{100 * overhead[mode]:25.1f}%" if mode in overhead else f"{'-':>26s}"
+        print(f"{mode:12s} {stall[mode] * 1e3:7.0f}ms {stall[mode] / step_time:11.2f} {cell}")
+    ratio, before = (stall[f"async{m}"] / stall[f"sync{m}"] for m in ("", "-before"))
+    print(f"async stall / sync stall = {ratio:.3f} with digests (goal <= 0.10), {before:.3f} before")
+    print(f"async stall with / before digests = {stall['async'] / stall['async-before']:.3f}")
+    print(f"sync stall with / before digests = {stall['sync'] / stall['sync-before']:.3f}")
+    print(f"restore {verified * 1e3:.0f} ms verified, {plain * 1e3:.0f} ms not: {verified / plain:.3f} (goal <= 1.15)")
     shutil.rmtree(root, ignore_errors=True)
 
 

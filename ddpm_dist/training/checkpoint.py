@@ -235,7 +235,11 @@ class CheckpointManager:
                     meta["state"][name], meta["formats"][name] = state, "json"
             json.dumps(meta)  # a non-JSON value fails here, before anything is committed
             if self.async_save and not force_sync:
-                future = dcp.async_save(tensors, storage_writer=writer, process_group=self._group)
+                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+                stager = DefaultStager(StagingOptions(False, False, False, False))  # what async_save makes by itself
+                future = dcp.async_save(tensors, storage_writer=writer, process_group=self._group, async_stager=stager)
+                future.add_done_callback(lambda _: stager.close())
                 self.pending = _Pending(future, writer, tmp, final, meta, t0)
                 self.last_stall = time.perf_counter() - t0
                 return
