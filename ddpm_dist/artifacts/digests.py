@@ -45,10 +45,6 @@ def file_record(path: str) -> dict:
     return {"bytes": size, ALGORITHM: h.hexdigest()}
 
 
-def bytes_record(data: bytes) -> dict:
-    return {"bytes": len(data), ALGORITHM: xxhash.xxh3_128_hexdigest(data)}
-
-
 def check_file(directory: str, name: str, record, digest: bool = True) -> tuple[int, str]:
     """(OK, '') when `directory/name` has the recorded size (and with `digest` the recorded digest); else a code and
     what is wrong, in words, naming the file."""
