@@ -149,8 +149,7 @@ class SnapshotWriter:
         self.last_images = images
 
     def _commit(self, tmp: str, final: str, meta: dict, files: dict) -> None:
-        text = json.dumps(meta, indent=1)
-        _write_durably(os.path.join(tmp, SNAPSHOT_META), text)
+        _write_durably(os.path.join(tmp, SNAPSHOT_META), json.dumps(meta, indent=1))
         files = {**files, SNAPSHOT_META: file_record(os.path.join(tmp, SNAPSHOT_META))}
         old = None
         if os.path.exists(final):  # the same images again (a replay after a crash): the new one replaces it

@@ -258,8 +258,7 @@ class CheckpointManager:
         self.last_success_time, self.last_images = time.time(), images
 
     def _commit(self, tmp: str, final: str, meta: dict, files: dict) -> None:
-        text = to_json(meta, indent=1)
-        _write_file(os.path.join(tmp, META), text)
+        _write_file(os.path.join(tmp, META), to_json(meta, indent=1))
         files = {**files, META: digests.file_record(os.path.join(tmp, META))}
         if os.path.exists(final):  # an uncommitted leftover with the same step
             shutil.rmtree(final)

@@ -119,8 +119,8 @@ def build_run(cfg: Config, env: DistEnv, started: contextlib.ExitStack, progress
         keep_best=cfg.checkpoint.keep_best,
         async_save=cfg.checkpoint.async_save,
     )
-    if cfg.checkpoint.resume and power and ckpt.latest():
-        _check_same_profiles(cfg, read_meta(ckpt.latest()))
+    if cfg.checkpoint.resume and power and (newest := ckpt.latest()):  # verifies it (collective): once
+        _check_same_profiles(cfg, read_meta(newest))
     resumed = ckpt.restore_latest() if cfg.checkpoint.resume else None
     if resumed:
         log.info(
