@@ -2,6 +2,7 @@
 one line naming the file, by every command that reads one (resume, sample, evaluate, viz), and the code never runs.
 Each attack is a genuine committed checkpoint with one file rewritten to create a marker file when unpickled."""
 
+import json
 import os
 import pickle
 import shutil
@@ -60,9 +61,21 @@ def read_metadata(ckpt):
     return read_dcp_metadata(os.path.join(ckpt, ".metadata"))  # genuine, so the restricted reader admits it
 
 
+def reseal(ckpt):
+    """Record the tampered files' digests in the marker, as an attacker who can write the files can: the digests
+    catch corruption (test_checkpoint_digests), and the refusal tested here must hold without them."""
+    from ddpm_dist.artifacts.digests import MARKER, file_record, read_marker
+
+    marker = read_marker(ckpt)
+    marker["files"] = {name: file_record(os.path.join(ckpt, name)) for name in marker["files"]}
+    with open(os.path.join(ckpt, MARKER), "w") as f:
+        json.dump(marker, f)
+
+
 def write_metadata(ckpt, md):
     with open(os.path.join(ckpt, ".metadata"), "wb") as f:
         pickle.dump(md, f)
+    reseal(ckpt)
     return os.path.join(ckpt, ".metadata")
 
 
@@ -159,6 +172,7 @@ def test_deepspeed_file_that_runs_code_is_refused(zero_run, tmp_path, name):
         state = torch.load(file, weights_only=True)
     state["extra"] = RunCode(marker)
     torch.save(state, file)
+    reseal(ckpt)
     assert_refused(run_train(run, 4, *ZERO, check=False), file, marker, "it references builtins.exec")
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
