@@ -88,7 +88,8 @@ def preempt_and_resume(tmp_path, uninterrupted, send, launcher):
 @pytest.mark.parametrize("sig", [signal.SIGUSR1])
 def test_signal_to_one_rank(tmp_path, uninterrupted, sig):
     # One handler takes SIGUSR1, SIGUSR2 and SIGTERM (preemption.SIGNALS); SIGTERM to the whole job ends the run in
-    # tests/system/test_prometheus.py with a checkpoint and exit 75, so SIGUSR1 alone is sent to a rank here (55 s each).
+    # tests/system/test_prometheus.py with a checkpoint and exit 75, so SIGUSR1 alone is sent to a rank here
+    # (55 s a signal).
     # (Under bare torchrun the workers exit 75 too, but torchrun reports 1: the launcher passes 75 on.)
     preempt_and_resume(tmp_path, uninterrupted, lambda p, run: os.kill(worker_pids(run)[1], sig), launcher="launcher")
 
