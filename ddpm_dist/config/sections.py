@@ -248,10 +248,15 @@ class MetricsConfig:
     tensorboard: bool = (
         False  # rank 0 writes TensorBoard events to run_dir/tensorboard (needs `pip install tensorboard`)
     )
+    wandb: bool = False  # rank 0 logs the same to Weights & Biases, files in run_dir/wandb (`pip install wandb`)
+    wandb_project: str = "ddpm_dist"
+    wandb_entity: str = ""  # "": the W&B default entity of the logged-in user
 
     def validate(self) -> None:
         if self.tensorboard and not _importable("tensorboard"):
             raise ConfigError("metrics.tensorboard=true needs the tensorboard package: pip install tensorboard")
+        if self.wandb and not _importable("wandb"):
+            raise ConfigError("metrics.wandb=true needs the wandb package: pip install wandb")
 
 
 def _importable(module: str) -> bool:
