@@ -1,6 +1,6 @@
 """One metrics processor, several sinks: console (a log line every N steps), metrics.jsonl (rank 0),
-Prometheus (every rank, optional), TensorBoard (rank 0, optional). Training and sampling report raw facts;
-this module aggregates and is the only writer of every sink."""
+Prometheus (every rank, optional), TensorBoard and Weights & Biases (rank 0, optional). Training and sampling report
+raw facts; this module aggregates and is the only writer of every sink."""
 
 from __future__ import annotations
 
@@ -28,14 +28,20 @@ class Metrics:
         log_every: int = 50,
         config_yaml: str = "",
     ):
-        """Sinks from `cfg` (the config's metrics section); metrics.jsonl and TensorBoard events in run_dir
-        (rank 0) when given; `config_yaml` (the resolved config) is shown in TensorBoard."""
+        """Sinks from `cfg` (the config's metrics section); metrics.jsonl, TensorBoard events and W&B files in
+        run_dir (rank 0) when given; `config_yaml` (the resolved config) is shown in TensorBoard and W&B."""
         self.rank, self.world_size, self.log_every = rank, world_size, log_every
-        self.tb = None
+        self.boards: list = []  # TensorBoard, W&B: the same scalars and images, against images seen
         if cfg.tensorboard and run_dir and rank == 0:
             from .tensorboard import TensorBoardSink  # the config check made sure the package is there
 
-            self.tb = TensorBoardSink(os.path.join(run_dir, "tensorboard"), config_yaml)
+            self.boards.append(TensorBoardSink(os.path.join(run_dir, "tensorboard"), config_yaml))
+        if cfg.wandb and run_dir and rank == 0:
+            from .wandb_sink import WandbSink
+
+            self.boards.append(
+                WandbSink(run_dir, config_yaml, name=run, project=cfg.wandb_project, entity=cfg.wandb_entity)
+            )
         self.last_checkpoint_time: Optional[float] = None  # unix time of the newest committed checkpoint
         self.jsonl_path = os.path.join(run_dir, "metrics.jsonl") if (run_dir and cfg.jsonl and rank == 0) else None
         self.prom = None
@@ -144,8 +150,8 @@ class Metrics:
                 100 * row["data_wait_share"],
             )
             self.write(row)
-            if self.tb:
-                self.tb.row("train", row, images)
+            for board in self.boards:
+                board.row("train", row, images)
         self._window = self._new_window()
         return row
 
@@ -159,8 +165,8 @@ class Metrics:
             self.last_checkpoint_time = success_time
         row = {"event": "checkpoint", "images": images, "duration_s": duration, "stall_s": stall, "time": time.time()}
         self.write(row)
-        if self.tb:
-            self.tb.row("checkpoint", row, images)
+        for board in self.boards:
+            board.row("checkpoint", row, images)
 
     def state_bytes(self, per_rank: list[dict[str, int]]) -> None:
         """Bytes of model state on every rank (params, optimizer, EMA): a gauge per rank, one row in metrics.jsonl."""
@@ -186,8 +192,8 @@ class Metrics:
             "time": time.time(),
         }
         self.write(row)
-        if self.tb:
-            self.tb.row("eval", row, images)
+        for board in self.boards:
+            board.row("eval", row, images)
 
     def feature_metrics(self, values: dict, extractor: str, images: int) -> None:
         """KID, precision / recall and per-class Fréchet distances (eval/feature_metrics.py). Rank 0 computes them;
@@ -211,22 +217,22 @@ class Metrics:
         self.write(row)
 
     def samples(self, *, images: int, diversity: float, path: str) -> None:
-        """A sample grid was written (rank 0): a row, and the picture in TensorBoard."""
+        """A sample grid was written (rank 0): a row, and the picture in TensorBoard and W&B."""
         self.event("samples", images=images, diversity=diversity, path=path)
-        if self.tb:
-            self.tb.image(path, images)
+        for board in self.boards:
+            board.image(path, images)
 
     def event(self, kind: str, **fields) -> None:
         self.write({"event": kind, **fields, "time": time.time()})
 
     def close(self) -> None:
-        """Stop the exporter and withdraw the discovery file (idempotent)."""
+        """Stop the exporter, withdraw the discovery file, close TensorBoard and W&B (idempotent)."""
         if self.prom:
             self.prom.close()
             self.prom = None
         if self.sd_file and os.path.exists(self.sd_file):
             os.unlink(self.sd_file)
         self.sd_file = None
-        if self.tb:
-            self.tb.close()
-            self.tb = None
+        boards, self.boards = self.boards, []
+        for board in boards:
+            board.close()
