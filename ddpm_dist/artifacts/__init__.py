@@ -29,6 +29,7 @@ import yaml
 from ..config import DiffusionConfig
 from ..diffusion.options import SamplerOptions
 from ..models import UNet, UNetConfig, resolve_model_config
+from .diffusers_format import check_weights, is_diffusers_folder, read_diffusers
 from .digests import EXPORT_DIGESTS, MARKER, check_export, export_digests, require_intact
 from .errors import CheckpointError
 from .safe_dcp import load_dcp
@@ -223,8 +224,14 @@ class TrainedModel:
 
 
 def load_trained(source: str, which: str = "ema", checkpoint: str = "latest") -> TrainedModel:
-    """An export file, or a run directory (its newest committed checkpoint, or with checkpoint='best' the one
-    with the best in-training Fréchet distance); which = 'ema' or 'model'."""
+    """An export file, a run directory (its newest committed checkpoint, or with checkpoint='best' the one
+    with the best in-training Fréchet distance; which = 'ema' or 'model') or a diffusers UNet2DModel folder."""
+    if is_diffusers_folder(source):
+        found = read_diffusers(source)
+        model = UNet(found.model_config)
+        check_weights(model.state_dict(), found.state, source)
+        model.load_state_dict(found.state)
+        return TrainedModel(model.eval(), found.diffusion, found.sampler, found.source)
     if os.path.isfile(source):
         weights, model_cfg, info = load_export(source, which)
         diffusion, sample = info.get("diffusion"), info.get("sample")

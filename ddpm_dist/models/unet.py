@@ -37,6 +37,12 @@ class UNetConfig:
     num_classes: int = 0  # 0 = unconditional; otherwise index num_classes is the null class
     cond_channels: int = 0  # channels concatenated to the input (e.g. an upsampled low-res image)
     activation_checkpointing: str = ""  # "" off | "block" | "level": recompute in backward, training only
+    # Variants of published networks (diffusers' UNet2DModel names them the same; google/ddpm-cifar10-32, the DDPM
+    # paper's TensorFlow network, uses 1e-6, 0 and 1): they change the arithmetic, not the parameters.
+    norm_eps: float = 1e-5  # of every GroupNorm
+    downsample_padding: int = 1  # 1: pad each side; 0: pad right and bottom by one (TensorFlow's "SAME", stride 2)
+    time_freq_shift: int = 0  # sinusoid frequencies exp(-ln(10^4) k / (half - shift))
+    time_flip_sin_to_cos: bool = False  # embedding [cos, sin] instead of [sin, cos]
 
     def validate(self) -> None:
         if self.image_size % (2 ** (len(self.channel_mults) - 1)):
@@ -53,18 +59,27 @@ class UNetConfig:
                 raise ValueError(f"model.num_heads={self.num_heads} does not divide {self.base_channels * m} channels")
         if self.time_conditioning not in ("scale_shift", "add"):
             raise ValueError(f"model.time_conditioning: '{self.time_conditioning}' is not scale_shift or add")
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"model.downsample_padding: {self.downsample_padding} is not 0 or 1")
+        if not 0 <= self.time_freq_shift < self.base_channels // 2:
+            raise ValueError(f"model.time_freq_shift: {self.time_freq_shift} is not in [0, {self.base_channels // 2})")
+        if not self.norm_eps > 0:
+            raise ValueError(f"model.norm_eps: must be positive, got {self.norm_eps}")
         if self.activation_checkpointing not in AC_MODES:
             raise ValueError(
                 f"model.activation_checkpointing: '{self.activation_checkpointing}' is not '', block or level"
             )
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0, flip: bool = False
+) -> torch.Tensor:
     """Transformer sinusoidal embedding of integer timesteps (float32 whatever the autocast)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    exponent = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+    args = t.float()[:, None] * torch.exp(exponent / (half - freq_shift))[None]
+    sin, cos = torch.sin(args), torch.cos(args)
+    emb = torch.cat([cos, sin] if flip else [sin, cos], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
@@ -88,13 +103,15 @@ class Checkpointable(nn.Module):
 
 
 class ResBlock(Checkpointable):
-    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int, scale_shift: bool):
+    def __init__(
+        self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int, scale_shift: bool, eps: float
+    ):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb = nn.Linear(temb_dim, out_ch * (2 if scale_shift else 1))
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -112,10 +129,10 @@ class ResBlock(Checkpointable):
 
 
 class Attention(Checkpointable):
-    def __init__(self, ch: int, heads: int, groups: int):
+    def __init__(self, ch: int, heads: int, groups: int, eps: float):
         super().__init__()
         self.heads = heads
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = _zero(nn.Conv2d(ch, ch, 1))
 
@@ -127,12 +144,12 @@ class Attention(Checkpointable):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, padding: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x, temb=None):
-        return self.conv(x)
+        return self.conv(x if self.conv.padding[0] else F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -185,10 +202,10 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
 
         def res(i, o):
-            return ResBlock(i, o, temb_dim, cfg.dropout, groups, ss)
+            return ResBlock(i, o, temb_dim, cfg.dropout, groups, ss, cfg.norm_eps)
 
         def attn_at(res_, c):
-            return Attention(c, cfg.num_heads, groups) if res_ in cfg.attn_resolutions else None
+            return Attention(c, cfg.num_heads, groups, cfg.norm_eps) if res_ in cfg.attn_resolutions else None
 
         skip_chs, cur, size = [ch], ch, cfg.image_size
         self.down = nn.ModuleList()
@@ -201,11 +218,11 @@ class UNet(nn.Module):
                 cur = out
                 skip_chs.append(cur)
             last = level == len(cfg.channel_mults) - 1
-            self.down.append(Level(blocks, attns, None if last else Downsample(cur), up=False))
+            self.down.append(Level(blocks, attns, None if last else Downsample(cur, cfg.downsample_padding), up=False))
             if not last:
                 skip_chs.append(cur)
                 size //= 2
-        self.mid = nn.ModuleList([res(cur, cur), Attention(cur, cfg.num_heads, groups), res(cur, cur)])
+        self.mid = nn.ModuleList([res(cur, cur), Attention(cur, cfg.num_heads, groups, cfg.norm_eps), res(cur, cur)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mults))):
             out = ch * mult
@@ -217,7 +234,7 @@ class UNet(nn.Module):
             self.up.append(Level(blocks, attns, Upsample(cur) if level > 0 else None, up=True))
             if level > 0:
                 size *= 2
-        self.norm_out = nn.GroupNorm(groups, cur)
+        self.norm_out = nn.GroupNorm(groups, cur, cfg.norm_eps)
         self.conv_out = _zero(nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
         ac = cfg.activation_checkpointing  # "level": the levels and the middle blocks; "block": each res/attention
         for m in self.modules():
@@ -229,7 +246,9 @@ class UNet(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        temb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(self.conv_in.weight.dtype))
+        c = self.config
+        emb = timestep_embedding(t, c.base_channels, freq_shift=c.time_freq_shift, flip=c.time_flip_sin_to_cos)
+        temb = self.time_mlp(emb.to(self.conv_in.weight.dtype))
         if self.class_emb is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)

@@ -15,6 +15,7 @@ their digests is moved aside to corrupt-step_XXXXXXXXX at resume, which falls ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from ..artifacts import (
     step_name,
 )
 from ..artifacts.digests import Verdict
-from ..models import RUNTIME_FIELDS
+from ..models import RUNTIME_FIELDS, UNetConfig
 from ..parallel.collectives import barrier, get_world_size, side_group, sum_across_ranks
 from ..redact import to_json
 
@@ -359,7 +360,10 @@ class CheckpointManager:
     def _check_compatible(self, meta: dict, path: str) -> None:
         """A clear error for a checkpoint of another model shape, or one whose components are stored in
         formats this run's components cannot read."""
-        old, new = meta.get("model_config", {}), self.identity.get("model_config", {})
+        # A field added after the checkpoint was written has its default there (what that network computed).
+        defaults = dataclasses.asdict(UNetConfig())
+        old = {**defaults, **meta.get("model_config", {})}
+        new = {**defaults, **self.identity.get("model_config", {})}
         diff = [
             f"{k}: {old.get(k)} -> {new.get(k)}"
             for k in sorted(set(old) | set(new))
