@@ -114,6 +114,10 @@ def test_resume_continues_the_same_wandb_run(run, segments):
     assert len(stored) >= 8 and stored.isalnum(), stored
     assert [run_id for _, _, (run_id, _, _) in segments] == [stored] * len(STEPS)
     assert [f.name.endswith(f"-{stored}") for _, f, _ in segments] == [True] * len(STEPS)
+    for _, folder, _ in segments:  # each W&B run was finished (Metrics.close or, failing that, atexit): exit code 0
+        (path,) = glob.glob(str(folder / "run-*.wandb"))
+        exits = [r.exit for r in records(path) if r.WhichOneof("record_type") == "exit"]
+        assert [e.exit_code for e in exits] == [0], (folder.name, exits)
 
 
 def test_scalars_equal_metrics_jsonl(segments):
