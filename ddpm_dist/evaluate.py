@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         src.add_argument("--samples", help="folder/URL of PNGs named by index (from ddpm_dist.sample)")
         src.add_argument("--run", help="generate in memory from a run directory (no PNG round trip)")
         src.add_argument("--export", help="generate in memory from an export.safetensors")
+        src.add_argument("--diffusers", help="generate in memory from a diffusers pipeline or UNet2DModel folder")
         f.add_argument("--ref", help="reference statistics .npz (from ref-stats)")
         f.add_argument(
             "--data",
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("recon", help="reconstruction PSNR/SSIM per noise level")
     c.add_argument("--run", help="run directory")
     c.add_argument("--export", help="export.safetensors")
+    c.add_argument("--diffusers", help="a diffusers pipeline or UNet2DModel folder")
     c.add_argument("--data", help="shard manifest (default: the run's training data)")
     c.add_argument(
         "--split",
@@ -120,7 +122,7 @@ def fid(args) -> int:
     job = FrechetJob(
         args.cmd,
         samples=args.samples,
-        source=args.run or args.export,
+        source=args.run or args.export or args.diffusers,
         ref=args.ref,
         data=args.data,
         num_images=args.num_images,
@@ -193,9 +195,9 @@ def recon(args) -> int:
     from .parallel.env import read_env
     from .sampling import prepare
 
-    source = args.run or args.export
+    source = args.run or args.export or args.diffusers
     if not source:
-        raise ValueError("recon needs --run or --export")
+        raise ValueError("recon needs --run, --export or --diffusers")
     setup = prepare(load_trained(source), read_env().device)
     data = args.data or run_data_source(args.run)
     if not data:

@@ -1,4 +1,4 @@
-"""python -m ddpm_dist.sample --run DIR | --export FILE --out OUT [--num-images N --world-size W ...]
+"""python -m ddpm_dist.sample --run DIR | --export FILE | --diffusers DIR --out OUT [--num-images N --world-size W ...]
 
 Image i comes from its own generator seeded by (seed, i): the set of images does not depend on the
 number of workers, and batch b always holds images [b*B, (b+1)*B) (the last batch padded), so at a fixed
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (newest committed checkpoint)")
     src.add_argument("--export", help="export.safetensors written at the end of training")
+    src.add_argument("--diffusers", help="a diffusers pipeline or UNet2DModel folder (safetensors weights)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
     p.add_argument(
         "--checkpoint",
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def job_from_args(args: argparse.Namespace) -> SampleJob:
     return SampleJob(
-        source=args.run or args.export,
+        source=args.run or args.export or args.diffusers,
         out=args.out,
         weights=args.weights,
         checkpoint=args.checkpoint,

@@ -192,7 +192,9 @@ def run_config(run_dir: str) -> dict:
     """The resolved config.yaml of a run directory, as plain data."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"'{run_dir}' is neither an export file nor a run directory (no config.yaml)")
+        raise FileNotFoundError(
+            f"'{run_dir}' is neither an export file, a run directory (no config.yaml) nor a diffusers folder"
+        )
     with open(path) as f:
         return yaml.safe_load(f) or {}
 

@@ -117,7 +117,7 @@ def save_diffusers(
     unet_config = to_diffusers_config(model_config)  # refuses before anything is written
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in to_diffusers_state(model_config, state).items()}
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"--out '{out}' exists and is not empty: nothing was written")
+        raise ValueError(f"'{out}' exists and is not empty: nothing was written (choose a new folder)")
     tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -152,6 +152,7 @@ class TrainConfig:
     sample_grid_classes: bool = True
     sample_grid_images: int = 64  # images in an unconditional grid (a class-conditional one has a row per class)
     overfit_batches: int = 0  # >0: train on that many fixed batches (pipeline check)
+    init_from: str = ""  # start from a trained network: a diffusers UNet2DModel/pipeline folder or an export file
     sr_factor: int = 0  # >0: super-resolution; the model sees the x-factor low-res image as model.cond_channels
     max_wall_seconds: float = 0.0  # 0: no budget; else save and exit "requeue" before it runs out
     stop_check_every: int = 5  # steps between the ranks' agreement on a stop signal (one small all_reduce)

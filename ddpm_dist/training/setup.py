@@ -18,7 +18,7 @@ from ..artifacts import committed_time, read_meta
 from ..config import Config, ConfigError, check_batch, dump_yaml, save_resolved, to_dict
 from ..data import Layout, TrainStream, open_manifest
 from ..diffusion import Schedule
-from ..models import UNet, UNetConfig, resolve_model_config
+from ..models import UNet, UNetConfig
 from ..obs.metrics import Metrics
 from ..parallel import parallelize, resolve_backend
 from ..parallel.collectives import sum_across_ranks
@@ -30,6 +30,7 @@ from ..parallel.sharded_ema import ShardedEMA
 from ..posthoc.power import PowerEMA
 from ..posthoc.snapshots import SnapshotWriter
 from .checkpoint import CheckpointManager
+from .init_from import initial_model
 from .preemption import Preemption
 from .state import LRSchedule, Progress
 
@@ -71,7 +72,7 @@ def build_run(cfg: Config, env: DistEnv, started: contextlib.ExitStack, progress
     backend = resolve_backend(cfg.parallel.backend, env)
     micro, accum = check_batch(cfg, env.world_size)
     manifest = open_manifest(cfg.data.source)  # a missing manifest or shard fails here, before any work
-    model_cfg = resolve_model_config(cfg.model)
+    model_cfg, initial_weights = initial_model(cfg)  # the config's model, or train.init_from's
     _check_data_matches_model(manifest, model_cfg, cfg)
     if env.is_main:
         save_resolved(cfg, cfg.run_dir)
@@ -80,6 +81,8 @@ def build_run(cfg: Config, env: DistEnv, started: contextlib.ExitStack, progress
     # Section: the model, its engine and EMAs.
     seed_everything(cfg.seed)  # identical initial weights on every rank
     module = UNet(model_cfg)
+    if initial_weights is not None:
+        module.load_state_dict(initial_weights)  # before the engine and EMAs copy or shard it
     num_params = sum(p.numel() for p in module.parameters())
     engine = parallelize(module, cfg.parallel, env, cfg.train, micro_batch=micro, accum_steps=accum)
     ema = ShardedEMA(engine)
