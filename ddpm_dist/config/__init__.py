@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from typing import Any, Optional
 
@@ -42,6 +43,9 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 SECTIONS = ("model", "diffusion", "data", "train", "eval", "ema", "parallel", "checkpoint", "metrics")  # + sample
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against a dataclass field type; YAML scalars from the CLI arrive parsed."""
     origin = typing.get_origin(annotation)
@@ -71,6 +75,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
         return int(value)
     if annotation is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-7 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_show(value)}")
         try:

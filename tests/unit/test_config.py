@@ -55,6 +55,14 @@ def test_errors_name_the_key(tmp_path, text, overrides, match):
     assert "\n" not in str(e.value)
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-7 as a string; a float key takes it as the number it plainly is, a word stays an error."""
+    cfg = load_config(write(tmp_path, "train:\n  lr: 3e-4\n"), ["train.weight_decay=1E-2", "diffusion.beta_end=+2e-2"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.diffusion.beta_end) == (3e-4, 1e-2, 2e-2)
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'e-7'"):
+        load_config(None, ["train.lr=e-7"])
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/c.yaml")
