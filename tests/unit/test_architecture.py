@@ -10,7 +10,7 @@ from tests.support.common import ROOT
 PKG = os.path.join(ROOT, "ddpm_dist")
 # Every command is a top-level module with build_parser() and main(argv) (`python -m ddpm_dist.<command>`);
 # command_line is what they share. Packages are libraries: none has a __main__.
-COMMANDS = {"train", "sample", "evaluate", "shards", "viz", "report", "ema", "checkpoints"}
+COMMANDS = {"train", "sample", "evaluate", "shards", "viz", "report", "ema", "checkpoints", "export"}
 ENTRY_POINTS = {f"ddpm_dist.{c}" for c in COMMANDS} | {"ddpm_dist.command_line"}
 # What each part may import from ddpm_dist (besides itself). Entry points may import anything.
 ALLOWED = {
