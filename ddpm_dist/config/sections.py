@@ -218,9 +218,13 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     hybrid_shard: bool = False  # FSDP2: shard within a node, replicate across nodes
     dist_timeout_s: int = 600
+    # A peer (or the rendezvous store's host) silent this long is lost: exit 2 naming its host (0: off; heartbeat.py)
+    heartbeat_timeout_s: float = 45.0
 
     def validate(self) -> None:
         _check_choices(self, "parallel")
+        if self.heartbeat_timeout_s < 0:
+            raise ConfigError(f"parallel.heartbeat_timeout_s: must be >= 0 (0: off), got {self.heartbeat_timeout_s:g}")
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"parallel.zero_stage: must be 1, 2 or 3, got {self.zero_stage}")
 
