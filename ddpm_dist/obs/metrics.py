@@ -4,12 +4,14 @@ raw facts; this module aggregates and is the only writer of every sink."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from typing import Optional
 
 from ..config import MetricsConfig
+from ..goodput import Ledger
 from ..redact import to_json
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,20 @@ class Metrics:
                 self.sd_file = write_sd_target(cfg.sd_dir, addr=addr, port=port, rank=rank, job=job, run=run)
         self._window = self._new_window()
         self._last_skipped = 0
+        # Goodput (ddpm_dist/goodput.py), a job-level account on rank 0: the run's earlier processes from
+        # metrics.jsonl, then this one's rows. `process`: this process's totals since its "start" row, in every
+        # train row and in the "end" row close() writes, so that a resume can account for it.
+        self.process = dict(steps=0, step_s=0.0, data_wait_s=0.0, startup_s=0.0)
+        self._started: Optional[float] = None  # time of this process's "start" row
+        self._last_step: Optional[int] = None
+        self.ledger = Ledger() if rank == 0 and run_dir else None
+        if self.ledger is not None and self.jsonl_path and os.path.isfile(self.jsonl_path):
+            with open(self.jsonl_path, "rb") as f:
+                for line in f:
+                    try:
+                        self.ledger.add(json.loads(line))
+                    except ValueError:  # a line cut short by a killed process
+                        pass
 
     @staticmethod
     def _new_window() -> dict:
@@ -73,6 +89,10 @@ class Metrics:
         if self.jsonl_path:
             with open(self.jsonl_path, "a") as f:
                 f.write(to_json(row) + "\n")
+        if self.ledger is not None:
+            self.ledger.add(row)
+            if self.prom and row.get("event") in ("start", "train", "checkpoint"):
+                self.prom.publish_goodput(self.ledger.summary(now=row.get("time")))
 
     def train_step(
         self,
@@ -98,6 +118,13 @@ class Metrics:
         w["images"] += rank_images
         w["wait"] += data_wait
         w["step_seconds"] += step_seconds
+        proc = self.process
+        if not proc["steps"] and self._started is not None:  # start-up: the "start" row to this step's beginning
+            proc["startup_s"] = max(0.0, time.time() - step_seconds - self._started)
+        proc["steps"] += 1
+        proc["step_s"] += max(0.0, step_seconds - data_wait)  # step time without its data wait
+        proc["data_wait_s"] += data_wait
+        self._last_step = step
         if self.prom:
             p = self.prom
             p.images.inc(rank_images)
@@ -129,6 +156,7 @@ class Metrics:
             "step_seconds": w["step_seconds"] / max(w["n"], 1),
             "skipped": skipped_total,
             "time": time.time(),
+            "process": dict(proc),
         }
         if self.last_checkpoint_time is not None:
             row["checkpoint_age_s"] = row["time"] - self.last_checkpoint_time
@@ -223,10 +251,17 @@ class Metrics:
             board.image(path, images)
 
     def event(self, kind: str, **fields) -> None:
-        self.write({"event": kind, **fields, "time": time.time()})
+        row = {"event": kind, **fields, "time": time.time()}
+        if kind == "start":
+            self._started = row["time"]
+        self.write(row)
 
     def close(self) -> None:
-        """Stop the exporter, withdraw the discovery file, close TensorBoard and W&B (idempotent)."""
+        """Write the "end" row of a process that started training, stop the exporter, withdraw the discovery file,
+        close TensorBoard and W&B (idempotent)."""
+        if self._started is not None:
+            self._started = None
+            self.event("end", step=self._last_step, process=dict(self.process))
         if self.prom:
             self.prom.close()
             self.prom = None

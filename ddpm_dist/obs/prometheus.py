@@ -15,6 +15,17 @@ from ..redact import redact, to_json
 log = logging.getLogger(__name__)
 LABELS = ("rank", "job", "run")
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Goodput of the run, all its processes together (definitions: ddpm_dist/goodput.py): counters that carry on
+# across restarts (a resumed process starts them at the run's totals so far), rank 0 only.
+GOODPUT_COUNTERS = (
+    ("ddpm_goodput_step_seconds_total", "step_s", "Time in optimizer steps (data wait excluded), re-done ones too."),
+    ("ddpm_goodput_redone_steps_total", "redone_steps", "Steps trained again after resuming from an older state."),
+    ("ddpm_goodput_redone_seconds_total", "redone_s", "Step time of the re-done steps."),
+    ("ddpm_goodput_restart_lost_seconds_total", "restart_lost_s", "Gaps between processes plus their start-up."),
+    ("ddpm_goodput_checkpoint_stall_seconds_total", "checkpoint_stall_s", "Time the loop was blocked by saves."),
+    ("ddpm_goodput_data_wait_seconds_total", "data_wait_s", "Time the loop waited on the data loader."),
+    ("ddpm_restarts_total", "restarts", "Processes of this run after its first (resumes, requeues, relaunches)."),
+)
 
 
 class PrometheusSink:
@@ -98,6 +109,15 @@ class PrometheusSink:
             LABELS + ("kind",),
             registry=r,
         )
+        self.goodput: dict = {}  # metric name -> (child, Goodput field); job-level: published by rank 0 only
+        if rank == 0:
+            for name, field, doc in GOODPUT_COUNTERS:
+                self.goodput[name] = (counter(name, doc), field)
+            self.goodput_ratio = gauge(
+                "ddpm_goodput_ratio", "Step time of kept steps / wall time since the first start."
+            )
+            self.goodput_wall = gauge("ddpm_goodput_wall_seconds", "Wall time since the run's first start.")
+        self._goodput_published: dict[str, float] = {}
         self.labels = lv
         self.server, self.thread = start_http_server(port, addr=addr, registry=r)
         log.info("prometheus exporter on http://%s:%d/metrics", addr, port)
@@ -112,6 +132,19 @@ class PrometheusSink:
         except Exception:  # noqa: BLE001 - memory gauges never stop training
             pass
         self.requeues.set(int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+
+    def publish_goodput(self, g) -> None:
+        """A `goodput.Goodput` of the whole run: counters moved up to its totals, the ratio and wall time set."""
+        if g is None or not self.goodput:
+            return
+        for name, (child, field) in self.goodput.items():
+            value = float(getattr(g, field))
+            delta = value - self._goodput_published.get(name, 0.0)
+            if delta > 0:
+                child.inc(delta)
+                self._goodput_published[name] = value
+        self.goodput_ratio.set(g.ratio)
+        self.goodput_wall.set(g.wall_s)
 
     def close(self) -> None:
         self.server.shutdown()
