@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..artifacts import MARKER, CheckpointError, committed_checkpoints, read_meta
+from ..goodput import Goodput, goodput
 from ..redact import redact, redact_data
 
 MAX_TEXT_BYTES = 1 << 20  # config.yaml and result JSON files larger than this are not inlined
@@ -50,6 +51,7 @@ class RunData:
     results: list[dict]  # `evaluate fid|frechet` result files: {"path", **result}
     recons: list[dict]  # `evaluate recon` outputs: {"path", "data", "picture"}
     notes: dict[str, list[str]] = field(default_factory=dict)  # section id -> problems met reading it
+    goodput: Optional[Goodput] = None  # of all the run's processes, up to its last row (ddpm_dist/goodput.py)
 
     @property
     def last_train(self) -> Optional[dict]:
@@ -300,6 +302,10 @@ def collect(run_dir: str, now: Optional[float] = None) -> RunData:
     checkpoints, ckpt_notes = read_checkpoints(run_dir, now)
     grid, sampled, trajectory = find_pictures(run_dir)
     results, recons, result_notes = find_results(run_dir)
+    train = [r for r in rows if r.get("event") == "train" and is_number(r.get("images"))]
+    goodput_notes = []
+    if train and not any(isinstance(r.get("process"), dict) for r in train):
+        goodput_notes.append("the training rows carry no per-process totals (written before goodput accounting)")
     return RunData(
         run_dir=redact(run_dir),
         name=redact(name),
@@ -308,7 +314,7 @@ def collect(run_dir: str, now: Optional[float] = None) -> RunData:
         status_text=status_text,
         config_text=config_text,
         starts=starts,
-        train=[r for r in rows if r.get("event") == "train" and is_number(r.get("images"))],
+        train=train,
         evals=[r for r in rows if r.get("event") == "eval" and is_number(r.get("frechet_distance"))],
         checkpoint_rows=[r for r in rows if r.get("event") == "checkpoint"],
         state_bytes=bytes_rows[-1]["per_rank"] if bytes_rows else None,
@@ -323,5 +329,7 @@ def collect(run_dir: str, now: Optional[float] = None) -> RunData:
             "config": [config_note] if config_note else [],
             "checkpoints": ckpt_notes,
             "evaluation": result_notes,
+            "goodput": goodput_notes,
         },
+        goodput=goodput(rows),
     )

@@ -21,6 +21,7 @@ SECTIONS = (
     ("evaluation", "Evaluation"),
     ("checkpoints", "Checkpoints"),
     ("performance", "Performance"),
+    ("goodput", "Goodput"),
 )
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1150px; padding: 0 16px 40px; color: #222; }
@@ -344,6 +345,31 @@ def section_performance(d: RunData) -> str:
     return out
 
 
+def section_goodput(d: RunData) -> str:
+    """The goodput ratio and its parts (definitions: ddpm_dist/goodput.py, docs/DISTRIBUTED.md), each part also as a
+    share of the wall time since the first start."""
+    g = d.goodput
+    if g is None:
+        return note("no start row in metrics.jsonl: no goodput")
+
+    def part(seconds: float) -> str:
+        return f"{human_seconds(seconds)} ({100 * seconds / g.wall_s:.1f}%)" if g.wall_s > 0 else human_seconds(seconds)
+
+    return kv(
+        (k, esc(v))
+        for k, v in (
+            ("goodput ratio", f"{100 * g.ratio:.1f}% (time in kept steps / wall time)"),
+            ("wall time since the first start", human_seconds(g.wall_s)),
+            ("time in kept steps", part(g.kept_s)),
+            ("re-done steps", f"{g.redone_steps:,} ({part(g.redone_s)})"),
+            ("restarts", f"{g.restarts:,}; time lost to them {part(g.restart_lost_s)}"),
+            ("checkpoint stall", part(g.checkpoint_stall_s)),
+            ("data wait", part(g.data_wait_s)),
+            ("other (sampling, evaluation, logging, set-up)", part(g.other_s)),
+        )
+    )
+
+
 RENDER = {
     "summary": section_summary,
     "config": section_config,
@@ -353,6 +379,7 @@ RENDER = {
     "evaluation": section_evaluation,
     "checkpoints": section_checkpoints,
     "performance": section_performance,
+    "goodput": section_goodput,
 }
 
 

@@ -176,3 +176,20 @@ def test_only_rank_0_publishes_goodput(tmp_path):
         train(m, 50, 0.02, 0.0)
         assert m.ledger is None and not m.prom.goodput
         assert m.prom.registry.get_sample_value("ddpm_goodput_ratio", {"rank": "1", "job": "7", "run": "r"}) is None
+
+
+def test_report_section_from_the_constructed_run(tmp_path):
+    from ddpm_dist.reporting.collect import collect
+    from ddpm_dist.reporting.html import render
+    from tests.system.test_report import sections
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    d = collect(str(tmp_path), now=2000.0)
+    assert d.goodput == goodput(ROWS) and not d.notes["goodput"]
+    text = " ".join(sections(render(d)).text["goodput"].split())
+    assert "goodput ratio 18.0% (time in kept steps / wall time)" in text  # 20 s of 111 s
+    assert "wall time since the first start 1.9 min" in text and "time in kept steps 20 s (18.0%)" in text
+    assert "re-done steps 5 (6 s (5.4%))" in text and "restarts 2; time lost to them 1.0 min (55.9%)" in text
+    assert "checkpoint stall 1.5 s (1.4%)" in text and "data wait 3.2 s (2.9%)" in text
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "train", "images": 16, "time": 1.0}) + "\n")
+    assert "no start row in metrics.jsonl: no goodput" in sections(render(collect(str(tmp_path)))).text["goodput"]
