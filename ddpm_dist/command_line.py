@@ -31,6 +31,20 @@ EXPECTED_ERRORS: tuple = (
 )
 
 
+def add_model_source(parser: argparse.ArgumentParser, what: str = "") -> argparse._MutuallyExclusiveGroup:
+    """--run | --export | --diffusers, one of them required (`what`: how the command uses it, for the help); the
+    group is returned for a command that takes other sources too (evaluate's --samples). `model_source` reads it."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help=f"{what}a run directory (its newest committed checkpoint)")
+    src.add_argument("--export", help=f"{what}an export.safetensors written at the end of training")
+    src.add_argument("--diffusers", help=f"{what}a diffusers pipeline or UNet2DModel folder (safetensors weights)")
+    return src
+
+
+def model_source(args: argparse.Namespace) -> str:
+    return args.run or args.export or args.diffusers
+
+
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     """--sampler, --steps, --eta, --spacing, --var-type, --guidance, --clip/--no-clip; unset = the run's setting."""
     hints = typing.get_type_hints(SamplerOptions)

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from .command_line import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
+from .command_line import add_model_source, add_sampler_arguments, is_rank0, model_source, run_cli, sampler_overrides
 from .data import storage
 from .redact import to_json
 
@@ -32,17 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("fid", "frechet"):
         f = sub.add_parser(name, help="Fréchet distance of samples to reference statistics")
-        src = f.add_mutually_exclusive_group(required=True)
+        src = add_model_source(f, "generate in memory (no PNG round trip) from ")
         src.add_argument("--samples", help="folder/URL of PNGs named by index (from ddpm_dist.sample)")
-        src.add_argument("--run", help="generate in memory from a run directory (no PNG round trip)")
-        src.add_argument("--export", help="generate in memory from an export.safetensors")
-        src.add_argument("--diffusers", help="generate in memory from a diffusers pipeline or UNet2DModel folder")
         f.add_argument("--ref", help="reference statistics .npz (from ref-stats)")
         f.add_argument(
             "--data",
             help="shard manifest to compute reference statistics from (default for frechet: the run's training data)",
         )
-        f.add_argument("--num-images", type=int, default=None, help="with --run/--export: how many to generate")
+        f.add_argument("--num-images", type=int, default=None, help="with --run/--export/--diffusers: how many to generate")
         f.add_argument("--batch-size", type=int, default=64)
         f.add_argument("--seed", type=int, default=0)
         f.add_argument("--classes", default=None, help="as for ddpm_dist.sample (default random)")
@@ -97,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-per-class", action="store_true", help="no per-class statistics for labelled data")
     r.add_argument("--split", choices=("train", "validation"), default="train", help="which images of --data")
     c = sub.add_parser("recon", help="reconstruction PSNR/SSIM per noise level")
-    c.add_argument("--run", help="run directory")
-    c.add_argument("--export", help="export.safetensors")
-    c.add_argument("--diffusers", help="a diffusers pipeline or UNet2DModel folder")
+    add_model_source(c)
     c.add_argument("--data", help="shard manifest (default: the run's training data)")
     c.add_argument(
         "--split",
@@ -122,7 +117,7 @@ def fid(args) -> int:
     job = FrechetJob(
         args.cmd,
         samples=args.samples,
-        source=args.run or args.export or args.diffusers,
+        source=model_source(args),
         ref=args.ref,
         data=args.data,
         num_images=args.num_images,
@@ -195,9 +190,7 @@ def recon(args) -> int:
     from .parallel.env import read_env
     from .sampling import prepare
 
-    source = args.run or args.export or args.diffusers
-    if not source:
-        raise ValueError("recon needs --run, --export or --diffusers")
+    source = model_source(args)
     setup = prepare(load_trained(source), read_env().device)
     data = args.data or run_data_source(args.run)
     if not data:

@@ -1,4 +1,4 @@
-"""python -m ddpm_dist.export --run DIR | --export FILE --format diffusers --out DIR [--weights ema|raw]
+"""python -m ddpm_dist.export --run DIR | --export FILE | --diffusers DIR --out DIR [--weights ema|raw]
 
 Writes a trained model as a diffusers pipeline folder: model_index.json, unet/config.json +
 unet/diffusion_pytorch_model.safetensors and scheduler/scheduler_config.json (the run's schedule, prediction,
@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from .command_line import run_cli
+from .command_line import add_model_source, model_source, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ddpm_dist.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory (its newest committed checkpoint, or --checkpoint best)")
-    src.add_argument("--export", help="export.safetensors written at the end of training")
+    add_model_source(p)
     p.add_argument("--checkpoint", choices=("latest", "best"), default="latest", help="with --run: which checkpoint")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or the raw weights")
     p.add_argument("--format", choices=("diffusers",), default="diffusers", help="diffusers' pipeline folder")
@@ -35,7 +33,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.export and args.checkpoint != "latest":
         raise ValueError("--checkpoint chooses among a run's checkpoints: use --run DIR")
-    trained = load_trained(args.run or args.export, "model" if args.weights == "raw" else "ema", args.checkpoint)
+    trained = load_trained(model_source(args), "model" if args.weights == "raw" else "ema", args.checkpoint)
     state = trained.model.state_dict()
     save_diffusers(args.out, trained.config, state, trained.diffusion, trained.sampler, trained.source)
     print(f"wrote {args.out}: {trained.source} as diffusers' DDPMPipeline (UNet2DModel, DDPMScheduler)", flush=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from .command_line import add_sampler_arguments, is_rank0, run_cli, sampler_overrides
+from .command_line import add_model_source, add_sampler_arguments, is_rank0, model_source, run_cli, sampler_overrides
 from .config import MetricsConfig
 from .parallel.env import spawn_local
 from .sampling import TASKS, SampleJob, TaskSpec, sample_to_folder
@@ -24,10 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ddpm_dist.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory (newest committed checkpoint)")
-    src.add_argument("--export", help="export.safetensors written at the end of training")
-    src.add_argument("--diffusers", help="a diffusers pipeline or UNet2DModel folder (safetensors weights)")
+    add_model_source(p)
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
     p.add_argument(
         "--checkpoint",
@@ -93,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def job_from_args(args: argparse.Namespace) -> SampleJob:
     return SampleJob(
-        source=args.run or args.export or args.diffusers,
+        source=model_source(args),
         out=args.out,
         weights=args.weights,
         checkpoint=args.checkpoint,

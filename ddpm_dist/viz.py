@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .command_line import run_cli
+from .command_line import add_model_source, model_source, run_cli
 from .diffusion.options import SAMPLER_NAMES, SPACINGS
 
 
@@ -28,9 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     ):
         m = sub.add_parser(name, help=helptext)
-        src = m.add_mutually_exclusive_group(required=True)
-        src.add_argument("--run")
-        src.add_argument("--export")
+        add_model_source(m)
         m.add_argument("--num-images", type=int, default={"compare": 8, "nfe": 500}.get(name, 4))
         m.add_argument("--seed", type=int, default=0)
         if name == "nfe":
@@ -80,9 +78,7 @@ def main(argv: list[str]) -> int:
         from .sampling import labels_for, prepare
 
         spacing = getattr(args, "spacing", None)
-        setup = prepare(
-            load_trained(args.run or args.export), read_env().device, {"spacing": spacing} if spacing else None
-        )
+        setup = prepare(load_trained(model_source(args)), read_env().device, {"spacing": spacing} if spacing else None)
         if args.cmd == "nfe":
             path = run_nfe(setup, args, data=args.data or run_data_source(args.run))
         elif args.cmd == "compare":
