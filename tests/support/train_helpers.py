@@ -71,6 +71,21 @@ def train_cmd(run_dir, steps, *extra, nproc=1, launcher="python"):
     return [PYTHON, "-m", module, "--standalone", f"--nproc-per-node={nproc}", "-m", "ddpm_dist.train", *args]
 
 
+def train_without(package: str, run_dir, steps, *extra) -> subprocess.CompletedProcess:
+    """ddpm_dist.train as run_train starts it, in a Python where `package` cannot be imported (as if not installed)."""
+    hide = (
+        "import sys, importlib.abc\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name.split('.')[0] == {package!r}: raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from ddpm_dist.command_line import run_cli\n"
+        "from ddpm_dist.train import main\n"
+        "run_cli(main)\n"
+    )
+    return run_command([PYTHON, "-c", hide, *train_args(run_dir, steps, *extra)])
+
+
 def run_train(run_dir, steps, *extra, nproc=1, launcher="python", timeout=600, check=True):
     r = run_command(train_cmd(run_dir, steps, *extra, nproc=nproc, launcher=launcher), timeout=timeout)
     if check:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ddpm_dist.obs.tensorboard import CONFIG_TAG, SAMPLES_TAG, TAGS
 from tests.support.common import wait_for
-from tests.support.train_helpers import run_command, run_train, train_args
+from tests.support.train_helpers import run_train, train_without
 
 pytestmark = pytest.mark.system
 SINK = [
@@ -122,17 +122,7 @@ def test_config_is_shown(run, server):
 
 def test_missing_package_is_one_line(tmp_path):
     """Asking for the sink without tensorboard installed: one line, exit 2, before any work."""
-    hide = (
-        "import sys, importlib.abc\n"
-        "class Hide(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name.split('.')[0] == 'tensorboard': raise ModuleNotFoundError(name)\n"
-        "sys.meta_path.insert(0, Hide())\n"
-        "from ddpm_dist.command_line import run_cli\n"
-        "from ddpm_dist.train import main\n"
-        "run_cli(main)\n"
-    )
-    r = run_command([sys.executable, "-c", hide, *train_args(tmp_path / "run", 2, "metrics.tensorboard=true")])
+    r = train_without("tensorboard", tmp_path / "run", 2, "metrics.tensorboard=true")
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.strip()]
     assert errors == ["error: metrics.tensorboard=true needs the tensorboard package: pip install tensorboard"], errors

@@ -6,7 +6,6 @@ sample grids are the PNGs training wrote, the config is there, and the resume co
 import glob
 import json
 import struct
-import sys
 import zlib
 
 import numpy as np
@@ -15,7 +14,7 @@ from PIL import Image
 
 from ddpm_dist.obs.tensorboard import SAMPLES_TAG, TAGS
 from ddpm_dist.obs.wandb_sink import RUN_ID_FILE, STEP
-from tests.support.train_helpers import child_env, run_command, train_args, train_cmd
+from tests.support.train_helpers import child_env, run_command, train_cmd, train_without
 
 pytestmark = pytest.mark.system
 SINK = [
@@ -163,17 +162,7 @@ def test_config_is_the_resolved_config(run, segments):
 
 def test_missing_package_is_one_line(tmp_path):
     """Asking for the sink without wandb installed: one line, exit 2, before any work."""
-    hide = (
-        "import sys, importlib.abc\n"
-        "class Hide(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name.split('.')[0] == 'wandb': raise ModuleNotFoundError(name)\n"
-        "sys.meta_path.insert(0, Hide())\n"
-        "from ddpm_dist.command_line import run_cli\n"
-        "from ddpm_dist.train import main\n"
-        "run_cli(main)\n"
-    )
-    r = run_command([sys.executable, "-c", hide, *train_args(tmp_path / "run", 2, "metrics.wandb=true")])
+    r = train_without("wandb", tmp_path / "run", 2, "metrics.wandb=true")
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.strip()]
     assert errors == ["error: metrics.wandb=true needs the wandb package: pip install wandb"], errors
