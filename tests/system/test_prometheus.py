@@ -1,6 +1,7 @@
 """A real Prometheus (Debian package) on loopback scraping a real 2-process training run through the
 file-based discovery the run writes: every dashboard panel, recording rule and alert expression returns
-data; promtool validates the config and rules and runs the alert unit tests."""
+data; promtool validates the config and rules and runs the alert unit tests. The run is then resumed from an
+older checkpoint: the goodput series count the restart and the re-done steps, as metrics.jsonl and the report do."""
 
 import json
 import os
@@ -15,7 +16,9 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.support.common import ROOT, free_port
+from ddpm_dist.artifacts import committed_checkpoints
+from ddpm_dist.goodput import goodput
+from tests.support.common import ROOT, free_port, wait_for
 from tests.support.train_helpers import child_env, train_cmd
 
 pytestmark = pytest.mark.system
@@ -141,14 +144,13 @@ def test_every_panel_and_alert_returns_data_from_a_real_run(tmp_path, prometheus
         launcher="launcher",
     )
     env = child_env(DDPM_CACHE=str(tmp_path / "cache"))
-    p = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=open(tmp_path / "train.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+
+    def start(log):
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    p = start("train.log")
     try:
         exprs = dashboard_expressions()
         rules = yaml.safe_load(open(os.path.join(OPS, "prometheus", "rules.yml")))
@@ -175,3 +177,55 @@ def test_every_panel_and_alert_returns_data_from_a_real_run(tmp_path, prometheus
         p.wait(timeout=120)
     assert p.returncode == 75  # SIGTERM: saved and asked for a requeue
     assert not list(sd.glob("*.json"))  # targets removed at exit
+    resume_from_an_older_checkpoint(tmp_path, port, sd, start)
+
+
+def resume_from_an_older_checkpoint(tmp_path, port, sd, start):
+    """The checkpoint saved on SIGTERM removed (as if the process had been killed before it committed): the relaunch
+    resumes from the one before and re-does the steps in between; Prometheus sees 1 restart, those re-done steps and
+    a goodput ratio in (0, 1], and metrics.jsonl and the report give the same account."""
+    run = tmp_path / "run"
+    stopped = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert stopped["event"] == "end", stopped
+    newest, *older = committed_checkpoints(str(run / "checkpoints"))[::-1]
+    assert older and json.load(open(os.path.join(newest, "meta.json")))["step"] == stopped["step"]
+    subprocess.run(["rm", "-r", newest], check=True)
+    resumed_at = json.load(open(os.path.join(older[0], "meta.json")))["step"]
+    redone = stopped["step"] - resumed_at
+    assert redone > 0
+    p = start("resumed.log")
+    try:
+
+        def resumed_train_row():
+            assert p.poll() is None, open(tmp_path / "resumed.log").read()[-3000:]
+            events = re.findall(r'^\{"event": "(\w+)"', (run / "metrics.jsonl").read_text(), re.M)
+            return events.count("start") == 2 and events[-1] == "train"
+
+        wait_for(resumed_train_row, 120, "a training row of the resumed process")
+
+        def seen():
+            got = {
+                name: [float(r["value"][1]) for r in query(port, f'{name}{{rank="0"}}')]
+                for name in ("ddpm_restarts_total", "ddpm_goodput_redone_steps_total", "ddpm_goodput_ratio")
+            }
+            return got["ddpm_restarts_total"] == [1.0] and got
+
+        wait_for(seen, 30, "the resumed process's goodput in Prometheus")
+        got = seen()
+        assert got["ddpm_goodput_redone_steps_total"] == [float(redone)]
+        assert 0 < got["ddpm_goodput_ratio"][0] <= 1
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=120)
+    assert p.returncode == 75
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    g = goodput(rows)
+    assert (g.restarts, g.redone_steps) == (1, redone) and 0 < g.ratio <= 1
+    assert g.restart_lost_s > 0 and g.step_s > g.redone_s > 0 and g.data_wait_s > 0 and g.checkpoint_stall_s > 0
+    from ddpm_dist.reporting.collect import collect
+    from ddpm_dist.reporting.html import render
+    from tests.system.test_report import sections
+
+    text = " ".join(sections(render(collect(str(run)))).text["goodput"].split())
+    assert f"goodput ratio {100 * g.ratio:.1f}%" in text and f"re-done steps {redone:,} (" in text
+    assert "restarts 1; time lost to them" in text
