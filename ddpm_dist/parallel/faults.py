@@ -1,7 +1,8 @@
 """When a host goes away. Workers exit with their launcher (a parent-death signal set before the rendezvous,
 so none is left holding a GPU inside a blocking store connect), and a collective that fails because other
 ranks vanished becomes one line naming them: which ranks on which host, from a table every rank shares at
-start. The process-group timeout (parallel.dist_timeout_s) bounds how long a rank waits for a silent peer."""
+start. The process-group timeout (parallel.dist_timeout_s) bounds how long a rank waits for a silent peer; the
+heartbeat (heartbeat.py, parallel.heartbeat_timeout_s) notices a silent peer sooner."""
 
 from __future__ import annotations
 
@@ -86,6 +87,16 @@ def host_names() -> list[str]:
     if not _hosts:
         return [socket.gethostname()]
     return list(dict.fromkeys(host for _, (host, _) in sorted(_hosts.items())))
+
+
+def where(rank: int) -> tuple[str, str]:
+    """(hostname, address) of `rank`, from the shared table."""
+    return _hosts.get(rank, ("?", "?"))
+
+
+def host_at(addr: str) -> str:
+    """The hostname at `addr` (an address or a hostname) in the shared table, else `addr` itself."""
+    return next((host for host, a in _hosts.values() if addr in (host, a)), addr)
 
 
 def _ranks_at(addr: str) -> list[int]:

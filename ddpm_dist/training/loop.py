@@ -25,6 +25,7 @@ from ..parallel import init_distributed, read_env
 from ..parallel.collectives import all_gather_ints, all_reduce_mean
 from ..parallel.env import shutdown
 from ..parallel.faults import PeerLost, describe_lost_peer
+from ..parallel.heartbeat import start_heartbeat
 from ..parallel.seeding import seed_device_rng
 from ..parallel.sharded_ema import ema_beta
 from ..rng import mix_seed
@@ -132,16 +133,19 @@ def train(cfg: Config) -> int:
     env = init_distributed(env, cfg.parallel.dist_timeout_s)
     register_worker(env.rank)
     progress = Progress()
+    beat = start_heartbeat(env, cfg.parallel.heartbeat_timeout_s, step=lambda: progress.step)  # exits 2 on a loss
     with contextlib.ExitStack() as started:
         try:
             exit_code = _run(cfg, env, started, progress)
         except Exception as e:
+            beat.stop(clean=False)  # this thread reports (or raises) from here on
             lost = describe_lost_peer(e, cfg.parallel.dist_timeout_s)
             if lost is None:
                 raise
             raise PeerLost(
                 f"{lost}; at step {progress.step}: relaunch to resume from the newest committed checkpoint"
             ) from e
+    beat.stop()  # before the shutdown barrier: ranks that finish first are not taken for lost
     record_exit(env.rank, exit_code)
     shutdown()
     return exit_code
