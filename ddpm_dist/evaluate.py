@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--data",
             help="shard manifest to compute reference statistics from (default for frechet: the run's training data)",
         )
-        f.add_argument("--num-images", type=int, default=None, help="with --run/--export/--diffusers: how many to generate")
+        f.add_argument(
+            "--num-images", type=int, default=None, help="with --run/--export/--diffusers: how many to generate"
+        )
         f.add_argument("--batch-size", type=int, default=64)
         f.add_argument("--seed", type=int, default=0)
         f.add_argument("--classes", default=None, help="as for ddpm_dist.sample (default random)")
