@@ -121,8 +121,9 @@ class Heartbeat:
                 continue
             if value != seen:
                 seen, seen_at = value, now
-            elif done:
-                self.watched = None  # it finished cleanly; the collectives of the shutdown see the rest
+            elif done:  # it finished cleanly: watch the one it watched (the collectives of the shutdown see the rest)
+                nxt = (self.watched + 1) % self.world_size
+                self.watched, seen, seen_at = (None if nxt == self.rank else nxt), -1, now
             elif now - seen_at >= self.timeout_s:
                 return self._declare(self._peer_lost(self.watched, now - seen_at), announce=True)
         if self._clean:

@@ -63,16 +63,19 @@ def test_a_silent_peer_is_named_within_the_timeout_and_every_rank_stops(master, 
 
 
 def test_a_cleanly_stopped_peer_and_a_busy_main_thread_are_no_alarm(master, hosts):
-    beats, found = ring(master, 2)
+    beats, found = ring(master, 3)
     try:
-        beats[1].stop()  # finished first; rank 0 goes on (e.g. writing the export) for more than the timeout
+        beats[1].stop()  # finished first; the others go on (e.g. writing the export) for more than the timeout
         end = time.monotonic() + 3 * TIMEOUT
         while time.monotonic() < end:  # the main thread busy in Python the whole time: the beats go on
             sum(i * i for i in range(10_000))
-        assert beats[0].watched is None and beats[0]._thread.is_alive() and not found, found
+        assert beats[0].watched == 2 and beats[0]._thread.is_alive() and not found, found  # rank 0 watches on
+        beats[2].stop()
+        wait_for(lambda: beats[0].watched is None, 3 * TIMEOUT, "rank 0 seeing everyone done")
+        assert not found, found
     finally:
         beats[0].stop()
-    assert master.check(["heartbeat/0/done", "heartbeat/1/done"])
+    assert master.check(["heartbeat/0/done", "heartbeat/1/done", "heartbeat/2/done"])
 
 
 @pytest.mark.parametrize("how", ["frozen", "killed"])

@@ -1,0 +1,105 @@
+"""The heartbeat (ddpm_dist/parallel/heartbeat.py) in real runs: with parallel.dist_timeout_s=1800 a lost host (its
+processes SIGKILLed, or its cable down) still ends the survivor within parallel.heartbeat_timeout_s + 10 s, with one
+line naming it and exit code 2; ranks that are merely busy for longer than the heartbeat timeout (a rank-0-only
+sample grid with the other rank in a barrier, an in-training evaluation, a checkpoint, a first torch.compile) are
+not taken for lost. Detection times are printed (`pytest -s`)."""
+
+import json
+import re
+import subprocess
+import time
+
+import pytest
+
+from tests.support.multinode_helpers import audit_lines, launch, log_of, wait_all, wait_for
+from tests.support.train_helpers import child_env, train_cmd
+
+pytestmark = pytest.mark.system
+HEARTBEAT = 10
+LONG = ["parallel.dist_timeout_s=1800", f"parallel.heartbeat_timeout_s={HEARTBEAT}"]
+
+
+def error_lines(text: str) -> list[str]:
+    return [x for x in text.splitlines() if x.startswith("error: ")]
+
+
+@pytest.mark.parametrize("fault", ["host killed", "link down"])
+def test_a_lost_host_is_noticed_within_the_heartbeat_timeout(cluster, tmp_path, fault):
+    """n2 dies or its cable goes down mid-run, the collectives allowed to wait 30 minutes: n1's worker prints one
+    line naming n2 and exits 2 within heartbeat_timeout_s + 10 s. With the cable down n2's worker, cut off from the
+    rendezvous store on n1, stops as well, naming n1."""
+    run, n2 = tmp_path / "run", cluster.host("n2")
+    procs = launch(cluster, run, 100_000, 1, "parallel.backend=ddp", *LONG)
+    try:
+        wait_for(lambda: audit_lines(run) >= 3, 180, "step 3")
+        t0 = time.time()
+        if fault == "host killed":
+            cluster.kill_host(n2)
+        else:
+            cluster.set_link(n2, False)
+        wait_for(lambda: error_lines(log_of(run, "n1")), HEARTBEAT + 20, "n1's error line")
+        detected = time.time() - t0
+        procs[0].wait(timeout=HEARTBEAT + 20)
+        exited = time.time() - t0
+        if fault == "link down":
+            wait_for(lambda: error_lines(log_of(run, "n2")), HEARTBEAT + 20, "n2's error line")
+            n2_detected = time.time() - t0
+    finally:
+        cluster.kill_host(n2)  # cut off, its launcher still waits for the rendezvous store on n1
+        cluster.set_link(n2, True)
+        wait_all(procs, timeout=60)
+    text = log_of(run, "n1")
+    print(f"\n{fault}: n1 printed its line after {detected:.1f}s, its torchrun exited after {exited:.1f}s")
+    lines = error_lines(text)
+    print(f"{fault}: n1: {lines}")
+    assert len(lines) == 1 and "lost rank 1 on n2" in lines[0] and "relaunch to resume" in lines[0], text[-3000:]
+    assert re.search(r"exitcode\s*:\s*2\b", text), text[-3000:]  # the worker's own exit code, as torchrun reports it
+    assert exited <= HEARTBEAT + 10, exited
+    if fault == "link down":  # n1's gloo is still waiting for the collective: only the heartbeat could end it
+        assert "no heartbeat for" in lines[0] and f"parallel.heartbeat_timeout_s={HEARTBEAT}" in lines[0], lines
+        other = error_lines(log_of(run, "n2"))
+        print(f"{fault}: n2 printed its line after {n2_detected:.1f}s: {other}")
+        assert len(other) == 1 and re.search(r"lost (the rendezvous store on n1|rank 0 on n1)", other[0]), other
+
+
+def run_alive(tmp_path, *extra, timeout=900):
+    """Two ranks on loopback under torchrun, the heartbeat at 2 s, collectives allowed 30 minutes."""
+    run = tmp_path / "run"
+    cmd = train_cmd(run, 4, "parallel.dist_timeout_s=1800", "parallel.heartbeat_timeout_s=2", *extra, nproc=2)
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    rows = [json.loads(x) for x in open(run / "metrics.jsonl")] if (run / "metrics.jsonl").exists() else []
+    return r, rows
+
+
+def test_busy_ranks_are_not_lost(tmp_path):
+    """An evaluation every 2 steps and the final sample grid, each longer than the 2 s heartbeat timeout (the grid is
+    drawn by rank 0 while rank 1 waits in a barrier), and a checkpoint: the run completes with exit 0."""
+    r, rows = run_alive(
+        tmp_path,
+        "train.log_every=1",
+        "sample.steps=100",
+        "eval.every_images=32",
+        "eval.num_images=128",
+        "eval.batch_size=64",
+        "checkpoint.every_images=32",
+    )
+    assert r.returncode == 0 and not error_lines(r.stderr), r.stderr[-3000:]
+    times = {(row["event"], row.get("step", row.get("images"))): row["time"] for row in rows}
+    order = [(row["event"], row["time"]) for row in rows]
+    evals = [t - order[i - 1][1] for i, (e, t) in enumerate(order) if e == "eval"]
+    grid = next(t - order[i - 1][1] for i, (e, t) in enumerate(order) if e == "samples")
+    saves = [round(row["duration_s"], 1) for row in rows if row["event"] == "checkpoint"]
+    print(f"\nbusy ranks: evaluations {[round(x, 1) for x in evals]} s, final grid {grid:.1f} s, checkpoints {saves} s")
+    assert len(evals) == 2 and min(evals) > 2 and grid > 2, (evals, grid, times)
+
+
+@pytest.mark.slow
+def test_a_first_torch_compile_is_not_lost(tmp_path):
+    """train.compile=true: both ranks compile the model in their first step (minutes on a 2-core CPU with a cold
+    inductor cache) while the heartbeat allows 2 s: the run completes with exit 0."""
+    r, rows = run_alive(tmp_path, "train.compile=true", "train.log_every=1")
+    assert r.returncode == 0 and not error_lines(r.stderr), r.stderr[-3000:]
+    first = next(row for row in rows if row["event"] == "train")
+    seconds = first["images"] / first["images_per_s"]
+    print(f"\nfirst compiled step: {seconds:.1f} s, heartbeat 2 s")
+    assert seconds > 2, seconds
