@@ -1,0 +1,160 @@
+"""Elastic training for real: torchrun agents in elastic mode (`--nnodes 2:3 --max-restarts 3`) on three namespace
+hosts, rendezvous through a real etcd on a fourth host. A host is SIGKILLed mid-training (the one serving the
+workers' store, rank 0); the survivors' workers stop (lost peer), their agents re-rendezvous and training continues
+at world size 2 from the newest committed checkpoint, without a relaunch. The host comes back, the agents restart
+their workers with SIGTERM (one committed checkpoint), and the run ends at world size 3, bitwise equal to plain
+resumes making the same world-size changes at the same steps. With c10d instead, losing the rendezvous host is
+one line naming the endpoint."""
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from tests.support.common import PYTHON, ROOT, wait_for
+from tests.support.elastic_helpers import (
+    EVERY,
+    agent_cmd,
+    audit_rows,
+    committed,
+    elastic_train_args,
+    log_of,
+    new_id,
+    resumes,
+    start_agent,
+    start_etcd,
+    stop,
+)
+from tests.support.train_helpers import assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint
+
+pytestmark = pytest.mark.system
+STEPS = 48
+
+
+@pytest.fixture(scope="module")
+def hosts4():
+    """n1..n3 train, n4 serves etcd; removed by name and PID at the end."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
+        pytest.fail("the multi-host tests need root, iproute2 and nsenter (`make system-deps` installs them)")
+    from tests.support.netns_cluster import Cluster
+
+    c = Cluster(4).up()
+    try:
+        yield c
+    finally:
+        c.down()
+
+
+def reference_run(run, segments):
+    """Plain resumes on loopback: (world size, last step) per segment, each a fresh torchrun."""
+    for world, last in segments:
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m"]
+        r = subprocess.run(
+            [*cmd, "ddpm_dist.train", *elastic_train_args(run, last)],
+            cwd=ROOT,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+def logs(run) -> str:
+    """The three hosts' logs (rank 0 logs; which host holds rank 0 changes with the rendezvous)."""
+    return "\n".join(log_of(run, h) for h in ("n1", "n2", "n3"))
+
+
+def kept_audit(run, segments) -> dict:
+    """(rank, step) -> sample indices of the steps the run kept: a step of a segment at world size W from ranks < W,
+    the last record of each (steps re-done after a loss repeat)."""
+    out, first = {}, 0
+    for world, last in segments:  # the audit's step k is the step taken from step k (0-based) to k + 1
+        for rank in range(world):
+            rows = audit(run, rank)
+            out.update({(rank, s): rows[s] for s in range(first, last)})
+        first = last
+    return out
+
+
+def test_a_host_lost_and_back_continues_in_the_job(hosts4, tmp_path):
+    c = hosts4
+    n1, n2, n3, n4 = c.hosts
+    run, rid = tmp_path / "run", new_id()
+    etcd = start_etcd(c, n4, tmp_path / "etcd")
+    args = elastic_train_args(run, STEPS)
+    launchers = {"n1": "launchers.torchrun", "n2": "torch.distributed.run", "n3": "launchers.torchrun"}
+    agents = {}
+    try:
+        for h in (n1, n2, n3):
+            agents[h.name] = start_agent(c, h, run, agent_cmd("2:3", "n4:2379", rid, args, launcher=launchers[h.name]))
+        # Evidence, not a sleep: a committed checkpoint, then a step past it.
+        wait_for(lambda: len(committed(run)) >= 2, 240, "two committed checkpoints at world size 3")
+        wait_for(lambda: audit_rows(run, 0)[-1]["step"] > committed(run)[-1], 60, "a step past the checkpoint")
+        killed_at = max(audit_rows(run, r)[-1]["step"] for r in range(3))
+        c.kill_host(n1)  # rank 0, and the host whose agent served the workers' store
+        t_loss = time.time()
+        seen = len(audit_rows(run, 0))
+        wait_for(lambda: resumes(logs(run)), 120, "the survivors' resume")
+        wait_for(lambda: len(audit_rows(run, 0)) > seen, 120, "the first step on the survivors")
+        recovery = time.time() - t_loss
+        resumed = min(resumes(logs(run)))
+        print(f"\nn1 killed after step {killed_at}: first step on 2 hosts {recovery:.1f} s later (from step {resumed})")
+        wait_for(lambda: len(audit_rows(run, 0)) > seen + 3, 120, "training at world size 2")
+        agents["n1 again"] = start_agent(c, n1, run, agent_cmd("2:3", "n4:2379", rid, args, launcher=launchers["n1"]))
+        t_join = time.time()
+        wait_for(lambda: re.search(r"stopping at step \d+ \(signal SIGTERM\)", logs(run)), 120, "restart")
+        grown = int(re.search(r"stopping at step (\d+) \(signal SIGTERM\)", logs(run)).group(1))
+        wait_for(lambda: grown in resumes(logs(run)), 120, "the resume at world size 3")
+        wait_for(lambda: audit_rows(run, 0)[-1]["step"] > grown, 120, "the first step on 3 hosts")
+        print(f"host n1 back: first step on 3 hosts {time.time() - t_join:.1f} s after its agent started")
+        survivors = [agents[k] for k in ("n2", "n3", "n1 again")]
+        end = time.time() + 300
+        for p in survivors:
+            p.wait(timeout=max(1, end - time.time()))
+    finally:
+        for p in agents.values():
+            stop(p)
+        stop(etcd)
+    text = {h: log_of(run, h) for h in ("n1", "n2", "n3")}
+    assert [p.returncode for p in survivors] == [0, 0, 0], text["n2"][-3000:] + text["n3"][-3000:]
+    assert "error: lost rank 0 on n1" in text["n2"] and "error: lost rank 0 on n1" in text["n3"]
+    assert re.search(r"2 ranks on n[23] \(rank 0\), n[23] \(rank 1\)", logs(run)), logs(run)[-3000:]
+    assert sorted(set(resumes(logs(run)))) == [resumed, grown] and grown in committed(run)
+    assert resumed in committed(run) and killed_at - resumed <= EVERY  # re-done: at most one checkpoint interval
+    assert recovery < 60, recovery
+    segments = [(3, resumed), (2, grown), (3, STEPS)]
+    ref = tmp_path / "ref"
+    reference_run(ref, segments)
+    assert_bitwise_equal(checkpoint_tensors(final_checkpoint(ref)), checkpoint_tensors(final_checkpoint(run)))
+    kept = kept_audit(run, segments)
+    assert kept == kept_audit(ref, segments)
+    indices = [i for v in kept.values() for i in v]
+    assert len(indices) == len(set(indices)) == 12 * STEPS  # within one epoch (1618 samples): none twice
+
+
+def test_c10d_losing_the_rendezvous_host_is_one_line(hosts4, tmp_path):
+    """--rdzv-backend c10d on n1: n1 killed, n2's launcher exits within 60 s with one line naming the endpoint."""
+    c = hosts4
+    n1, n2 = c.hosts[:2]
+    run, rid = tmp_path / "run", new_id()
+    args = elastic_train_args(run, 10_000)
+    agents = [start_agent(c, h, run, agent_cmd("1:2", "n1:29611", rid, args, backend="c10d")) for h in (n1, n2)]
+    try:
+        wait_for(lambda: audit_rows(run, 1) and audit_rows(run, 1)[-1]["step"] >= 2, 240, "training on 2 hosts")
+        c.kill_host(n1)
+        t0 = time.time()
+        agents[1].wait(timeout=90)
+        elapsed = time.time() - t0
+    finally:
+        for p in agents:
+            stop(p)
+    text = logs(run)
+    line = next((x for x in text.splitlines() if x.startswith("error: the c10d rendezvous")), "")
+    assert agents[1].returncode != 0 and "at n1:29611 does not answer (host n1 down?)" in line, text[-3000:]
+    print(f"\nc10d rendezvous host lost: n2 exited {elapsed:.1f} s later: {line}")
+    assert elapsed < 60, elapsed
