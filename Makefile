@@ -34,14 +34,15 @@ demo: install
 	@echo "pictures: $(RUN)/samples/final/grid.png $(RUN)/samples/final/trajectory.png $(RUN)/samples/final/reverse.gif $(RUN)/curves.png $(RUN)/ema_sweep/sweep.png"
 	@echo "report: $(RUN)/report.html   TensorBoard: $(BIN)/tensorboard --logdir $(RUN)/tensorboard"
 
-# SLURM, munge, Prometheus, iproute2 (test hosts in network namespaces) and chromium (the run report, headless)
-# for the system tests (Debian packages; needs root, as CI has).
+# SLURM, munge, Prometheus, iproute2 (test hosts in network namespaces), chromium (the run report, headless) and
+# etcd (torchrun's etcd-v2 rendezvous, tests/system/test_elastic.py) for the system tests (Debian packages; root).
 system-deps:
 	@if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v prometheus >/dev/null \
-	  && command -v ip >/dev/null && command -v nsenter >/dev/null && command -v chromium >/dev/null; then \
+	  && command -v ip >/dev/null && command -v nsenter >/dev/null && command -v chromium >/dev/null \
+	  && command -v etcd >/dev/null; then \
 	  echo "system packages present"; \
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	  slurmctld slurmd slurm-client munge prometheus iproute2 util-linux chromium >/dev/null; fi
+	  slurmctld slurmd slurm-client munge prometheus iproute2 util-linux chromium etcd-server >/dev/null; fi
 
 # ruff, configured in pyproject.toml: the formatter's layout and the linter's rules, checked before the tests.
 lint: install
