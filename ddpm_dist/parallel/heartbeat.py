@@ -79,6 +79,7 @@ class Heartbeat:
         self._watchdog = threading.Thread(target=self._watch_store, name=f"heartbeat-store-{rank}", daemon=True)
 
     def start(self) -> Heartbeat:
+        self.store.delete_key(done_key(self.rank))  # a run before this one in the same process group marked it
         self.store.add(beat_key(self.rank), 1)  # before the threads: the first beat is on record when start returns
         self._last_ok = time.monotonic()
         self._thread.start()
@@ -182,7 +183,9 @@ class _Off:
 
 def exit_lost(line: str) -> None:
     """Leave now, as a lost peer does (exit code 2, one line), even with the main thread blocked in a collective."""
-    threading.Timer(HARD_EXIT_AFTER_S, os._exit, (EXIT_CODE,)).start()
+    timer = threading.Timer(HARD_EXIT_AFTER_S, os._exit, (EXIT_CODE,))
+    timer.daemon = True
+    timer.start()
     print(f"error: {line}", file=sys.stderr, flush=True)
     for handler in logging.getLogger().handlers:
         try:
