@@ -8,6 +8,7 @@ one line naming the endpoint."""
 
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -158,3 +159,40 @@ def test_c10d_losing_the_rendezvous_host_is_one_line(hosts4, tmp_path):
     assert agents[1].returncode != 0 and "at n1:29611 does not answer (host n1 down?)" in line, text[-3000:]
     print(f"\nc10d rendezvous host lost: n2 exited {elapsed:.1f} s later: {line}")
     assert elapsed < 60, elapsed
+
+
+def test_a_config_error_is_one_line_before_any_agent(tmp_path):
+    """launchers.torchrun loads the training config before it starts the agent: a bad value is one line and exit 2,
+    with no agent (its rendezvous endpoint here answers nobody), so it cannot burn --max-restarts."""
+    cmd = agent_cmd("2:3", "127.0.0.1:1", new_id(), elastic_train_args(tmp_path / "run", 4, "train.lr=-1"))
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: train.lr: must be positive, got -1.0"], (
+        r.stderr
+    )
+    assert r.stdout == "" and time.time() - t0 < 30 and not (tmp_path / "run").exists()
+
+
+def test_a_preemption_in_an_elastic_run_is_not_restarted(tmp_path):
+    """SIGUSR1 to launchers.torchrun with --max-restarts 3: the workers save one committed checkpoint and the launcher
+    exits 75 (requeue me); the agent does not restart the workers that stopped for it."""
+    run = tmp_path / "run"
+    cmd = [PYTHON, "-m", "launchers.torchrun", "--standalone", "--nproc-per-node", "2", "--max-restarts", "3"]
+    log = open(tmp_path / "log", "w")
+    p = subprocess.Popen(
+        [*cmd, "-m", "ddpm_dist.train", *elastic_train_args(run, 10_000)],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: audit_rows(run, 1) and audit_rows(run, 1)[-1]["step"] >= 2, 180, "training")
+        p.send_signal(signal.SIGUSR1)
+        p.wait(timeout=90)
+    finally:
+        stop(p)
+    text = open(tmp_path / "log").read()
+    stops = re.findall(r"stopping at step (\d+) \(signal SIG(?:USR1|TERM)\)", text)  # the agent's SIGTERM may be first
+    assert p.returncode == 75 and len(stops) == 1 and int(stops[0]) in committed(run), text[-3000:]
+    assert "resumed from" not in text and "will restart worker group" not in text, text[-3000:]
