@@ -81,9 +81,25 @@ def check_config(argv: list[str]) -> str | None:
 
     try:
         args = build_parser().parse_args(argv[argv.index("-m") + 2 :])
-        load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return check_world_sizes(argv, cfg.train.global_batch, cfg.train.micro_batch)
+
+
+def check_world_sizes(argv: list[str], batch: int, micro: int | None) -> str | None:
+    """An elastic job runs at every world size --nnodes MIN:MAX x --nproc-per-node allows: the global batch (and
+    micro-batch) must fit each, else a shrink would fail in every restart."""
+    nnodes, nproc = option(argv, "--nnodes") or "1", option(argv, "--nproc-per-node") or "1"
+    low, _, high = nnodes.partition(":")
+    if not (low.isdigit() and (high or low).isdigit() and nproc.isdigit()):
+        return None  # e.g. --nproc-per-node gpu: the workers check
+    for world in range(int(low) * int(nproc), int(high or low) * int(nproc) + 1, int(nproc)):
+        if batch % world or (micro and (batch // world) % micro):
+            return (
+                f"train.global_batch={batch}{f' (micro_batch={micro})' if micro else ''} does not fit world size "
+                f"{world}, which --nnodes {nnodes} x --nproc-per-node {nproc} may reach; pick one every size divides"
+            )
     return None
 
 

@@ -161,15 +161,22 @@ def test_c10d_losing_the_rendezvous_host_is_one_line(hosts4, tmp_path):
     assert elapsed < 60, elapsed
 
 
-def test_a_config_error_is_one_line_before_any_agent(tmp_path):
-    """launchers.torchrun loads the training config before it starts the agent: a bad value is one line and exit 2,
-    with no agent (its rendezvous endpoint here answers nobody), so it cannot burn --max-restarts."""
-    cmd = agent_cmd("2:3", "127.0.0.1:1", new_id(), elastic_train_args(tmp_path / "run", 4, "train.lr=-1"))
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        ("train.lr=-1", "error: train.lr: must be positive, got -1.0"),
+        ("train.global_batch=16", "error: train.global_batch=16 does not fit world size 3, which --nnodes 2:3 x"),
+    ],
+)
+def test_a_config_error_is_one_line_before_any_agent(tmp_path, override, line):
+    """launchers.torchrun loads the training config before it starts the agent, and checks the global batch against
+    every world size the job may reach: a bad value is one line and exit 2, with no agent (its rendezvous endpoint
+    here answers nobody), so it cannot burn --max-restarts."""
+    cmd = agent_cmd("2:3", "127.0.0.1:1", new_id(), elastic_train_args(tmp_path / "run", 4, override))
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: train.lr: must be positive, got -1.0"], (
-        r.stderr
-    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), r.stderr
     assert r.stdout == "" and time.time() - t0 < 30 and not (tmp_path / "run").exists()
 
 
