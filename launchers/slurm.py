@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("verb", choices=VERBS)
     p.add_argument("--nodes", type=int, default=1)
+    p.add_argument(
+        "--min-nodes",
+        type=int,
+        default=None,
+        help="start with as few as this many nodes (sbatch --nodes=MIN-MAX); training resumes at whatever world size "
+        "each (re)queued run gets. Not elastic within a run: a lost node ends it, the requeue resumes",
+    )
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node = tasks per node (0: CPU tasks)")
     p.add_argument("--tasks-per-node", type=int, default=None, help="CPU jobs: processes per node (default 1)")
     p.add_argument("--cpus-per-task", type=int, default=4)
@@ -174,6 +181,11 @@ def make_executor(args):
     for kv in args.sbatch:
         key, _, value = kv.partition("=")
         extra[key.lstrip("-")] = value if value else True
+    if args.min_nodes is not None:
+        if not 1 <= args.min_nodes <= args.nodes:
+            raise SystemExit(f"error: --min-nodes {args.min_nodes}: expected 1..--nodes ({args.nodes})")
+        if args.min_nodes < args.nodes:
+            extra["nodes"] = f"{args.min_nodes}-{args.nodes}"
     params = dict(
         nodes=args.nodes,
         tasks_per_node=tasks,

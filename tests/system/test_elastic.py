@@ -203,3 +203,13 @@ def test_a_preemption_in_an_elastic_run_is_not_restarted(tmp_path):
     stops = re.findall(r"stopping at step (\d+) \(signal SIG(?:USR1|TERM)\)", text)  # the agent's SIGTERM may be first
     assert p.returncode == 75 and len(stops) == 1 and int(stops[0]) in committed(run), text[-3000:]
     assert "resumed from" not in text and "will restart worker group" not in text, text[-3000:]
+
+
+def test_slurm_min_nodes_asks_for_a_node_range(capsys):
+    """launchers.slurm --min-nodes: the sbatch script asks for MIN-MAX nodes (a dry run; not elastic within a run)."""
+    from launchers import slurm
+
+    assert slurm.main(["train", "--nodes", "3", "--min-nodes", "2", "--dry-run", "--", "--config", "x.yaml"]) == 0
+    assert "#SBATCH --nodes=2-3\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--min-nodes 4: expected 1..--nodes"):
+        slurm.main(["train", "--nodes", "3", "--min-nodes", "4", "--dry-run", "--", "--config", "x.yaml"])
