@@ -19,6 +19,7 @@ import yaml
 from ddpm_dist.artifacts import committed_checkpoints
 from ddpm_dist.goodput import goodput
 from tests.support.common import ROOT, free_port, wait_for
+from tests.support.report_pages import sections
 from tests.support.train_helpers import child_env, train_cmd
 
 pytestmark = pytest.mark.system
@@ -224,7 +225,6 @@ def resume_from_an_older_checkpoint(tmp_path, port, sd, start):
     assert g.restart_lost_s > 0 and g.step_s > g.redone_s > 0 and g.data_wait_s > 0 and g.checkpoint_stall_s > 0
     from ddpm_dist.reporting.collect import collect
     from ddpm_dist.reporting.html import render
-    from tests.system.test_report import sections
 
     text = " ".join(sections(render(collect(str(run)))).text["goodput"].split())
     assert f"goodput ratio {100 * g.ratio:.1f}%" in text and f"re-done steps {redone:,} (" in text

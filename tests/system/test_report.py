@@ -10,11 +10,11 @@ import shutil
 import signal
 import subprocess
 import time
-from html.parser import HTMLParser
 
 import pytest
 
 from tests.support.common import ROOT, wait_for
+from tests.support.report_pages import sections
 from tests.support.train_helpers import child_env, run_module, run_train, train_cmd
 
 SECTION_IDS = ("summary", "config", "hardware", "curves", "samples", "evaluation", "checkpoints", "performance")
@@ -45,38 +45,6 @@ window.addEventListener("load", function () {
 
 def report_cli(*args):
     return run_module("ddpm_dist.report", *args, timeout=120)
-
-
-class Sections(HTMLParser):
-    """Each <section id=...>'s text, and every <img>'s src."""
-
-    def __init__(self):
-        super().__init__()
-        self.text, self.srcs, self._open = {}, [], []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "section":
-            self._open.append(attrs.get("id"))
-            self.text.setdefault(attrs.get("id"), "")
-        elif tag == "img":
-            self.srcs.append(attrs.get("src", ""))
-        elif tag in ("td", "th", "br") and self._open:  # keep table cells apart in the text
-            self.text[self._open[-1]] += " "
-
-    def handle_endtag(self, tag):
-        if tag == "section" and self._open:
-            self._open.pop()
-
-    def handle_data(self, data):
-        if self._open:
-            self.text[self._open[-1]] += data
-
-
-def sections(page: str) -> Sections:
-    parser = Sections()
-    parser.feed(page)
-    return parser
 
 
 @pytest.fixture(scope="module")

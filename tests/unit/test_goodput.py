@@ -11,6 +11,7 @@ from ddpm_dist.config import MetricsConfig
 from ddpm_dist.goodput import goodput
 from ddpm_dist.obs.metrics import Metrics
 from tests.support.common import free_port
+from tests.support.report_pages import sections
 
 
 def proc(steps, step_s, data_wait_s, startup_s):
@@ -181,7 +182,6 @@ def test_only_rank_0_publishes_goodput(tmp_path):
 def test_report_section_from_the_constructed_run(tmp_path):
     from ddpm_dist.reporting.collect import collect
     from ddpm_dist.reporting.html import render
-    from tests.system.test_report import sections
 
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     d = collect(str(tmp_path), now=2000.0)
