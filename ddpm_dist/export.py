@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     from .artifacts.diffusers_format import save_diffusers
 
     args = build_parser().parse_args(argv)
-    if args.export and args.checkpoint != "latest":
+    if not args.run and args.checkpoint != "latest":
         raise ValueError("--checkpoint chooses among a run's checkpoints: use --run DIR")
     trained = load_trained(model_source(args), "model" if args.weights == "raw" else "ema", args.checkpoint)
     state = trained.model.state_dict()

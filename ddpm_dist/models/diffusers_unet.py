@@ -7,12 +7,11 @@ Pure data: nothing here imports diffusers. What one side can express and the oth
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import torch
 
-from .unet import RUNTIME_FIELDS, UNetConfig
+from .unet import UNetConfig
 
 
 class DiffusersMappingError(ValueError):
@@ -245,8 +244,3 @@ def from_diffusers_state(cfg: UNetConfig, state: dict[str, torch.Tensor]) -> dic
         joined = torch.cat([parts["to_q"], parts["to_k"], parts["to_v"]], dim=0)
         out[f"{prefix}qkv.{kind}"] = joined[:, :, None, None] if kind == "weight" else joined
     return out
-
-
-def architecture_fields(cfg: UNetConfig) -> dict:
-    """The config fields that define the network (runtime ones left out), for comparing two configs."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}

@@ -28,7 +28,14 @@ from tests.support.elastic_helpers import (
     start_etcd,
     stop,
 )
-from tests.support.train_helpers import assert_bitwise_equal, audit, checkpoint_tensors, child_env, final_checkpoint
+from tests.support.train_helpers import (
+    assert_bitwise_equal,
+    audit,
+    checkpoint_tensors,
+    child_env,
+    final_checkpoint,
+    run_command,
+)
 
 pytestmark = pytest.mark.system
 STEPS = 48
@@ -54,14 +61,7 @@ def reference_run(run, segments):
     """Plain resumes on loopback: (world size, last step) per segment, each a fresh torchrun."""
     for world, last in segments:
         cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m"]
-        r = subprocess.run(
-            [*cmd, "ddpm_dist.train", *elastic_train_args(run, last)],
-            cwd=ROOT,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        r = run_command([*cmd, "ddpm_dist.train", *elastic_train_args(run, last)], timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -174,7 +174,7 @@ def test_a_config_error_is_one_line_before_any_agent(tmp_path, override, line):
     here answers nobody), so it cannot burn --max-restarts."""
     cmd = agent_cmd("2:3", "127.0.0.1:1", new_id(), elastic_train_args(tmp_path / "run", 4, override))
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
+    r = run_command(cmd, timeout=60)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(line), r.stderr
     assert r.stdout == "" and time.time() - t0 < 30 and not (tmp_path / "run").exists()
