@@ -86,6 +86,15 @@ def train_without(package: str, run_dir, steps, *extra) -> subprocess.CompletedP
     return run_command([PYTHON, "-c", hide, *train_args(run_dir, steps, *extra)])
 
 
+def assert_missing_sink_is_one_line(package: str, run_dir) -> None:
+    """`metrics.<package>=true` in a Python without `package`: one line, exit 2, before any work (no run_dir)."""
+    r = train_without(package, run_dir, 2, f"metrics.{package}=true")
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert errors == [f"error: metrics.{package}=true needs the {package} package: pip install {package}"], errors
+    assert not os.path.exists(run_dir)
+
+
 def run_train(run_dir, steps, *extra, nproc=1, launcher="python", timeout=600, check=True):
     r = run_command(train_cmd(run_dir, steps, *extra, nproc=nproc, launcher=launcher), timeout=timeout)
     if check:

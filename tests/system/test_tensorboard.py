@@ -16,7 +16,7 @@ from PIL import Image
 
 from ddpm_dist.obs.tensorboard import CONFIG_TAG, SAMPLES_TAG, TAGS
 from tests.support.common import wait_for
-from tests.support.train_helpers import run_train, train_without
+from tests.support.train_helpers import assert_missing_sink_is_one_line, run_train
 
 pytestmark = pytest.mark.system
 SINK = [
@@ -122,8 +122,4 @@ def test_config_is_shown(run, server):
 
 def test_missing_package_is_one_line(tmp_path):
     """Asking for the sink without tensorboard installed: one line, exit 2, before any work."""
-    r = train_without("tensorboard", tmp_path / "run", 2, "metrics.tensorboard=true")
-    assert r.returncode == 2, r.stderr[-2000:]
-    errors = [line for line in r.stderr.splitlines() if line.strip()]
-    assert errors == ["error: metrics.tensorboard=true needs the tensorboard package: pip install tensorboard"], errors
-    assert not (tmp_path / "run").exists()
+    assert_missing_sink_is_one_line("tensorboard", tmp_path / "run")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ddpm_dist.obs.tensorboard import SAMPLES_TAG, TAGS
 from ddpm_dist.obs.wandb_sink import RUN_ID_FILE, STEP
-from tests.support.train_helpers import child_env, run_command, train_cmd, train_without
+from tests.support.train_helpers import assert_missing_sink_is_one_line, child_env, run_command, train_cmd
 
 pytestmark = pytest.mark.system
 SINK = [
@@ -162,8 +162,4 @@ def test_config_is_the_resolved_config(run, segments):
 
 def test_missing_package_is_one_line(tmp_path):
     """Asking for the sink without wandb installed: one line, exit 2, before any work."""
-    r = train_without("wandb", tmp_path / "run", 2, "metrics.wandb=true")
-    assert r.returncode == 2, r.stderr[-2000:]
-    errors = [line for line in r.stderr.splitlines() if line.strip()]
-    assert errors == ["error: metrics.wandb=true needs the wandb package: pip install wandb"], errors
-    assert not (tmp_path / "run").exists()
+    assert_missing_sink_is_one_line("wandb", tmp_path / "run")
