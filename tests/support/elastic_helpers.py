@@ -1,5 +1,6 @@
-"""What the elastic tests share: a real etcd on its own namespace host, torchrun agents in elastic mode
-(`--nnodes MIN:MAX --max-restarts K`) on training hosts, evidence read from the run directory and the logs."""
+"""What the elastic tests share: a real 3-member etcd cluster (a member and an etcd gateway on each training host),
+torchrun agents in elastic mode (`--nnodes MIN:MAX --max-restarts K`), evidence read from the run directory and the
+logs."""
 
 import json
 import os
@@ -38,39 +39,119 @@ def elastic_train_args(run_dir, steps, *extra) -> list[str]:
     ]
 
 
-def start_etcd(cluster, host, data_dir) -> subprocess.Popen:
-    """etcd 3.4 (v2 API on, as torch's etcd-v2 rendezvous needs) on `host`'s address; waits until it is healthy."""
+GATEWAY = "127.0.0.1:23790"  # each host's etcd gateway, on its own loopback: the one endpoint torch's etcd-v2 takes
+
+
+def _etcd() -> str:
     etcd = shutil.which("etcd")
     if not etcd:
         raise RuntimeError("etcd not found (`make system-deps` installs Debian's etcd-server)")
-    url, peer = f"http://{host.addr}:2379", f"http://{host.addr}:2380"
-    cmd = [
-        etcd,
-        "--name=rdzv",
-        f"--data-dir={data_dir}",
-        f"--listen-client-urls={url}",
-        f"--advertise-client-urls={url}",
-        f"--listen-peer-urls={peer}",
-        f"--initial-advertise-peer-urls={peer}",
-        f"--initial-cluster=rdzv={peer}",
-        "--enable-v2",
-    ]
-    log = open(f"{data_dir}.log", "w")
-    proc = cluster.popen(host, cmd, stdout=log, stderr=subprocess.STDOUT)
+    return etcd
+
+
+def member_url(host) -> str:
+    return f"http://{host.addr}:2379"
+
+
+def start_etcd_cluster(cluster, hosts, data_root) -> dict:
+    """etcd 3.4, one member on each of `hosts` (a static --initial-cluster; the v2 API on, as torch's etcd-v2
+    rendezvous needs); waits until every member is healthy and lists them all. Host name -> member process."""
+    os.makedirs(data_root, exist_ok=True)
+    initial = ",".join(f"{h.name}=http://{h.addr}:2380" for h in hosts)
+    procs = {}
     try:
-        wait_for(lambda: _healthy(url), 30, f"etcd on {host.name}")
+        for h in hosts:
+            url, peer = member_url(h), f"http://{h.addr}:2380"
+            cmd = [
+                _etcd(),
+                f"--name={h.name}",
+                f"--data-dir={data_root}/{h.name}",
+                f"--listen-client-urls={url}",
+                f"--advertise-client-urls={url}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster={initial}",
+                f"--initial-cluster-token=rdzv-{cluster.tag}",
+                "--initial-cluster-state=new",
+                "--enable-v2",
+            ]
+            log = open(f"{data_root}/{h.name}.log", "w")
+            procs[h.name] = cluster.popen(h, cmd, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: all(health(hosts).values()), 60, f"{len(hosts)} healthy etcd members")
+        wait_for(lambda: len(members(hosts[0])) == len(hosts), 30, f"{len(hosts)} etcd members")
+    except BaseException:
+        for p in procs.values():
+            stop(p)
+        raise
+    return procs
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _healthy(url) -> bool:
+    return (_get(f"{url}/health") or {}).get("health") == "true"
+
+
+def health(hosts) -> dict:
+    """Host name -> whether its etcd member answers healthy (it has a leader and serves reads)."""
+    return {h.name: _healthy(member_url(h)) for h in hosts}
+
+
+def members(host) -> dict:
+    """Member name -> id, as the member on `host` lists them ({} if it does not answer)."""
+    return {m["name"]: m["id"] for m in (_get(f"{member_url(host)}/v2/members") or {}).get("members", [])}
+
+
+def leader(hosts) -> str:
+    """The name of the host whose member is the raft leader ("" if none answers as leader)."""
+    states = {h.name: (_get(f"{member_url(h)}/v2/stats/self") or {}).get("state") for h in hosts}
+    return next((n for n, s in states.items() if s == "StateLeader"), "")
+
+
+def make_leader(hosts, host) -> None:
+    """Move the raft leadership to `host`'s member (etcd's v3 MoveLeader over its HTTP gateway, asked of the
+    current leader; Debian's etcd-server has no etcdctl)."""
+    wait_for(lambda: leader(hosts) != "", 30, "an etcd leader")
+    current = next(h for h in hosts if h.name == leader(hosts))
+    if current.name != host.name:
+        body = json.dumps({"targetID": str(int(members(host)[host.name], 16))}).encode()
+        url = f"{member_url(current)}/v3/maintenance/transfer-leadership"
+        urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"}), timeout=30)
+    wait_for(lambda: leader(hosts) == host.name, 30, f"the etcd leader on {host.name}")
+
+
+def start_gateway(cluster, host, hosts, log_path) -> subprocess.Popen:
+    """`etcd gateway` on `host`'s loopback (GATEWAY), forwarding to every member; waits until a request through it
+    lists every member. A TCP proxy: a member that refuses a connection is skipped (and retried after a minute)."""
+    cmd = [_etcd(), "gateway", "start", f"--listen-addr={GATEWAY}"]
+    proc = cluster.popen(
+        host,
+        [*cmd, "--endpoints=" + ",".join(f"{h.name}:2379" for h in hosts)],
+        stdout=open(log_path, "a"),
+        stderr=subprocess.STDOUT,
+    )
+    ask = (
+        "import json, urllib.request as u; "
+        f"print(len(json.load(u.urlopen('http://{GATEWAY}/v2/members', None, 2))['members']))"
+    )
+    probe = [*cluster.prefix(host), PYTHON, "-c", ask]
+    try:
+        wait_for(
+            lambda: subprocess.run(probe, capture_output=True, text=True).stdout.strip() == str(len(hosts)),
+            30,
+            f"the etcd gateway on {host.name}",
+            every=0.2,
+        )
     except BaseException:
         stop(proc)
         raise
     return proc
-
-
-def _healthy(url) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-            return json.loads(r.read()).get("health") == "true"
-    except OSError:
-        return False
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20) -> None:

@@ -1,10 +1,13 @@
 """Elastic training for real: torchrun agents in elastic mode (`--nnodes 2:3 --max-restarts 3`) on three namespace
-hosts, rendezvous through a real etcd on a fourth host. A host is SIGKILLed mid-training (the one serving the
-workers' store, rank 0); the survivors' workers stop (lost peer), their agents re-rendezvous and training continues
-at world size 2 from the newest committed checkpoint, without a relaunch. The host comes back, the agents restart
-their workers with SIGTERM (one committed checkpoint), and the run ends at world size 3, bitwise equal to plain
-resumes making the same world-size changes at the same steps. With c10d instead, losing the rendezvous host is
-one line naming the endpoint."""
+hosts, rendezvous through a real 3-member etcd cluster, a member on each training host and each agent pointed at its
+host's etcd gateway (127.0.0.1:23790). A host is SIGKILLed mid-training (the one serving the workers' store, rank 0,
+and an etcd member, a follower); the survivors' workers stop (lost peer), their agents re-rendezvous through the 2
+members left and training continues at world size 2 from the newest committed checkpoint, without a relaunch. The
+host comes back (its gateway and agent; its etcd member stays down), the agents restart their workers with SIGTERM
+(one committed checkpoint), and the run ends at world size 3, bitwise equal to plain resumes making the same
+world-size changes at the same steps. Not tested: losing the host of the etcd leader (the job ends: torch does not
+retry a rendezvous write etcd times out during the election; docs/DISTRIBUTED.md) or 2 of the 3 members. With c10d
+instead, losing the rendezvous host is one line naming the endpoint."""
 
 import os
 import re
@@ -17,15 +20,20 @@ import pytest
 from tests.support.common import PYTHON, ROOT, wait_for
 from tests.support.elastic_helpers import (
     EVERY,
+    GATEWAY,
     agent_cmd,
     audit_rows,
     committed,
     elastic_train_args,
+    health,
+    leader,
     log_of,
+    make_leader,
     new_id,
     resumes,
     start_agent,
-    start_etcd,
+    start_etcd_cluster,
+    start_gateway,
     stop,
 )
 from tests.support.train_helpers import (
@@ -42,15 +50,15 @@ STEPS = 48
 
 
 @pytest.fixture(scope="module")
-def hosts4():
-    """n1..n3 train, n4 serves etcd; removed by name and PID at the end."""
+def hosts3():
+    """n1..n3: each trains and serves an etcd member and a gateway; removed by name and PID at the end."""
     import shutil
 
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
         pytest.fail("the multi-host tests need root, iproute2 and nsenter (`make system-deps` installs them)")
     from tests.support.netns_cluster import Cluster
 
-    c = Cluster(4).up()
+    c = Cluster(3).up()
     try:
         yield c
     finally:
@@ -82,31 +90,39 @@ def kept_audit(run, segments) -> dict:
     return out
 
 
-def test_a_host_lost_and_back_continues_in_the_job(hosts4, tmp_path):
-    c = hosts4
-    n1, n2, n3, n4 = c.hosts
-    run, rid = tmp_path / "run", new_id()
-    etcd = start_etcd(c, n4, tmp_path / "etcd")
+def test_a_host_lost_and_back_continues_in_the_job(hosts3, tmp_path):
+    c = hosts3
+    n1, n2, n3 = c.hosts
+    run, rid, etc = tmp_path / "run", new_id(), tmp_path / "etcd"
     args = elastic_train_args(run, STEPS)
     launchers = {"n1": "launchers.torchrun", "n2": "torch.distributed.run", "n3": "launchers.torchrun"}
-    agents = {}
+    agents, gateways, members = {}, {}, {}
     try:
+        members = start_etcd_cluster(c, c.hosts, etc)
+        # the raft leader on n2: n1's member is a follower. Losing the leader's host is not survived yet (torch does not
+        # retry a rendezvous write that etcd times out during the election; docs/DISTRIBUTED.md)
+        make_leader(c.hosts, n2)
         for h in (n1, n2, n3):
-            agents[h.name] = start_agent(c, h, run, agent_cmd("2:3", "n4:2379", rid, args, launcher=launchers[h.name]))
+            gateways[h.name] = start_gateway(c, h, c.hosts, etc / f"gateway.{h.name}.log")
+            agents[h.name] = start_agent(c, h, run, agent_cmd("2:3", GATEWAY, rid, args, launcher=launchers[h.name]))
         # Evidence, not a sleep: a committed checkpoint, then a step past it.
         wait_for(lambda: len(committed(run)) >= 2, 240, "two committed checkpoints at world size 3")
         wait_for(lambda: audit_rows(run, 0)[-1]["step"] > committed(run)[-1], 60, "a step past the checkpoint")
         killed_at = max(audit_rows(run, r)[-1]["step"] for r in range(3))
-        c.kill_host(n1)  # rank 0, and the host whose agent served the workers' store
+        leader_before = leader(c.hosts)
+        c.kill_host(n1)  # rank 0, the host whose agent served the workers' store, and an etcd member
         t_loss = time.time()
         seen = len(audit_rows(run, 0))
         wait_for(lambda: resumes(logs(run)), 120, "the survivors' resume")
         wait_for(lambda: len(audit_rows(run, 0)) > seen, 120, "the first step on the survivors")
         recovery = time.time() - t_loss
+        etcd_in_recovery, leader_after = health(c.hosts), leader(c.hosts)
         resumed = min(resumes(logs(run)))
         print(f"\nn1 killed after step {killed_at}: first step on 2 hosts {recovery:.1f} s later (from step {resumed})")
         wait_for(lambda: len(audit_rows(run, 0)) > seen + 3, 120, "training at world size 2")
-        agents["n1 again"] = start_agent(c, n1, run, agent_cmd("2:3", "n4:2379", rid, args, launcher=launchers["n1"]))
+        # n1 back: its gateway and agent; its etcd member stays down (the job needs 2 of 3 members)
+        gateways["n1 again"] = start_gateway(c, n1, c.hosts, etc / "gateway.n1.log")
+        agents["n1 again"] = start_agent(c, n1, run, agent_cmd("2:3", GATEWAY, rid, args, launcher=launchers["n1"]))
         t_join = time.time()
         wait_for(lambda: re.search(r"stopping at step \d+ \(signal SIGTERM\)", logs(run)), 120, "restart")
         grown = int(re.search(r"stopping at step (\d+) \(signal SIGTERM\)", logs(run)).group(1))
@@ -117,17 +133,25 @@ def test_a_host_lost_and_back_continues_in_the_job(hosts4, tmp_path):
         end = time.time() + 300
         for p in survivors:
             p.wait(timeout=max(1, end - time.time()))
+        etcd_at_end = health(c.hosts)
     finally:
-        for p in agents.values():
+        for p in [*agents.values(), *gateways.values(), *members.values()]:
             stop(p)
-        stop(etcd)
     text = {h: log_of(run, h) for h in ("n1", "n2", "n3")}
     assert [p.returncode for p in survivors] == [0, 0, 0], text["n2"][-3000:] + text["n3"][-3000:]
-    assert "error: lost rank 0 on n1" in text["n2"] and "error: lost rank 0 on n1" in text["n3"]
+    # each survivor left by the lost-peer path; the first to notice names n1 (the other may see that survivor go first)
+    lost = {h: re.findall(r"error: lost rank \d on (n\d)", text[h])[:1] for h in ("n2", "n3")}
+    assert "error: lost rank 0 on n1" in text["n2"] + text["n3"], lost
+    assert lost["n2"] in (["n1"], ["n3"]) and lost["n3"] in (["n1"], ["n2"]), lost
     assert re.search(r"2 ranks on n[23] \(rank 0\), n[23] \(rank 1\)", logs(run)), logs(run)[-3000:]
     assert sorted(set(resumes(logs(run)))) == [resumed, grown] and grown in committed(run)
     assert resumed in committed(run) and killed_at - resumed <= EVERY  # re-done: at most one checkpoint interval
     assert recovery < 60, recovery
+    # the etcd member on n1 was SIGKILLed and stayed down through the recovery and to the end: the job ran on 2 of 3
+    # members (the leader on n2 throughout)
+    assert members["n1"].returncode == -signal.SIGKILL, members["n1"].returncode
+    assert etcd_in_recovery == etcd_at_end == {"n1": False, "n2": True, "n3": True}, (etcd_in_recovery, etcd_at_end)
+    assert leader_before == leader_after == "n2", (leader_before, leader_after)
     segments = [(3, resumed), (2, grown), (3, STEPS)]
     ref = tmp_path / "ref"
     reference_run(ref, segments)
@@ -138,9 +162,9 @@ def test_a_host_lost_and_back_continues_in_the_job(hosts4, tmp_path):
     assert len(indices) == len(set(indices)) == 12 * STEPS  # within one epoch (1618 samples): none twice
 
 
-def test_c10d_losing_the_rendezvous_host_is_one_line(hosts4, tmp_path):
+def test_c10d_losing_the_rendezvous_host_is_one_line(hosts3, tmp_path):
     """--rdzv-backend c10d on n1: n1 killed, n2's launcher exits within 60 s with one line naming the endpoint."""
-    c = hosts4
+    c = hosts3
     n1, n2 = c.hosts[:2]
     run, rid = tmp_path / "run", new_id()
     args = elastic_train_args(run, 10_000)
