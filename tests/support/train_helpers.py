@@ -86,6 +86,17 @@ def train_without(package: str, run_dir, steps, *extra) -> subprocess.CompletedP
     return run_command([PYTHON, "-c", hide, *train_args(run_dir, steps, *extra)])
 
 
+# A metrics sink's test run: logs, a sample grid, a checkpoint and an evaluation every few steps (batch 16).
+SINK_CADENCE = [
+    "train.log_every=2",
+    "train.sample_every_images=64",
+    "checkpoint.every_images=64",
+    "eval.every_images=64",
+    "eval.num_images=32",
+    "eval.batch_size=32",
+]
+
+
 def assert_missing_sink_is_one_line(package: str, run_dir) -> None:
     """`metrics.<package>=true` in a Python without `package`: one line, exit 2, before any work (no run_dir)."""
     r = train_without(package, run_dir, 2, f"metrics.{package}=true")

@@ -16,17 +16,12 @@ from PIL import Image
 
 from ddpm_dist.obs.tensorboard import CONFIG_TAG, SAMPLES_TAG, TAGS
 from tests.support.common import wait_for
-from tests.support.train_helpers import assert_missing_sink_is_one_line, run_train
+from tests.support.train_helpers import SINK_CADENCE, assert_missing_sink_is_one_line, run_train
 
 pytestmark = pytest.mark.system
 SINK = [
     "metrics.tensorboard=true",
-    "train.log_every=2",
-    "train.sample_every_images=64",
-    "checkpoint.every_images=64",
-    "eval.every_images=64",
-    "eval.num_images=32",
-    "eval.batch_size=32",
+    *SINK_CADENCE,
 ]
 
 

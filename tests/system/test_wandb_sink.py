@@ -14,18 +14,13 @@ from PIL import Image
 
 from ddpm_dist.obs.tensorboard import SAMPLES_TAG, TAGS
 from ddpm_dist.obs.wandb_sink import RUN_ID_FILE, STEP
-from tests.support.train_helpers import assert_missing_sink_is_one_line, child_env, run_command, train_cmd
+from tests.support.train_helpers import SINK_CADENCE, assert_missing_sink_is_one_line, child_env, run_command, train_cmd
 
 pytestmark = pytest.mark.system
 SINK = [
     "metrics.wandb=true",
     "metrics.wandb_project=ddpm-test",
-    "train.log_every=2",
-    "train.sample_every_images=64",
-    "checkpoint.every_images=64",
-    "eval.every_images=64",
-    "eval.num_images=32",
-    "eval.batch_size=32",
+    *SINK_CADENCE,
 ]
 STEPS = (6, 10)  # trained, then resumed to 10 steps in the same run directory
 BLOCK, FULL, FIRST, MIDDLE, LAST = 32768, 1, 2, 3, 4  # LevelDB log: 32 KiB blocks, a record in one or more chunks
