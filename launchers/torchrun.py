@@ -11,7 +11,9 @@ preemption signal also stops the agent (else it would restart the workers that s
 agents do not share their rendezvous TCP store with the workers (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; with it
 shared, torch 2.14.1 points a host that stays non-zero across rounds at the old rank 0's store, which is gone
 when that host died). With --rdzv-backend c10d, losing the host that serves the rendezvous ends the job: the
-surviving agents' torchrun fails, and this launcher says so in one line naming the endpoint (exit 1).
+surviving agents' torchrun fails, and this launcher says so in one line naming the endpoint (exit 1). The agent is
+torch.distributed.run started through launchers.etcd_retry: with --rdzv-backend etcd-v2 a rendezvous request that
+etcd times out while it elects a new leader (the leader's host died) is retried instead of ending the agent.
 
 Exit codes: 0 done; 2 config error (nothing started); 75 preempted, a checkpoint committed ("requeue me");
 otherwise torchrun's (1: the workers failed more than --max-restarts times, or the rendezvous was lost)."""
@@ -146,7 +148,7 @@ def main(argv: list[str]) -> int:
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # Its own session: a signal to our process group must not reach (and kill) torchrun directly.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", *argv],
+        [sys.executable, "-m", "launchers.etcd_retry", *argv],  # torch.distributed.run, etcd-v2 retrying
         env=env,
         start_new_session=True,
         preexec_fn=_exit_with_launcher,
