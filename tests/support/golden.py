@@ -33,7 +33,7 @@ SAMPLE = ["--num-images", "256", "--batch-size", "128", "--seed", "0", "--sample
 # What the golden test allows (evidence: `measured` and `controls` in the golden file; the test's docstring):
 LOSS_MEAN_TOLERANCE = 0.06  # mean over windows of |loss / golden - 1|: the recipe's level
 LOSS_MAX_TOLERANCE = 0.20  # the worst window: a blow-up somewhere in the run
-FRECHET_TOLERANCE = 0.15  # |frechet / golden - 1|
+FRECHET_TOLERANCE = 0.25  # |frechet / golden - 1|: another CPU moved it 16.4% with the loss curve equal to 1e-7
 
 
 def train(run_dir, *extra, nproc=1, timeout=900) -> list[float]:

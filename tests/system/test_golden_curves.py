@@ -6,8 +6,13 @@ inside the tolerance by test_the_tolerance_separates_the_evidence; it is not re-
 FSDP2's steps equal one process's to float tolerance in tests/distributed/test_parallel.py.
 
 Tolerance (tests/support/golden.py): the windows' mean relative loss deviation <= 6%, the worst window <= 20%, the
-Fréchet distance within 15%. Measured when the file was written (relative deviations: mean / worst window / Fréchet):
+Fréchet distance within 25%. Measured when the file was written (relative deviations: mean / worst window / Fréchet):
   - an unrelated re-run, one process:           0     / 0     / 0      (bitwise on this CPU)
+  - the same run on another CPU (AMD EPYC without AVX-512, 2026-12-03): 6.8e-8 / 1.3e-7 / 16.4% -> inside. The
+    losses agree to 1e-7 but the Fréchet distance moved 16.4% (502.5 against 431.6), more than the 2 FSDP2
+    processes' 4.8% whose losses differ by 1%: the machine moves the sample's distance at this early stage of
+    training, not the training (the cause is not pinned down). The tolerance was 15% before this measurement;
+    25% keeps lr x 3 (45.4%) outside, and the loss windows alone catch it too.
   - 2 FSDP2 processes (other reduction order and data layout): 1.2% / 4.9% / 4.8%   -> inside
   - lr x 3 (0.003):                             17.3% / 54.2% / 45.4%  -> outside (it learns faster: a different recipe)
   - seed 1 (information):                       3.7%  / 10.9% / 29.0%  (another run; the test fixes the seed)
