@@ -75,6 +75,27 @@ def digests(flat: dict) -> dict:
     return out
 
 
+EXPECTED_TENSORS = (
+    "expected.safetensors"  # the straight run's step-M tensors, for machines whose kernels round otherwise
+)
+
+
+def split_values(flat: dict, prefix: str) -> tuple[dict, dict]:
+    """checkpoint_tensors()/snapshot_tensors() output as (tensors under `prefix`, repr of every other value)."""
+    tensors = {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in flat.items() if torch.is_tensor(v)}
+    return tensors, {k: repr(v) for k, v in flat.items() if not torch.is_tensor(v)}
+
+
+def write_expected_tensors(straight: str, dest: str) -> dict:
+    """OUT/<case>/expected.safetensors from the straight run; returns the non-tensor values (for expected.json)."""
+    from safetensors.torch import save_file
+
+    final, final_values = split_values(checkpoint_tensors(final_checkpoint(straight)), "final/")
+    snaps, snap_values = split_values(snapshot_tensors(straight), "snapshots/")
+    save_file({**final, **snaps}, os.path.join(dest, EXPECTED_TENSORS))
+    return {"final_values": final_values, "snapshot_values": snap_values}
+
+
 def train_losses(run_dir, after: int) -> dict:
     """step -> loss of every train row of metrics.jsonl past step `after` (JSON floats: exact)."""
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -119,6 +140,7 @@ def make_case(case: str, work: str, out: str) -> dict:
         "audit": audits(straight, nproc, N),
         "final_checkpoint": digests(checkpoint_tensors(final_checkpoint(straight))),
         "snapshots": digests(snapshot_tensors(straight)),
+        **write_expected_tensors(straight, dest),
     }
     with open(os.path.join(dest, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, sort_keys=True)
