@@ -36,8 +36,7 @@ def single():
 
 @pytest.mark.parametrize(
     "backend,nproc,kwargs",
-    [
-        ("ddp", 1, {}),
+    [  # DDP's all-reduce across the cable is what hybrid FSDP's replication does; DDP's parity is test_parallel's
         ("fsdp", 1, {}),
         ("fsdp", 2, {"hybrid": True}),  # shard within a host, replicate across hosts
         ("zero", 1, {"zero_stage": 2}),
