@@ -86,13 +86,14 @@ def split_values(flat: dict, prefix: str) -> tuple[dict, dict]:
     return tensors, {k: repr(v) for k, v in flat.items() if not torch.is_tensor(v)}
 
 
-def write_expected_tensors(straight: str, dest: str) -> dict:
-    """OUT/<case>/expected.safetensors from the straight run; returns the non-tensor values (for expected.json)."""
+def write_expected_tensors(final: dict, snapshots: dict, dest: str) -> dict:
+    """OUT/<case>/expected.safetensors from the straight run's step-M checkpoint and snapshots (checkpoint_tensors /
+    snapshot_tensors output); returns the non-tensor values (for expected.json)."""
     from safetensors.torch import save_file
 
-    final, final_values = split_values(checkpoint_tensors(final_checkpoint(straight)), "final/")
-    snaps, snap_values = split_values(snapshot_tensors(straight), "snapshots/")
-    save_file({**final, **snaps}, os.path.join(dest, EXPECTED_TENSORS))
+    final_tensors, final_values = split_values(final, "final/")
+    snap_tensors, snap_values = split_values(snapshots, "snapshots/")
+    save_file({**final_tensors, **snap_tensors}, os.path.join(dest, EXPECTED_TENSORS))
     return {"final_values": final_values, "snapshot_values": snap_values}
 
 
@@ -130,6 +131,7 @@ def make_case(case: str, work: str, out: str) -> dict:
     for name in KEPT:
         src = os.path.join(interrupted, name)
         (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(dest, name))
+    final, snapshots = checkpoint_tensors(final_checkpoint(straight)), snapshot_tensors(straight)  # read once
     expected = {
         "made_by": f"ddpm_dist at commit {commit()}, torch {torch.__version__}, by {MADE_BY}",
         "nproc": nproc,
@@ -138,9 +140,9 @@ def make_case(case: str, work: str, out: str) -> dict:
         "resumed_to_images": 16 * M,
         "losses": train_losses(straight, N),
         "audit": audits(straight, nproc, N),
-        "final_checkpoint": digests(checkpoint_tensors(final_checkpoint(straight))),
-        "snapshots": digests(snapshot_tensors(straight)),
-        **write_expected_tensors(straight, dest),
+        "final_checkpoint": digests(final),
+        "snapshots": digests(snapshots),
+        **write_expected_tensors(final, snapshots, dest),
     }
     with open(os.path.join(dest, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, sort_keys=True)
