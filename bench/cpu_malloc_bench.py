@@ -19,6 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_args import model_bench_parser  # noqa: E402 - beside this file (bench/ is sys.path[0])
+
 
 def child(args) -> None:
     import torch
@@ -91,10 +93,7 @@ def run_child(mode: str, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="digits")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
+    p = model_bench_parser(__doc__, preset="digits", batch=128, steps=10)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--child", choices=("kept", "default"), help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -14,7 +14,6 @@ images per second (aim: >= 1.0).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,6 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_args import model_bench_parser  # noqa: E402 - beside this file (bench/ is sys.path[0])
 
 from ddpm_dist.artifacts import load_trained  # noqa: E402
 from ddpm_dist.artifacts.diffusers_format import save_diffusers  # noqa: E402
@@ -56,10 +57,7 @@ def timed(fn):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="ddpm-cifar10")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20)
+    p = model_bench_parser(__doc__, preset="ddpm-cifar10", batch=8, steps=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = p.parse_args()

@@ -33,17 +33,10 @@ def cpu_env(monkeypatch):
 @pytest.fixture(scope="session")
 def cluster():
     """Two hosts in network namespaces (tests/support/netns_cluster.py), removed by name and PID at the end."""
-    import shutil
+    from tests.support.netns_cluster import running
 
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
-        pytest.fail("the multi-host tests need root, iproute2 and nsenter (`make system-deps` installs them)")
-    from tests.support.netns_cluster import Cluster
-
-    c = Cluster(2).up()
-    try:
+    with running(2) as c:
         yield c
-    finally:
-        c.down()
 
 
 @pytest.fixture(scope="session")

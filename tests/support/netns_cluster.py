@@ -13,6 +13,7 @@ tag and removed by name and PID, also when a test fails. Needs root and iproute2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -187,6 +188,18 @@ class Cluster:
             for i in range(1, state["hosts"] + 1)
         ]
         return c
+
+
+@contextlib.contextmanager
+def running(hosts: int):
+    """A cluster of `hosts` for a test or a benchmark: up, then removed by name and PID, also when the test fails."""
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
+        raise RuntimeError("the multi-host tests need root, iproute2 and nsenter (`make system-deps` installs them)")
+    c = Cluster(hosts).up()
+    try:
+        yield c
+    finally:
+        c.down()
 
 
 def main(argv: list[str]) -> int:

@@ -118,19 +118,13 @@ def test_random_runs_against_a_step_by_step_brute_force(seed):
     assert 0 <= g.ratio <= 1 and g.restarts == len(processes) - 1
 
 
+STEADY = {"loss": 0.5, "lr": 1e-3, "grad_norm": 1.0, "ema_seconds": 0.0, "rank_images": 16, "skipped_total": 0}
+
+
 def train(metrics, step, step_seconds, data_wait):
+    """One step of 16 images; only the times vary."""
     return metrics.train_step(
-        step=step,
-        images=16 * step,
-        loss=0.5,
-        lr=1e-3,
-        grad_norm=1.0,
-        step_seconds=step_seconds,
-        data_wait=data_wait,
-        ema_seconds=0.0,
-        rank_images=16,
-        skipped_total=0,
-        epoch=0,
+        step=step, images=16 * step, step_seconds=step_seconds, data_wait=data_wait, epoch=0, **STEADY
     )
 
 
