@@ -4,7 +4,8 @@ total overhead of checkpointing every N steps in percent of training time. Goal:
 Each mode runs with the file digests the marker records (artifacts/digests.py) and "before" them (a plain DCP
 writer, no digests), and the restore of the newest checkpoint is timed with and without verifying it first (fresh
 managers; each restore's verification and load timed apart, page cache warm). Goals: restore with / without
-<= 1.15; the async stall with digests <= 0.10 of a sync save's.
+<= 1.15; the async stall with digests <= 0.10 of a sync save's. "async-fresh" is an async save whose staging copy
+is allocated anew each time (a stager per save, what dcp.async_save does when given none; the manager keeps one).
 
     .venv/bin/python bench/checkpoint_bench.py [--preset ddpm-cifar10] [--batch 4] [--every 5] [--steps 20]
         [--repeats 6]     # --steps 0: the stalls and restores only
@@ -12,7 +13,6 @@ managers; each restore's verification and load timed apart, page cache warm). Go
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -22,8 +22,11 @@ import time
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_args import model_bench_parser  # noqa: E402 - beside this file (bench/ is sys.path[0])
 
 from ddpm_dist.artifacts import digests  # noqa: E402
 from ddpm_dist.config import ParallelConfig, TrainConfig, load_config  # noqa: E402
@@ -60,10 +63,7 @@ def time_restores(directory, parts, repeats=5) -> tuple[float, float, float]:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="ddpm-cifar10")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
+    p = model_bench_parser(__doc__, preset="ddpm-cifar10", batch=4, steps=20)
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--repeats", type=int, default=6, help="saves per mode and restores (medians)")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
@@ -111,7 +111,7 @@ def main():
     step_time = statistics.median(train(5))
     size = sum(t.numel() * t.element_size() for t in engine.module.parameters()) * 4  # params, 2 Adam moments, EMA
     parts, real_writer = {"engine": engine, "ema": ema}, digests.digesting_writer
-    modes = ("sync", "sync-before", "async", "async-before")
+    modes = ("sync", "sync-before", "async", "async-before", "async-fresh")
     managers = {
         m: CheckpointManager(os.path.join(root, m), parts, rank=0, keep_last=2, async_save=m.startswith("async"))
         for m in modes
@@ -119,8 +119,10 @@ def main():
     stalls = {m: [] for m in modes}
     for r in range(args.repeats):  # interleaved, a load that drifts touches all alike; each pair's order flips,
         # as a save's staging is faster right after an async one freed the memory it then reuses
-        for mode in modes if r % 2 == 0 else (modes[1], modes[0], modes[3], modes[2]):
+        for mode in modes if r % 2 == 0 else (modes[1], modes[0], modes[4], modes[3], modes[2]):
             digests.digesting_writer = plain_writer if mode.endswith("before") else real_writer
+            if mode == "async-fresh":  # a new stager for every save, as dcp.async_save makes by itself
+                managers[mode]._stager = DefaultStager(StagingOptions(False, False, False, False))
             t0 = time.perf_counter()
             managers[mode].save(step, step * args.batch)
             stalls[mode].append(time.perf_counter() - t0)
@@ -147,6 +149,7 @@ def main():
     ratio, before = (stall[f"async{m}"] / stall[f"sync{m}"] for m in ("", "-before"))
     print(f"async stall / sync stall = {ratio:.3f} with digests (goal <= 0.10), {before:.3f} before")
     print(f"async stall with / before digests = {stall['async'] / stall['async-before']:.3f}")
+    print(f"async stall, one stager for the run / a stager per save = {stall['async'] / stall['async-fresh']:.3f}")
     print(f"sync stall with / before digests = {stall['sync'] / stall['sync-before']:.3f}")
     print(
         f"restore: verification {verify * 1e3:.0f} ms + load {load * 1e3:.0f} ms; with / without verification = "

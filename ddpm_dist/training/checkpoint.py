@@ -106,6 +106,7 @@ class CheckpointManager:
         keep_every_images: int = 0,
         keep_best: bool = False,
         async_save: bool = False,
+        pinned_staging: bool = False,
     ):
         """`identity` (backend, world size, model config, the resolved config) goes into every meta.json; a
         checkpoint whose model_config differs is refused on load. keep_best: pruning also spares the checkpoint
@@ -119,6 +120,14 @@ class CheckpointManager:
         self.last_duration = self.last_success_time = self.last_stall = 0.0
         self.last_images = 0  # images seen by the newest committed checkpoint
         self._group = side_group() if async_save else None  # the background write's collectives
+        # One stager for the whole run: it keeps its staging copy and refills it in place at the next save (torch's
+        # StateDictStager caches a buffer per source storage), where a stager per save paid the page faults of a
+        # fresh allocation every time (bench/checkpoint_bench.py). Pinned on a GPU, for the device-to-host copy.
+        self._stager = None
+        if async_save:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self._stager = DefaultStager(StagingOptions(pinned_staging, False, False, pinned_staging))
         if rank == 0:
             os.makedirs(directory, exist_ok=True)
             for name in os.listdir(directory):  # leftovers of a run that died mid-save
@@ -236,11 +245,9 @@ class CheckpointManager:
                     meta["state"][name], meta["formats"][name] = state, "json"
             json.dumps(meta)  # a non-JSON value fails here, before anything is committed
             if self.async_save and not force_sync:
-                from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-                stager = DefaultStager(StagingOptions(False, False, False, False))  # what async_save makes by itself
-                future = dcp.async_save(tensors, storage_writer=writer, process_group=self._group, async_stager=stager)
-                future.add_done_callback(lambda _: stager.close())
+                future = dcp.async_save(
+                    tensors, storage_writer=writer, process_group=self._group, async_stager=self._stager
+                )
                 self.pending = _Pending(future, writer, tmp, final, meta, t0)
                 self.last_stall = time.perf_counter() - t0
                 return

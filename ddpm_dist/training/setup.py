@@ -121,6 +121,7 @@ def build_run(cfg: Config, env: DistEnv, started: contextlib.ExitStack, progress
         keep_every_images=cfg.checkpoint.keep_every_images,
         keep_best=cfg.checkpoint.keep_best,
         async_save=cfg.checkpoint.async_save,
+        pinned_staging=env.device.type == "cuda",
     )
     if cfg.checkpoint.resume and power and (newest := ckpt.latest()):  # verifies it (collective): once
         _check_same_profiles(cfg, read_meta(newest))
