@@ -18,6 +18,9 @@ BATCH = 12  # divisible by world sizes 2 and 3
 EVERY = 4  # steps between periodic checkpoints
 NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see launchers/torchrun.py
 RDZV_CONF = "join_timeout=90,last_call_timeout=2,close_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=3"
+# etcd-v2 only: torch's etcd client waits read_timeout (default 60 s) for an answer; a request in flight to a member
+# whose link went down gets none, and after the timeout python-etcd moves to another member
+ETCD_CONF = ",read_timeout=10"
 
 
 def elastic_train_args(run_dir, steps, *extra) -> list[str]:
@@ -35,6 +38,7 @@ def elastic_train_args(run_dir, steps, *extra) -> list[str]:
         "train.log_every=1",
         "parallel.backend=ddp",
         "parallel.dist_timeout_s=20",
+        "parallel.heartbeat_timeout_s=10",  # a cut link is noticed by the heartbeat (no reset closes a connection)
         *extra,
     ]
 
@@ -53,30 +57,43 @@ def member_url(host) -> str:
     return f"http://{host.addr}:2379"
 
 
-def start_etcd_cluster(cluster, hosts, data_root) -> dict:
-    """etcd 3.4, one member on each of `hosts` (a static --initial-cluster; the v2 API on, as torch's etcd-v2
-    rendezvous needs); waits until every member is healthy and lists them all. Host name -> member process."""
+def member_cmd(cluster, host, hosts, data_root) -> list[str]:
+    """etcd 3.4, `host`'s member of a static cluster of `hosts`, the v2 API on (torch's etcd-v2 rendezvous needs it).
+    The --initial-* flags only count the first time: started again on a data dir that holds a member, etcd ignores
+    them and rejoins as that member."""
+    url, peer = member_url(host), f"http://{host.addr}:2380"
+    return [
+        _etcd(),
+        f"--name={host.name}",
+        f"--data-dir={data_root}/{host.name}",
+        f"--listen-client-urls={url}",
+        f"--advertise-client-urls={url}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        "--initial-cluster=" + ",".join(f"{h.name}=http://{h.addr}:2380" for h in hosts),
+        f"--initial-cluster-token=rdzv-{cluster.tag}",
+        "--initial-cluster-state=new",
+        "--enable-v2",
+        # as an operator would set it (etcd 3.4's default is off): a member cut off keeps campaigning and raising its
+        # term; with pre-vote it asks first, so when its link comes back it does not depose the working leader
+        "--pre-vote",
+    ]
+
+
+def start_member(cluster, host, hosts, data_root) -> subprocess.Popen:
+    """`host`'s member (member_cmd), its output appended to DATA_ROOT/HOST.log; does not wait."""
     os.makedirs(data_root, exist_ok=True)
-    initial = ",".join(f"{h.name}=http://{h.addr}:2380" for h in hosts)
+    log = open(f"{data_root}/{host.name}.log", "a")
+    return cluster.popen(host, member_cmd(cluster, host, hosts, data_root), stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_etcd_cluster(cluster, hosts, data_root) -> dict:
+    """A member on each of `hosts` (start_member); waits until every member is healthy and lists them all. Host
+    name -> member process."""
     procs = {}
     try:
         for h in hosts:
-            url, peer = member_url(h), f"http://{h.addr}:2380"
-            cmd = [
-                _etcd(),
-                f"--name={h.name}",
-                f"--data-dir={data_root}/{h.name}",
-                f"--listen-client-urls={url}",
-                f"--advertise-client-urls={url}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster={initial}",
-                f"--initial-cluster-token=rdzv-{cluster.tag}",
-                "--initial-cluster-state=new",
-                "--enable-v2",
-            ]
-            log = open(f"{data_root}/{h.name}.log", "w")
-            procs[h.name] = cluster.popen(h, cmd, stdout=log, stderr=subprocess.STDOUT)
+            procs[h.name] = start_member(cluster, h, hosts, data_root)
         wait_for(lambda: all(health(hosts).values()), 60, f"{len(hosts)} healthy etcd members")
         wait_for(lambda: len(members(hosts[0])) == len(hosts), 30, f"{len(hosts)} etcd members")
     except BaseException:
@@ -183,7 +200,7 @@ def agent_cmd(nnodes, endpoint, rdzv_id, train_args, backend="etcd-v2", launcher
         "--rdzv-id",
         rdzv_id,
         "--rdzv-conf",
-        RDZV_CONF,
+        RDZV_CONF + (ETCD_CONF if backend.startswith("etcd") else ""),
         "-m",
         "ddpm_dist.train",
         *train_args,
