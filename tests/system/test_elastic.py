@@ -14,7 +14,6 @@ retries a rendezvous request etcd times out during an election or while cut off 
 torchrun's does not, and its exit ends the job (docs/DISTRIBUTED.md), so no agent here is bare torchrun. Not tested:
 losing 2 of the 3 members. With c10d instead, losing the rendezvous host is one line naming the endpoint."""
 
-import os
 import re
 import signal
 import subprocess
@@ -59,17 +58,10 @@ STEPS = 80  # past the four world-size changes (the last at step 37 in a run her
 @pytest.fixture(scope="module")
 def hosts3():
     """n1..n3: each trains and serves an etcd member and a gateway; removed by name and PID at the end."""
-    import shutil
+    from tests.support.netns_cluster import running
 
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
-        pytest.fail("the multi-host tests need root, iproute2 and nsenter (`make system-deps` installs them)")
-    from tests.support.netns_cluster import Cluster
-
-    c = Cluster(3).up()
-    try:
+    with running(3) as c:
         yield c
-    finally:
-        c.down()
 
 
 def reference_run(run, segments):
