@@ -54,7 +54,7 @@ format: install
 	$(BIN)/ruff check --fix ddpm_dist launchers tests bench
 
 test: install system-deps lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=40 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=40 -n 2 --dist loadgroup tests
 
 # The contributor's inner loop: tests/unit only (one process, no servers, no namespaces, no SLURM); CI runs `test`.
 test-fast: install

@@ -9,12 +9,22 @@ from tests.support.common import ROOT
 GROUPS = ("unit", "distributed", "system")
 
 
+# Files that start a SLURM cluster: one munged serves the machine and the first cluster up stops it, so under
+# pytest-xdist they run in one worker, one after the other.
+SLURM_FILES = ("test_slurm.py", "test_shard_index.py", "test_multinode_services.py")
+
+
 def pytest_collection_modifyitems(items):
-    """`pytest -m "not system"` and friends work by folder, whatever a file declares itself."""
+    """`pytest -m "not system"` and friends work by folder, whatever a file declares itself. Under pytest-xdist
+    (`make test`: `-n 2 --dist loadgroup`) a file's tests stay in one worker, so its module fixtures run once: most
+    tests leave one of the two cores idle (a one-process training run has one thread), and two files at a time fill
+    it."""
     for item in items:
-        group = os.path.relpath(str(item.path), os.path.join(ROOT, "tests")).split(os.sep)[0]
+        path = os.path.relpath(str(item.path), os.path.join(ROOT, "tests"))
+        group = path.split(os.sep)[0]
         if group in GROUPS:
             item.add_marker(getattr(pytest.mark, group))
+        item.add_marker(pytest.mark.xdist_group("slurm" if os.path.basename(path) in SLURM_FILES else path))
 
 
 @pytest.fixture
