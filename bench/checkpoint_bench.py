@@ -22,7 +22,6 @@ import time
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,6 +33,7 @@ from ddpm_dist.diffusion import make_schedule  # noqa: E402
 from ddpm_dist.models import UNet, resolve_model_config  # noqa: E402
 from ddpm_dist.parallel import parallelize, read_env  # noqa: E402
 from ddpm_dist.parallel.sharded_ema import ShardedEMA  # noqa: E402
+from ddpm_dist.training.async_save import AsyncSaver  # noqa: E402
 from ddpm_dist.training.checkpoint import CheckpointManager  # noqa: E402
 from ddpm_dist.training.loop import StepRecipe, run_step  # noqa: E402
 
@@ -86,7 +86,7 @@ def main():
     root = args.dir or tempfile.mkdtemp(prefix="ddpm-ckptbench-")
     step = 0
 
-    def train(n):
+    def train(n, manager=None):
         nonlocal step
         times = []
         for _ in range(n):
@@ -100,6 +100,7 @@ def main():
                 world_size=1,
                 recipe=StepRecipe.of(cfg, model_cfg.num_classes),
                 lr=1e-4,
+                before_update=manager.wait_for_staging if manager else lambda: None,
             )
             ema.update(0.999)
             float(loss)
@@ -121,25 +122,32 @@ def main():
         # as a save's staging is faster right after an async one freed the memory it then reuses
         for mode in modes if r % 2 == 0 else (modes[1], modes[0], modes[4], modes[3], modes[2]):
             digests.digesting_writer = plain_writer if mode.endswith("before") else real_writer
-            if mode == "async-fresh":  # a new stager for every save, as dcp.async_save makes by itself
-                managers[mode]._stager = DefaultStager(StagingOptions(False, False, False, False))
+            if mode == "async-fresh":  # before: a new stager for every save, staging before save() returns
+                managers[mode]._async = AsyncSaver(staging_thread=False)
             t0 = time.perf_counter()
             managers[mode].save(step, step * args.batch)
+            managers[mode].wait_for_staging()  # nothing to overlap here: the stall if the next step had no work
             stalls[mode].append(time.perf_counter() - t0)
             managers[mode].wait()
             digests.digesting_writer = real_writer
     stall = {m: statistics.median(v) for m, v in stalls.items()}
     verify, load, restore_ratio = time_restores(os.path.join(root, "sync"), parts, args.repeats)
-    overhead = {}
+    overhead, in_training = {}, {"sync": [], "async": []}
     for mode in ("sync", "async") if args.steps else ():  # steady state: a checkpoint every `every` steps
-        manager = managers[mode]
+        manager, saved = managers[mode], False
         t0 = time.perf_counter()
         for i in range(args.steps):
-            train(1)
+            train(1, manager)
+            if saved:  # the stall the loop saw: save() and, async, the wait for the staging before the update
+                in_training[mode].append(manager.last_stall)
+                saved = False
             manager.poll()
             if (i + 1) % args.every == 0:
                 manager.save(step, step * args.batch)
+                saved = True
         manager.wait()
+        if saved:
+            in_training[mode].append(manager.last_stall)
         overhead[mode] = (time.perf_counter() - t0 - step_time * args.steps) / (step_time * args.steps)
     print(f"model {args.preset}: {size / 1e6:.0f} MB of state; batch {args.batch}; one step {step_time * 1e3:.0f} ms")
     print(f"{'mode':12s} {'stall':>9s} {'stall/step':>11s} {'overhead every ' + str(args.every) + ' steps':>26s}")
@@ -150,6 +158,12 @@ def main():
     print(f"async stall / sync stall = {ratio:.3f} with digests (goal <= 0.10), {before:.3f} before")
     print(f"async stall with / before digests = {stall['async'] / stall['async-before']:.3f}")
     print(f"async stall, one stager for the run / a stager per save = {stall['async'] / stall['async-fresh']:.3f}")
+    if args.steps:
+        sync_t, async_t = (statistics.median(in_training[m]) for m in ("sync", "async"))
+        print(
+            f"in training (staging beside the next step's forward and backward): sync {sync_t * 1e3:.0f} ms, "
+            f"async {async_t * 1e3:.0f} ms, async / sync = {async_t / sync_t:.3f} (goal <= 0.10)"
+        )
     print(f"sync stall with / before digests = {stall['sync'] / stall['sync-before']:.3f}")
     print(
         f"restore: verification {verify * 1e3:.0f} ms + load {load * 1e3:.0f} ms; with / without verification = "

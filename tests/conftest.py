@@ -14,6 +14,7 @@ GROUPS = ("unit", "distributed", "system")
 SLURM_FILES = ("test_slurm.py", "test_shard_index.py", "test_multinode_services.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group markers
 def pytest_collection_modifyitems(items):
     """`pytest -m "not system"` and friends work by folder, whatever a file declares itself. Under pytest-xdist
     (`make test`: `-n 2 --dist loadgroup`) a file's tests stay in one worker, so its module fixtures run once: most

@@ -47,6 +47,7 @@ from ..artifacts.digests import Verdict
 from ..models import RUNTIME_FIELDS, UNetConfig
 from ..parallel.collectives import barrier, get_world_size, side_group, sum_across_ranks
 from ..redact import to_json
+from .async_save import AsyncSaver
 
 log = logging.getLogger(__name__)
 SAVE_ERRORS = (Exception, CheckpointException)  # DCP's CheckpointException is a BaseException
@@ -120,14 +121,8 @@ class CheckpointManager:
         self.last_duration = self.last_success_time = self.last_stall = 0.0
         self.last_images = 0  # images seen by the newest committed checkpoint
         self._group = side_group() if async_save else None  # the background write's collectives
-        # One stager for the whole run: it keeps its staging copy and refills it in place at the next save (torch's
-        # StateDictStager caches a buffer per source storage), where a stager per save paid the page faults of a
-        # fresh allocation every time (bench/checkpoint_bench.py). Pinned on a GPU, for the device-to-host copy.
-        self._stager = None
-        if async_save:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            self._stager = DefaultStager(StagingOptions(pinned_staging, False, False, pinned_staging))
+        self._async = AsyncSaver(pinned_staging) if async_save else None  # one stager for the run (async_save.py)
+        self._save_returned = 0.0
         if rank == 0:
             os.makedirs(directory, exist_ok=True)
             for name in os.listdir(directory):  # leftovers of a run that died mid-save
@@ -245,11 +240,8 @@ class CheckpointManager:
                     meta["state"][name], meta["formats"][name] = state, "json"
             json.dumps(meta)  # a non-JSON value fails here, before anything is committed
             if self.async_save and not force_sync:
-                future = dcp.async_save(
-                    tensors, storage_writer=writer, process_group=self._group, async_stager=self._stager
-                )
-                self.pending = _Pending(future, writer, tmp, final, meta, t0)
-                self.last_stall = time.perf_counter() - t0
+                self.pending = _Pending(self._async.start(tensors, writer, self._group), writer, tmp, final, meta, t0)
+                self.last_stall = self._save_returned = time.perf_counter() - t0
                 return
             _quiet_dcp(dcp.save, tensors, storage_writer=writer)
             barrier()
@@ -306,6 +298,12 @@ class CheckpointManager:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
+    def wait_for_staging(self) -> None:
+        """Block until an async save's staging copy is complete: before anything changes what it copies (the
+        optimizer step, the EMA updates). The time blocked counts into the save's stall."""
+        if self._async is not None and self._async.staging is not None:
+            self.last_stall = self._save_returned + self._async.wait_for_staging(SAVE_ERRORS)
+
     def poll(self) -> bool:
         """Commit a finished async save (rank 0: its future completes only after every rank wrote).
         True when an async save has just finished (committed or failed)."""
@@ -327,6 +325,7 @@ class CheckpointManager:
         return True
 
     def wait(self) -> None:
+        self.wait_for_staging()
         if self.pending is not None:
             self.pending.future.result()
             self.poll()

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -62,10 +63,12 @@ def run_step(
     rank: int,
     world_size: int,
     lr: float,
+    before_update: Callable[[], None] = lambda: None,
 ) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches, as the run's recipe says;
     returns (mean loss on this rank, grad norm) as tensors on the device: nothing here waits for the GPU (the
-    metrics read them every log_every steps)."""
+    metrics read them every log_every steps). `before_update` runs between the backward passes and the optimizer
+    step (an async checkpoint's staging copy must be complete before the weights change)."""
     device = engine.device
     accum = len(micro_batches)
     micro = micro_batches[0]["image"].shape[0]
@@ -107,6 +110,7 @@ def run_step(
             )
             engine.backward(loss, accum, last)
         total += loss.detach().float()
+    before_update()
     grad_norm = engine.step(lr, recipe.train.grad_clip)
     return total / accum, grad_norm
 
@@ -210,6 +214,7 @@ def _run(cfg: Config, env, started: contextlib.ExitStack, progress: Progress) ->
             world_size=env.world_size,
             recipe=recipe,
             lr=lr,
+            before_update=ckpt.wait_for_staging,
         )
         t_ema = time.perf_counter()
         ema.update(ema_beta(cfg.train.global_batch, progress.images, cfg.ema.halflife_images, cfg.ema.warmup_ratio))

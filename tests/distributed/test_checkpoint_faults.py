@@ -119,10 +119,14 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert all(torch.equal(before[k], after[k]) for k in before if torch.is_tensor(before[k]))
 
 
-def test_async_save_commits_the_same_state_as_sync(tmp_path):
+@pytest.mark.parametrize("backend,nproc", [("single", 1), ("fsdp", 2)])
+def test_async_save_commits_the_same_state_as_sync(tmp_path, backend, nproc):
+    """Async saves at steps 4 and 8: each is staged in the stager's thread while the next step's forward and
+    backward run (the step waits for it before the optimizer update), the second into the first one's buffers."""
     sync, asyn = tmp_path / "sync", tmp_path / "async"
-    run_train(sync, 8, "checkpoint.every_images=64")
-    run_train(asyn, 8, "checkpoint.every_images=64", "checkpoint.async_save=true")
+    args = ["checkpoint.every_images=64", f"parallel.backend={backend}"]
+    run_train(sync, 8, *args, nproc=nproc)
+    run_train(asyn, 8, *args, "checkpoint.async_save=true", nproc=nproc)
     for step in (4, 8):
         a = checkpoint_tensors(str(sync / "checkpoints" / f"step_{step:09d}"))
         b = checkpoint_tensors(str(asyn / "checkpoints" / f"step_{step:09d}"))
