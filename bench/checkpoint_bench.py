@@ -4,8 +4,11 @@ total overhead of checkpointing every N steps in percent of training time. Goal:
 Each mode runs with the file digests the marker records (artifacts/digests.py) and "before" them (a plain DCP
 writer, no digests), and the restore of the newest checkpoint is timed with and without verifying it first (fresh
 managers; each restore's verification and load timed apart, page cache warm). Goals: restore with / without
-<= 1.15; the async stall with digests <= 0.10 of a sync save's. "async-fresh" is an async save whose staging copy
-is allocated anew each time (a stager per save, what dcp.async_save does when given none; the manager keeps one).
+<= 1.15; the async stall with digests <= 0.10 of a sync save's. The async "stall" of the first table is save() plus
+the wait for its staging copy with nothing to overlap it (the worst case); "in training" is what the loop waits when
+the copy runs beside the next step's forward and backward (the manager's last_stall, as the run's metrics report
+it). "async-fresh" is the async save before this stager: a staging copy allocated anew at every save and made before
+save() returns (a stager per save, what dcp.async_save does when given none).
 
     .venv/bin/python bench/checkpoint_bench.py [--preset ddpm-cifar10] [--batch 4] [--every 5] [--steps 20]
         [--repeats 6]     # --steps 0: the stalls and restores only
