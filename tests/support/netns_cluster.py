@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -42,16 +43,24 @@ class Host:
 
 class Cluster:
     def __init__(self, hosts: int = 2, tag: str = ""):
-        self.tag = tag or f"{random.randrange(16**5):05x}"
+        # the system's randomness, not `random`'s: test plugins seed that alike in every pytest-xdist worker, and two
+        # workers then made clusters of the same tag
+        rng = random.SystemRandom()
+        self.tag = tag or f"{rng.randrange(16**5):05x}"
         self.dir = os.path.join(STATE_ROOT, self.tag)
-        used = sh("ip", "-br", "addr").stdout
-        self.subnet = next(s for s in random.sample(range(256), 256) if f"198.18.{s}." not in used)
-        self.ctl = f"198.18.{self.subnet}.1"
         self.bridge = f"ddpm{self.tag}"
+        self._layout(next(s for s in rng.sample(range(256), 256) if not self._subnet_used(s)), hosts)
+
+    def _layout(self, subnet: int, hosts: int) -> None:
+        self.subnet, self.ctl = subnet, f"198.18.{subnet}.1"
         self.hosts = [
-            Host(f"n{i}", f"198.18.{self.subnet}.{i + 1}", f"ddpm{self.tag}-n{i}", f"v{self.tag}n{i}")
+            Host(f"n{i}", f"198.18.{subnet}.{i + 1}", f"ddpm{self.tag}-n{i}", f"v{self.tag}n{i}")
             for i in range(1, hosts + 1)
         ]
+
+    @staticmethod
+    def _subnet_used(subnet: int) -> bool:
+        return f"198.18.{subnet}." in sh("ip", "-br", "addr").stdout
 
     # -- naming ---------------------------------------------------------------------------------------
     def host(self, name: str) -> Host:
@@ -88,10 +97,18 @@ class Cluster:
         os.makedirs(self.dir)
         sh("mount", "--bind", self.dir, self.dir)  # namespace files need a private mount to be bound on
         sh("mount", "--make-private", self.dir)
+        lock = os.open(STATE_ROOT, os.O_RDONLY)  # one cluster at a time takes a subnet (a lock on the folder)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._subnet_used(self.subnet):  # another cluster took it since __init__
+                free = [s for s in random.SystemRandom().sample(range(256), 256) if not self._subnet_used(s)]
+                self._layout(free[0], len(self.hosts))
+            sh("ip", "link", "add", self.bridge, "type", "bridge")
+            sh("ip", "addr", "add", f"{self.ctl}/24", "dev", self.bridge)
+        finally:
+            os.close(lock)
         with open(os.path.join(self.dir, "cluster.json"), "w") as f:
             json.dump({"tag": self.tag, "hosts": len(self.hosts), "subnet": self.subnet}, f)
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        sh("ip", "addr", "add", f"{self.ctl}/24", "dev", self.bridge)
         sh("ip", "link", "set", self.bridge, "up")
         for h in self.hosts:
             etc = f"/etc/netns/{h.netns}"
