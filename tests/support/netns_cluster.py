@@ -45,11 +45,10 @@ class Cluster:
     def __init__(self, hosts: int = 2, tag: str = ""):
         # the system's randomness, not `random`'s: test plugins seed that alike in every pytest-xdist worker, and two
         # workers then made clusters of the same tag
-        rng = random.SystemRandom()
-        self.tag = tag or f"{rng.randrange(16**5):05x}"
+        self.tag = tag or f"{random.SystemRandom().randrange(16**5):05x}"
         self.dir = os.path.join(STATE_ROOT, self.tag)
         self.bridge = f"ddpm{self.tag}"
-        self._layout(next(s for s in rng.sample(range(256), 256) if not self._subnet_used(s)), hosts)
+        self._layout(self._free_subnet(), hosts)
 
     def _layout(self, subnet: int, hosts: int) -> None:
         self.subnet, self.ctl = subnet, f"198.18.{subnet}.1"
@@ -61,6 +60,9 @@ class Cluster:
     @staticmethod
     def _subnet_used(subnet: int) -> bool:
         return f"198.18.{subnet}." in sh("ip", "-br", "addr").stdout
+
+    def _free_subnet(self) -> int:
+        return next(s for s in random.SystemRandom().sample(range(256), 256) if not self._subnet_used(s))
 
     # -- naming ---------------------------------------------------------------------------------------
     def host(self, name: str) -> Host:
@@ -101,8 +103,7 @@ class Cluster:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self._subnet_used(self.subnet):  # another cluster took it since __init__
-                free = [s for s in random.SystemRandom().sample(range(256), 256) if not self._subnet_used(s)]
-                self._layout(free[0], len(self.hosts))
+                self._layout(self._free_subnet(), len(self.hosts))
             sh("ip", "link", "add", self.bridge, "type", "bridge")
             sh("ip", "addr", "add", f"{self.ctl}/24", "dev", self.bridge)
         finally:
